@@ -1,0 +1,7 @@
+"""``python -m dinfill ...`` (also what ``torchrun -m dinfill eval ...`` runs)."""
+
+import sys
+
+from dinfill.cli import main
+
+sys.exit(main())
