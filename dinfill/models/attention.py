@@ -5,11 +5,15 @@ SDPA elsewhere. flash-attn is an optional extra: ``DINFILL_ATTENTION=flash`` opt
 it can serve exactly (no padding, no cache); every other call falls back to the switch above.
 Sliding windows (Starcoder2, 4096) only matter for keys further back than the window, so the
 Triton kernel (which has no window) is used whenever the key length fits in the window.
+
+The mask work (a boolean mask for SDPA, or per-row key ranges for the kernel) depends only on the
+call, not the layer, so :func:`plan` does it once per forward and :func:`attend` reuses it.
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -47,35 +51,44 @@ def sdpa_mask(key_mask: Tensor | None, causal: bool, q_cols: Tensor, Lk: int, wi
     return vis | ~vis.any(dim=-1, keepdim=True)
 
 
-def attend(
-    q: Tensor,
-    k: Tensor,
-    v: Tensor,
-    key_mask: Tensor | None,
-    causal: bool,
-    q_cols: Tensor,
-    window: int | None,
-) -> Tensor:
-    """Attention of ``q (B, Hq, T, D)`` over ``k, v (B, Hkv, Lk, D)``; query ``i`` sits at key column ``q_cols[i]``.
+@dataclass
+class AttentionPlan:
+    """How every layer of one forward call runs attention (decided once per call)."""
 
-    ``q_cols`` is contiguous ascending, so a causal mask is "key column <= q_cols[0] + i".
-    """
-    B, _, T, _ = q.shape
-    Lk = k.shape[2]
+    backend: str  # "triton" | "flash" | "sdpa"
+    causal: bool
+    q_cols: Tensor  # (T,) key column of each query (contiguous ascending)
+    mask: Tensor | None = None  # sdpa: (B, 1, T, Lk) bool, or None for the unmasked fast paths
+    kv_start: Tensor | None = None  # triton: (B,) int32
+    kv_end: Tensor | None = None
+
+
+def plan(key_mask: Tensor | None, causal: bool, q_cols: Tensor, Lk: int, window: int | None, B: int) -> AttentionPlan:
+    """Choose the backend and build the masks for a call with ``T = len(q_cols)`` queries over ``Lk`` keys."""
+    T = q_cols.shape[0]
     window = window if (window is not None and causal and window < Lk) else None
+    dev = q_cols.device
     if window is None and os.environ.get("DINFILL_ATTENTION") == "flash" and key_mask is None and T == Lk:
-        if flash_attn_available() and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-            from flash_attn import flash_attn_func
+        if flash_attn_available() and dev.type == "cuda":
+            return AttentionPlan("flash", causal, q_cols)
+    if window is None and use_triton(dev):
+        kv_start, kv_end = (None, None) if key_mask is None else key_range(key_mask)
+        return AttentionPlan("triton", causal, q_cols, kv_start=kv_start, kv_end=kv_end)
+    if key_mask is None and window is None and (not causal or T == Lk):
+        return AttentionPlan("sdpa", causal, q_cols)  # SDPA's own unmasked / is_causal kernels
+    return AttentionPlan("sdpa", causal, q_cols, mask=sdpa_mask(key_mask, causal, q_cols, Lk, window, B))
 
-            out = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=causal)
-            return out.transpose(1, 2)
-    if window is None and use_triton(q.device):
+
+def attend(q: Tensor, k: Tensor, v: Tensor, p: AttentionPlan) -> Tensor:
+    """Attention of ``q (B, Hq, T, D)`` over ``k, v (B, Hkv, Lk, D)`` as planned; returns ``(B, Hq, T, D)``."""
+    if p.backend == "triton":
         from dinfill.kernels.attention import attention
 
-        kv_start, kv_end = (None, None) if key_mask is None else key_range(key_mask)
-        return attention(q, k, v, causal=causal, causal_offset=q_cols[0], kv_start=kv_start, kv_end=kv_end)
-    if key_mask is None and window is None and (not causal or T == Lk):
-        # plain cases SDPA handles with its fastest kernels (no materialised mask)
-        return F.scaled_dot_product_attention(q, k, v, is_causal=causal and T > 1, enable_gqa=True)
-    mask = sdpa_mask(key_mask, causal, q_cols, Lk, window, B)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
+        return attention(q, k, v, causal=p.causal, causal_offset=p.q_cols[0], kv_start=p.kv_start, kv_end=p.kv_end)
+    if p.backend == "flash" and q.dtype in (torch.float16, torch.bfloat16):
+        from flash_attn import flash_attn_func
+
+        return flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), causal=p.causal).transpose(1, 2)
+    if p.mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=p.causal and q.shape[2] > 1, enable_gqa=True)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=p.mask, enable_gqa=True)

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from dinfill.models.attention import attend
+from dinfill.models.attention import AttentionPlan, attend, plan
 from dinfill.models.config import ModelConfig
 
 
@@ -108,7 +108,9 @@ class Attention(nn.Module):
             ctx.cache.k[layer].index_copy_(2, ctx.cache_pos, k)  # write this call's columns
             ctx.cache.v[layer].index_copy_(2, ctx.cache_pos, v)
             k, v = ctx.cache.k[layer], ctx.cache.v[layer]  # (B, Hkv, max_len, D)
-        out = attend(q, k, v, ctx.key_mask, ctx.causal, ctx.q_cols, self.window)  # (B, Hq, T, D)
+        if ctx.plan is None:  # first layer of the call: decide backend and build masks once
+            ctx.plan = plan(ctx.key_mask, ctx.causal, ctx.q_cols, k.shape[2], self.window, B)
+        out = attend(q, k, v, ctx.plan)  # (B, Hq, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
@@ -151,10 +153,11 @@ class Block(nn.Module):
 class _Context:
     """What every layer of one forward call shares (masks, cache, query columns)."""
 
-    __slots__ = ("key_mask", "causal", "q_cols", "cache", "cache_pos")
+    __slots__ = ("key_mask", "causal", "q_cols", "cache", "cache_pos", "plan")
 
     def __init__(self, key_mask, causal, q_cols, cache, cache_pos):
         self.key_mask, self.causal, self.q_cols, self.cache, self.cache_pos = key_mask, causal, q_cols, cache, cache_pos
+        self.plan: AttentionPlan | None = None
 
 
 class Backbone(nn.Module):
