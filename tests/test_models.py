@@ -213,3 +213,33 @@ def test_real_tokenizer_and_mask_token(shared_dir):
     tok = dinfill.load_tokenizer(str(tok_dir), add_mask_token=True)
     mask_id = require_mask_token(tok, dinfill.load_model("tiny-dcoder", random_weights=True))
     assert mask_id == len(tok) - 1 and mask_id < 151936
+
+
+def test_triton_attention_backend_equals_torch(monkeypatch):
+    """The runtime through the Triton kernel (interpreter on CPU) equals the SDPA path: padding, cache, GQA."""
+    m = dinfill.load_model("tiny-llama", random_weights=True, device="cpu")
+    ids = torch.randint(0, m.config.vocab_size, (2, 13))
+    mask = torch.ones(2, 13, dtype=torch.bool)
+    mask[1, :4] = False  # left padding on row 1
+    pos = (mask.cumsum(1) - 1).clamp(min=0)
+    outs = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("DINFILL_BACKEND", backend)
+        full = m(ids, causal=True, attention_mask=mask, position_ids=pos)
+        bidir = m(ids, causal=False, attention_mask=mask, position_ids=pos)
+        cache = m.new_cache(2, 16)
+        cmask = torch.zeros(2, 16, dtype=torch.bool)
+        cmask[:, :13] = mask
+        m(
+            ids[:, :12],
+            causal=True,
+            attention_mask=cmask,
+            position_ids=pos[:, :12],
+            cache=cache,
+            cache_pos=torch.arange(12),
+        )
+        step = m(ids[:, 12:], causal=True, attention_mask=cmask, position_ids=pos[:, 12:], cache=cache,
+                 cache_pos=torch.tensor([12]))  # fmt: skip
+        outs[backend] = (full[0], full[1, 4:], bidir[0], bidir[1, 4:], step)
+    for a, b in zip(outs["torch"], outs["triton"], strict=True):
+        _close(b, a)

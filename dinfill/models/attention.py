@@ -82,7 +82,7 @@ def plan(key_mask: Tensor | None, causal: bool, q_cols: Tensor, Lk: int, window:
 def attend(q: Tensor, k: Tensor, v: Tensor, p: AttentionPlan) -> Tensor:
     """Attention of ``q (B, Hq, T, D)`` over ``k, v (B, Hkv, Lk, D)`` as planned; returns ``(B, Hq, T, D)``."""
     if p.backend == "triton":
-        from dinfill.kernels.attention import attention
+        from dinfill.kernels.attention_fwd import attention
 
         return attention(q, k, v, causal=p.causal, causal_offset=p.q_cols[0], kv_start=p.kv_start, kv_end=p.kv_end)
     if p.backend == "flash" and q.dtype in (torch.float16, torch.bfloat16):

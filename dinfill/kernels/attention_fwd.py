@@ -1,0 +1,645 @@
+"""FlashAttention-2-style forward attention in Triton, shaped for infilling.
+
+Why a kernel of our own rather than SDPA or flash-attn: the diffusion cache attends a short middle
+(tens of queries) to a long prefix + middle + suffix, batched rows are padded on both sides, and the
+AR decode step must replay in a CUDA graph with a key length that changes every step. SDPA needs a
+materialised ``(B, 1, Lq, Lk)`` mask for all of that (and leaves its fastest kernels), flash-attn is
+an optional extra. Here the per-sequence key range and the causal offset are *device tensors read
+inside the kernel*, so no mask is built and no host sync happens.
+
+Two choices shape the kernel:
+
+* **Grouped heads share one program.** The ``G = Hq // Hkv`` query heads that read one key/value
+  head are packed into the row dimension (row ``r`` = head ``r // Lq`` of the group, query
+  ``r % Lq``), so each key/value block is loaded once for the whole group. A decode step of the
+  0.5B model (7 heads per KV head, one query) fills one 16-row block instead of wasting 15/16 of
+  seven blocks, and a 30-token diffusion middle fills 210 rows instead of seven nearly empty blocks.
+* **Key blocks are visited in two passes.** Blocks every row of the query block may see entirely
+  run without any masking; only the boundary blocks (``kv_end``, the causal diagonal) pay for it.
+  Blocks outside ``[kv_start, kv_end)`` or above the causal bound are never loaded at all.
+
+When there are too few (query block, head) programs to fill the GPU and the keys are long (AR
+decode at small batch), the key range is split over several programs (split-K); a second small
+kernel merges the partial results by their log-sum-exp. Both are sized on the host from shapes
+only, so a captured CUDA graph stays valid.
+
+Supports
+--------
+* q ``(B, Hq, Lq, D)``, k/v ``(B, Hkv, Lk, D)`` with ``Hq % Hkv == 0``; any strides with a unit
+  stride on the last dim (views of a fused QKV projection work without copies).
+* fp16, bf16 (fp32 accumulation) and fp32 (IEEE dot products, no TF32).
+* Head dims 16, 32, 64, 128, 256.
+* Bidirectional and causal; the causal offset is an int, a 0-dim tensor or a ``(B,)`` tensor.
+* Per-sequence visible key ranges ``kv_start``/``kv_end`` (left and right padding).
+* ``Lq != Lk`` in both directions, Lq = 1 included.
+
+Limitations
+-----------
+* Forward only (inference); no dropout, no ALiBi, no arbitrary masks.
+* No sliding window: ``window=`` raises ``NotImplementedError`` (the runtime uses torch for it).
+* Head dims must be powers of two in [16, 256] (``tl.dot`` needs >= 16; pad otherwise).
+* Block sizes come from a heuristic table for H100-class GPUs, not from autotuning (an autotuner
+  would benchmark inside CUDA-graph capture).
+
+Differences from the reference (``dinfill.kernels.reference.attention_ref``)
+-----------------------------------------------------------------------------
+* Online softmax in base 2 with fp32 statistics; the probabilities are rounded to the input dtype
+  before the second matmul (as FlashAttention does), so low-precision results differ from the
+  fp32 reference by about as much as torch's own low-precision computation does.
+* Under ``TRITON_INTERPRET=1`` on the CPU, bf16 is emulated in fp32: the interpreter's bf16
+  ``tl.dot`` multiplies raw bit patterns (triton-lang/triton#11584) and its fp32 -> bf16 cast
+  truncates. Operands are widened before each dot (products of bf16 values are exact in fp32) and
+  p and the output are rounded to the nearest bf16 by bit arithmetic, so the interpreter matches
+  the compiled kernel up to the order of the fp32 sums.
+* The output's memory layout follows q's: if q is a ``(B, L, H, D)`` buffer seen through
+  ``transpose(1, 2)``, so is the output (the output projection then needs no copy).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from dinfill.backend import triton_interpreted, use_triton
+
+_SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+_MAX_SPLITS = 32  # upper bound on split-K partitions (workspace and merge cost grow with it)
+_LOG2E = 1.4426950408889634  # softmax is computed with exp2: exp(x) = exp2(x * log2(e))
+
+
+@triton.jit
+def _round_to_bf16(x):
+    """fp32 -> nearest-even bf16 value, kept in fp32 (interpreter only: its own downcast truncates)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _attention_block_loop(
+    acc,
+    l_i,
+    m_i,
+    q,
+    k_base,
+    v_base,
+    q_pos,
+    lo,
+    hi,
+    stride_kn,
+    stride_vn,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    MASKED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+):
+    """Fold keys ``[lo, hi)`` into the running (acc, l_i, m_i); MASKED blocks check ``n < hi`` and causality."""
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, HEAD_DIM)
+    k_ptrs = k_base + (lo + offs_n).to(tl.int64)[:, None] * stride_kn + offs_d[None, :]  # (BLOCK_N, D)
+    v_ptrs = v_base + (lo + offs_n).to(tl.int64)[:, None] * stride_vn + offs_d[None, :]
+    for start_n in range(lo, hi, BLOCK_N):
+        n = start_n + offs_n  # (BLOCK_N,) key columns
+        if MASKED:
+            k = tl.load(k_ptrs, mask=(n < hi)[:, None], other=0.0)
+            v = tl.load(v_ptrs, mask=(n < hi)[:, None], other=0.0)
+        else:
+            k = tl.load(k_ptrs)
+            v = tl.load(v_ptrs)
+        if EMULATE_BF16:  # interpreter only: bf16 dot products in fp32 (see module docstring)
+            k = k.to(tl.float32)
+            v = v.to(tl.float32)
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # (BLOCK_M, BLOCK_N) fp32
+        if MASKED:
+            visible = (n < hi)[None, :]
+            if CAUSAL:
+                visible = visible & (n[None, :] <= q_pos[:, None])
+            s = tl.where(visible, s * qk_scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # a row that has seen no key yet keeps m = -inf: shift by 0 instead (exp2(-inf) = 0, no NaN)
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            p = tl.exp2(s - m_use[:, None])
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            m_use = m_new
+            p = tl.exp2(s * qk_scale - m_use[:, None])
+        alpha = tl.exp2(m_i - m_use)  # rescales what was accumulated under the old maximum
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None]
+        if EMULATE_BF16:
+            p = _round_to_bf16(p)
+        else:
+            p = p.to(v.dtype)  # rounded to the input dtype, as FlashAttention does
+        acc = tl.dot(p, v, acc, input_precision=DOT_PRECISION)  # (BLOCK_M, D)
+        m_i = m_new
+        k_ptrs += BLOCK_N * stride_kn
+        v_ptrs += BLOCK_N * stride_vn
+    return acc, l_i, m_i
+
+
+@triton.jit(do_not_specialize=["causal_offset"])
+def _attention_kernel(
+    # pointers
+    Q,
+    K,
+    V,
+    Out,
+    OFFSET,
+    KV_START,
+    KV_END,
+    O_PART,
+    LSE_PART,
+    # sizes
+    L_q,
+    L_k,
+    H_kv,
+    GROUP,
+    causal_offset,
+    split_len,
+    qk_scale,
+    # strides
+    stride_qb,
+    stride_qh,
+    stride_qm,
+    stride_kb,
+    stride_kh,
+    stride_kn,
+    stride_vb,
+    stride_vh,
+    stride_vn,
+    stride_ob,
+    stride_oh,
+    stride_om,
+    stride_offb,
+    stride_startb,
+    stride_endb,
+    # constexprs
+    CAUSAL: tl.constexpr,
+    OFFSET_IS_TENSOR: tl.constexpr,
+    HAS_KV_START: tl.constexpr,
+    HAS_KV_END: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+):
+    """One program: BLOCK_M packed (group head, query) rows of one (batch, kv head), one key split."""
+    start_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    split = tl.program_id(2)
+    b = pid_bh // H_kv
+    hk = pid_bh % H_kv
+    n_rows = GROUP * L_q
+
+    # packed rows -> (query head, query index)
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    row_ok = rows < n_rows
+    i = rows % L_q
+    hq = hk * GROUP + rows // L_q
+    offs_d = tl.arange(0, HEAD_DIM)
+    q_row = hq.to(tl.int64) * stride_qh + i.to(tl.int64) * stride_qm  # (BLOCK_M,) int64
+    q = tl.load(Q + b.to(tl.int64) * stride_qb + q_row[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    if EMULATE_BF16:
+        q = q.to(tl.float32)
+
+    # visible key range of this sequence, clamped to [0, L_k)
+    lo = 0
+    hi = L_k
+    if HAS_KV_START:
+        lo = tl.maximum(tl.load(KV_START + b * stride_startb).to(tl.int32), 0)
+    if HAS_KV_END:
+        hi = tl.minimum(tl.load(KV_END + b * stride_endb).to(tl.int32), L_k)
+    full_hi = hi  # keys below full_hi are visible to every row of this block
+    q_pos = i  # (BLOCK_M,) key column of each query (only used when CAUSAL)
+    if CAUSAL:
+        off = causal_offset
+        if OFFSET_IS_TENSOR:
+            off = tl.load(OFFSET + b * stride_offb).to(tl.int32)
+        q_pos = off + i
+        i_min = tl.min(tl.where(row_ok, i, L_q), 0)
+        i_max = tl.max(tl.where(row_ok, i, 0), 0)
+        hi = tl.minimum(hi, off + i_max + 1)
+        full_hi = tl.minimum(hi, off + i_min + 1)
+    if SPLIT:
+        lo = tl.maximum(lo, split * split_len)
+        hi = tl.minimum(hi, (split + 1) * split_len)
+        full_hi = tl.minimum(full_hi, hi)
+    n_full = tl.maximum(full_hi - lo, 0) // BLOCK_N
+    mid = lo + n_full * BLOCK_N
+
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
+    v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
+    acc, l_i, m_i = _attention_block_loop(
+        acc, l_i, m_i, q, k_base, v_base, q_pos, lo, mid, stride_kn, stride_vn, qk_scale,
+        CAUSAL, False, BLOCK_N, HEAD_DIM, DOT_PRECISION, EMULATE_BF16,
+    )  # fmt: skip
+    acc, l_i, m_i = _attention_block_loop(
+        acc, l_i, m_i, q, k_base, v_base, q_pos, mid, hi, stride_kn, stride_vn, qk_scale,
+        CAUSAL, True, BLOCK_N, HEAD_DIM, DOT_PRECISION, EMULATE_BF16,
+    )  # fmt: skip
+
+    # rows that saw no key: l = 0 -> output 0 (and log-sum-exp -inf for the merge)
+    l_safe = tl.where(l_i > 0.0, l_i, 1.0)
+    out = acc / l_safe[:, None]  # (BLOCK_M, D) fp32
+    if SPLIT:
+        # workspace (splits, B * H_kv, n_rows, D) and (splits, B * H_kv, n_rows), contiguous
+        part = (split * tl.num_programs(1) + pid_bh).to(tl.int64) * n_rows + rows  # (BLOCK_M,)
+        lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
+        tl.store(LSE_PART + part, lse, mask=row_ok)
+        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+    else:
+        o_row = hq.to(tl.int64) * stride_oh + i.to(tl.int64) * stride_om
+        o_ptrs = Out + b.to(tl.int64) * stride_ob + o_row[:, None] + offs_d[None, :]
+        if EMULATE_BF16:
+            out = _round_to_bf16(out)
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+
+@triton.jit
+def _attention_merge_kernel(
+    # pointers
+    Out,
+    O_PART,
+    LSE_PART,
+    # sizes
+    L_q,
+    H_kv,
+    GROUP,
+    n_splits,
+    # strides
+    stride_ob,
+    stride_oh,
+    stride_om,
+    # constexprs
+    BLOCK_M: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    EMULATE_BF16: tl.constexpr,
+):
+    """Merge split-K partial outputs: weights exp2(lse_s - max lse), rows with no key anywhere give 0."""
+    start_m = tl.program_id(0)
+    pid_bh = tl.program_id(1)
+    n_bh = tl.num_programs(1)
+    b = pid_bh // H_kv
+    hk = pid_bh % H_kv
+    n_rows = GROUP * L_q
+    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
+    row_ok = rows < n_rows
+    offs_d = tl.arange(0, HEAD_DIM)
+
+    lse_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    for s in range(0, n_splits):
+        part = (s * n_bh + pid_bh).to(tl.int64) * n_rows + rows
+        lse_max = tl.maximum(lse_max, tl.load(LSE_PART + part, mask=row_ok, other=float("-inf")))
+    shift = tl.where(lse_max == float("-inf"), 0.0, lse_max)
+    total = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    for s in range(0, n_splits):
+        part = (s * n_bh + pid_bh).to(tl.int64) * n_rows + rows
+        w = tl.exp2(tl.load(LSE_PART + part, mask=row_ok, other=float("-inf")) - shift)  # (BLOCK_M,)
+        o_s = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        acc += w[:, None] * o_s
+        total += w
+    out = acc / tl.where(total > 0.0, total, 1.0)[:, None]  # (BLOCK_M, D)
+
+    i = rows % L_q
+    hq = hk * GROUP + rows // L_q
+    o_row = hq.to(tl.int64) * stride_oh + i.to(tl.int64) * stride_om
+    o_ptrs = Out + b.to(tl.int64) * stride_ob + o_row[:, None] + offs_d[None, :]
+    if EMULATE_BF16:
+        out = _round_to_bf16(out)
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+
+
+@dataclass(frozen=True)
+class AttentionConfig:
+    """Launch parameters of the attention kernel (block sizes, warps, pipeline stages, key splits)."""
+
+    block_m: int
+    block_n: int
+    num_warps: int = 4
+    num_stages: int = 2
+    num_splits: int = 1
+
+
+@functools.lru_cache(maxsize=8)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def pick_config(q: Tensor, k: Tensor) -> AttentionConfig:
+    """Heuristic launch parameters for ``attention(q, k, v)``; shapes only, so CUDA graphs stay valid.
+
+    On CUDA see :func:`cuda_config`. In the CPU interpreter, 16 x 16 blocks keep tests on small
+    shapes fast and still cross many block boundaries; bigger problems (more than 128 x 128 packed
+    rows x keys, e.g. whole-model runs through the interpreter) get 64 x 64 blocks, since the
+    interpreter's cost is per operation, not per element.
+    """
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    rows = (Hq // Hkv) * Lq
+    if q.device.type != "cuda":
+        block = 64 if rows * Lk > 128 * 128 else 16
+        return AttentionConfig(block_m=block, block_n=block, num_warps=4, num_stages=1)
+    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
+    return cuda_config(B, Hkv, rows, Lk, D, q.dtype, sms)
+
+
+def cuda_config(B: int, Hkv: int, rows: int, Lk: int, D: int, dtype: torch.dtype, sm_count: int) -> AttentionConfig:
+    """The CUDA heuristic table (a pure function of the shapes, so it is testable without a GPU).
+
+    The table is the usual FlashAttention-2 Triton setting for H100-class GPUs (128-row query
+    blocks, 64-key blocks, 3 stages; 8 warps from head dim 128), not yet tuned on the device. It is
+    adjusted for small problems: query blocks shrink to the packed row count (``rows = Hq / Hkv * Lq``)
+    and to 64 rows when 128-row blocks leave SMs idle, and long key ranges are split (split-K) when
+    even then there are at most half as many programs as SMs (AR decode at small batch).
+    """
+    block_m, block_n, num_warps, num_stages = {
+        16: (128, 64, 4, 3),
+        32: (128, 64, 4, 3),
+        64: (128, 64, 4, 3),
+        128: (128, 64, 8, 3),
+        256: (64, 32, 4, 2),
+    }[D]
+    if dtype == torch.float32:  # twice the bytes per element: smaller blocks, fewer stages
+        block_m, block_n, num_stages = min(block_m, 64), 32, 2
+    block_m = min(block_m, max(16, triton.next_power_of_2(rows)))
+    if block_m == 128 and triton.cdiv(rows, 128) * B * Hkv < sm_count:
+        block_m = 64
+    if block_m <= 64:
+        num_warps = 4
+    programs = triton.cdiv(rows, block_m) * B * Hkv
+    key_blocks = triton.cdiv(Lk, block_n)
+    num_splits = 1
+    if 2 * programs <= sm_count and key_blocks >= 8:  # each split keeps at least 4 key blocks
+        num_splits = max(1, min(sm_count // programs, key_blocks // 4, _MAX_SPLITS))
+    return AttentionConfig(block_m, block_n, num_warps, num_stages, num_splits)
+
+
+def _is_int_tensor(t: Tensor) -> bool:
+    return not t.dtype.is_floating_point and not t.dtype.is_complex and t.dtype != torch.bool
+
+
+def _check_inputs(q, k, v, causal_offset, kv_start, kv_end, scale) -> None:
+    """Validation shared by the Triton and torch paths: every message names the problem and the fix."""
+    for name, t in (("q", q), ("k", k), ("v", v)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(
+                f"attention: {name} must be 4-D (B, H, L, D) like torch SDPA, got shape {tuple(t.shape)}; "
+                "for (B, L, H, D) tensors pass x.transpose(1, 2)"
+            )
+    if k.shape != v.shape:
+        raise ValueError(f"attention: k {tuple(k.shape)} and v {tuple(v.shape)} must have one shape (B, Hkv, Lk, D)")
+    B, Hq, _, D = q.shape
+    if k.shape[0] != B or k.shape[3] != D:
+        raise ValueError(
+            f"attention: q {tuple(q.shape)} and k {tuple(k.shape)} must agree on batch (dim 0) and head dim (dim 3)"
+        )
+    Hkv = k.shape[1]
+    if Hkv == 0 or Hq % Hkv:
+        raise ValueError(
+            f"attention: query heads ({Hq}) must be a multiple of key/value heads ({Hkv}) for grouped-query attention"
+        )
+    if not (q.dtype == k.dtype == v.dtype):
+        raise TypeError(f"attention: q, k, v must share one dtype, got {q.dtype}, {k.dtype}, {v.dtype}; cast first")
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise TypeError(f"attention: dtype {q.dtype} is not supported; use float16, bfloat16 or float32")
+    if not (q.device == k.device == v.device):
+        raise ValueError(f"attention: q, k, v must be on one device, got {q.device}, {k.device}, {v.device}")
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, (int, float))):
+        raise TypeError(f"attention: scale must be a float or None, got {type(scale).__name__}")
+    for name, t in (("kv_start", kv_start), ("kv_end", kv_end)):
+        if t is None:
+            continue
+        if not isinstance(t, Tensor) or not _is_int_tensor(t):
+            got = t.dtype if isinstance(t, Tensor) else type(t).__name__
+            raise TypeError(f"attention: {name} must be an integer tensor of shape (B,), got {got}")
+        if tuple(t.shape) != (B,):
+            raise ValueError(f"attention: {name} must have shape (B,) = ({B},), got {tuple(t.shape)}")
+        if t.device != q.device:
+            raise ValueError(f"attention: {name} is on {t.device} but q is on {q.device}; move it to q's device")
+    if isinstance(causal_offset, Tensor):
+        if not _is_int_tensor(causal_offset):
+            raise TypeError(f"attention: causal_offset must be an integer tensor, got {causal_offset.dtype}")
+        if causal_offset.dim() > 1 or causal_offset.numel() not in (1, B):
+            raise ValueError(
+                f"attention: causal_offset must be 0-dim, (1,) or (B,) = ({B},), got shape {tuple(causal_offset.shape)}"
+            )
+        if causal_offset.device != q.device:
+            raise ValueError(
+                f"attention: causal_offset is on {causal_offset.device} but q is on {q.device}; move it to q's "
+                "device (a host tensor would need a copy, and a sync, every call)"
+            )
+    elif isinstance(causal_offset, bool) or not isinstance(causal_offset, int):
+        got = type(causal_offset).__name__
+        raise TypeError(f"attention: causal_offset must be an int or an integer tensor, got {got}")
+
+
+def attention_triton(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    causal_offset: int | Tensor = 0,
+    kv_start: Tensor | None = None,
+    kv_end: Tensor | None = None,
+    scale: float | None = None,
+    config: AttentionConfig | None = None,
+) -> Tensor:
+    """Launch the Triton kernel (CUDA, or the interpreter with ``TRITON_INTERPRET=1``); see :func:`attention`.
+
+    ``config`` overrides the heuristic launch parameters of :func:`pick_config` (tests use it to
+    exercise other block sizes and the split-K path on small shapes).
+    """
+    _check_inputs(q, k, v, causal_offset, kv_start, kv_end, scale)
+    return _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, config)
+
+
+def _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, config) -> Tensor:
+    """Kernel-specific checks (device, head dim, config) and the launch, on inputs _check_inputs accepted."""
+    if q.device.type != "cuda" and not triton_interpreted():
+        raise RuntimeError(
+            f"attention: tensors are on {q.device.type}; the Triton kernel needs CUDA, or TRITON_INTERPRET=1 "
+            "set before triton is imported (slow), or call attention() with DINFILL_BACKEND=torch"
+        )
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if D not in _SUPPORTED_HEAD_DIMS:
+        raise ValueError(
+            f"attention: head dim {D} is not supported (supported: {_SUPPORTED_HEAD_DIMS}); zero-pad q, k, v "
+            "to the next one and pass scale=1/sqrt(original D), or use DINFILL_BACKEND=torch"
+        )
+    # the kernel vectorises along D: only a non-unit stride there forces a copy
+    q, k, v = (t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in (q, k, v))
+    out = _empty_like_layout(q)  # (B, Hq, Lq, D)
+    if out.numel() == 0:
+        return out
+    cfg = pick_config(q, k) if config is None else config
+    if cfg.block_m < 16 or cfg.block_n < 16 or cfg.num_splits < 1:
+        raise ValueError(f"attention: config {cfg} needs block_m, block_n >= 16 (tl.dot) and num_splits >= 1")
+
+    group = Hq // Hkv
+    rows = group * Lq
+    scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
+    offset_is_tensor = isinstance(causal_offset, Tensor)
+    offset_t = causal_offset if offset_is_tensor else q  # q: placeholder pointer, never read
+    per_batch = offset_is_tensor and causal_offset.dim() == 1 and causal_offset.numel() == B
+    stride_offb = causal_offset.stride(0) if per_batch else 0  # 0-dim and (1,) offsets broadcast
+    num_splits = min(cfg.num_splits, max(1, triton.cdiv(Lk, cfg.block_n)))
+    split_len = triton.cdiv(triton.cdiv(Lk, num_splits), cfg.block_n) * cfg.block_n  # multiple of block_n
+    if num_splits > 1:
+        o_part = torch.empty(num_splits, B * Hkv, rows, D, device=q.device, dtype=torch.float32)
+        lse_part = torch.empty(num_splits, B * Hkv, rows, device=q.device, dtype=torch.float32)
+    else:
+        o_part = lse_part = out  # placeholders, never touched when SPLIT is False
+    emulate_bf16 = q.device.type != "cuda" and q.dtype == torch.bfloat16
+    grid = (triton.cdiv(rows, cfg.block_m), B * Hkv, num_splits)
+    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+        _attention_kernel[grid](
+            q, k, v, out, offset_t,
+            kv_start if kv_start is not None else q,
+            kv_end if kv_end is not None else q,
+            o_part, lse_part,
+            Lq, Lk, Hkv, group, 0 if offset_is_tensor else int(causal_offset), split_len, scale * _LOG2E,
+            q.stride(0), q.stride(1), q.stride(2),
+            k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2),
+            out.stride(0), out.stride(1), out.stride(2),
+            stride_offb,
+            kv_start.stride(0) if kv_start is not None else 0,
+            kv_end.stride(0) if kv_end is not None else 0,
+            CAUSAL=bool(causal), OFFSET_IS_TENSOR=offset_is_tensor,
+            HAS_KV_START=kv_start is not None, HAS_KV_END=kv_end is not None, SPLIT=num_splits > 1,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 or emulate_bf16 else "tf32", EMULATE_BF16=emulate_bf16,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        )  # fmt: skip
+        if num_splits > 1:
+            _attention_merge_kernel[(triton.cdiv(rows, cfg.block_m), B * Hkv)](
+                out, o_part, lse_part,
+                Lq, Hkv, group, num_splits,
+                out.stride(0), out.stride(1), out.stride(2),
+                BLOCK_M=cfg.block_m, HEAD_DIM=D, EMULATE_BF16=emulate_bf16, num_warps=4,
+            )  # fmt: skip
+    return out
+
+
+def _empty_like_layout(q: Tensor) -> Tensor:
+    """Uninitialised ``(B, Hq, Lq, D)`` output laid out like q: ``(B, L, H, D)`` memory when q is a transposed view."""
+    B, Hq, Lq, D = q.shape
+    if Hq > 1 and Lq > 1 and q.stride(1) < q.stride(2):
+        return torch.empty(B, Lq, Hq, D, device=q.device, dtype=q.dtype).transpose(1, 2)
+    return torch.empty(B, Hq, Lq, D, device=q.device, dtype=q.dtype)
+
+
+def _attention_torch(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool,
+    causal_offset: int | Tensor,
+    kv_start: Tensor | None,
+    kv_end: Tensor | None,
+    scale: float | None,
+) -> Tensor:
+    """The same contract on torch SDPA (``DINFILL_BACKEND=torch`` or no CUDA): boolean mask, zeroed empty rows."""
+    B, Hq, Lq, D = q.shape
+    Hkv, Lk = k.shape[1], k.shape[2]
+    if q.numel() == 0:
+        return torch.empty_like(q)
+    if Lk == 0:
+        return torch.zeros_like(q)
+    dev = q.device
+    mask = None
+    if causal or kv_start is not None or kv_end is not None:
+        cols = torch.arange(Lk, device=dev).view(1, 1, Lk)  # (1, 1, Lk)
+        mask = torch.ones(B, 1, Lk, dtype=torch.bool, device=dev)  # (B, 1, Lk)
+        if kv_start is not None:
+            mask = mask & (cols >= kv_start.view(B, 1, 1))
+        if kv_end is not None:
+            mask = mask & (cols < kv_end.view(B, 1, 1))
+        if causal:
+            off = torch.as_tensor(causal_offset, device=dev).reshape(-1, 1, 1)  # (B or 1, 1, 1)
+            q_pos = off + torch.arange(Lq, device=dev).view(1, Lq, 1)  # (B|1, Lq, 1)
+            mask = mask & (cols <= q_pos)  # (B, Lq, Lk)
+        mask = mask.expand(B, Lq, Lk).unsqueeze(1)  # (B, 1, Lq, Lk)
+    if Hq != Hkv:
+        k = k.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, Lk, D)
+        v = v.repeat_interleave(Hq // Hkv, dim=1)
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)  # (B, Hq, Lq, D)
+    if mask is not None:
+        out = torch.where(mask.any(dim=-1, keepdim=True), out, 0.0)  # rows with no visible key: 0, not NaN
+    return out
+
+
+def attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    *,
+    causal: bool = False,
+    causal_offset: int | Tensor = 0,
+    kv_start: Tensor | None = None,
+    kv_end: Tensor | None = None,
+    scale: float | None = None,
+    window: int | None = None,
+) -> Tensor:
+    """Scaled dot-product attention with grouped-query heads, key ranges and a causal offset (contract).
+
+    Runs the Triton kernel when :func:`dinfill.backend.use_triton` says so (CUDA by default; the
+    interpreter with ``DINFILL_BACKEND=triton TRITON_INTERPRET=1``) and torch SDPA otherwise.
+
+    Parameters
+    ----------
+    q : Tensor
+        ``(B, Hq, Lq, D)`` queries, fp16 / bf16 / fp32; any strides with a unit stride on D.
+    k, v : Tensor
+        ``(B, Hkv, Lk, D)`` keys and values, same dtype and device; query head ``h`` reads
+        key/value head ``h // (Hq // Hkv)``.
+    causal : bool
+        Query ``i`` sits at key column ``causal_offset + i`` and sees keys at columns ``<=`` it.
+    causal_offset : int or Tensor
+        Key column of query 0: an int, or an integer 0-dim / ``(1,)`` / ``(B,)`` tensor on q's
+        device, read inside the kernel (no host sync; a CUDA graph can replay it with new values).
+    kv_start, kv_end : Tensor, optional
+        ``(B,)`` integer tensors on q's device: only keys ``kv_start[b] <= j < kv_end[b]`` are
+        visible (left / right padding); values outside ``[0, Lk]`` are clamped. Default: all keys.
+    scale : float, optional
+        Softmax scale, default ``1 / sqrt(D)``.
+    window : int, optional
+        Sliding windows are not implemented; anything but ``None`` raises ``NotImplementedError``.
+
+    Returns
+    -------
+    Tensor
+        ``(B, Hq, Lq, D)`` in q's dtype; rows that see no key are zeros.
+    """
+    if window is not None:
+        raise NotImplementedError(
+            "attention: sliding windows are not implemented in dinfill.kernels.attention_fwd; use "
+            "dinfill.kernels.reference.attention_ref or the runtime's torch path (dinfill.models.attention.attend)"
+        )
+    _check_inputs(q, k, v, causal_offset, kv_start, kv_end, scale)
+    kwargs = dict(causal=causal, causal_offset=causal_offset, kv_start=kv_start, kv_end=kv_end, scale=scale)
+    if use_triton(q.device):
+        return _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, None)
+    return _attention_torch(q, k, v, **kwargs)
