@@ -1,0 +1,695 @@
+"""KV-cached autoregressive generation and fill-in-the-middle for the AR baselines.
+
+Why not transformers' ``generate``: its per-token Python (logits processors, stopping criteria,
+dynamic cache bookkeeping) dominates the decode step of a 0.5B model, and the comparison must run
+the AR baselines through the same lean runtime as the diffusion model. The loop here is the
+gpt-fast recipe on our decoder:
+
+* **Static shapes.** Prompts are left-padded to the longest one (``P``); one static KV cache of
+  ``P + max_new_tokens - 1`` columns holds the whole run. Prefill writes columns ``[0, P)``; decode
+  step ``j`` writes column ``P + j - 1``. Left padding keeps every row's real tokens one contiguous
+  run of columns, and each row's RoPE positions count its own real tokens only, so a row's tokens
+  do not depend on what else is in the batch (greedy batched == rows alone).
+* **No per-token host sync.** Sampling, the stop test and the bookkeeping are device ops on fixed
+  buffers (a ``done`` mask; rows that are done keep running and write the pad id). The host looks at
+  the device only every ``check_every`` steps: to leave early once every row is done (otherwise a
+  batch that ends at token 20 would run all 512 steps) and to search the decoded text for stop
+  strings, which needs the tokenizer. One sync per ``check_every`` steps costs one pipeline drain
+  amortised over that many steps.
+* **CUDA graph.** On CUDA the decode step (forward, sampling, bookkeeping) is captured once per call
+  and replayed; everything it touches is a static buffer updated in place, the cache column
+  included. Sampling noise is drawn *outside* the graph with the caller's generator (custom
+  generators cannot be used inside a graph on every torch version), and the eager path draws it the
+  same way, so graph and eager runs give identical tokens. ``cuda_graph=False`` turns it off.
+
+The token-level API is :func:`ar_generate`; :func:`infill` builds the family's FIM prompt
+(:mod:`dinfill.sampler.fim`), generates and returns the middles as text; :func:`benchmark` times
+this path against transformers' ``generate`` on the same prompts.
+"""
+
+from __future__ import annotations
+
+import logging
+import numbers
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dinfill.sampler.fim import build_fim_prompts, cut_at_stop, fim_tokens
+from dinfill.sampler.sampling import check_sampling_args, draw_noise, sample_tokens
+
+log = logging.getLogger("dinfill")
+
+__all__ = ["ArOutput", "ar_generate", "infill", "benchmark", "hf_twin"]
+
+# Decode steps at or above which auto mode captures a CUDA graph: capture costs about three eager
+# steps (one warm-up, one recording, instantiation), so short generations are not worth it.
+_GRAPH_MIN_STEPS = 16
+
+
+@dataclass
+class ArOutput:
+    """The new tokens of each row of an :func:`ar_generate` call.
+
+    Attributes
+    ----------
+    tokens : Tensor
+        ``(B, N)`` int64 on the model's device, ``N = max(lengths)``; entries past a row's length hold
+        ``pad_id``.
+    lengths : Tensor
+        ``(B,)`` int64 (CPU): new tokens per row, *including* the stop token that ended it (as
+        transformers' ``generate`` returns it).
+    stopped : Tensor
+        ``(B,)`` bool (CPU): the row ended on a stop id or stop string (``False``: it ran to
+        ``max_new_tokens``).
+    steps : int
+        Forward passes run after the prefill (early exit makes it less than ``max_new_tokens - 1``).
+    """
+
+    tokens: Tensor
+    lengths: Tensor
+    stopped: Tensor
+    steps: int
+
+    def tolist(self, strip_stop: bool = False) -> list[list[int]]:
+        """The rows as lists of ids; ``strip_stop=True`` drops the final stop token of stopped rows."""
+        rows = self.tokens.cpu().tolist()
+        out = []
+        for row, n, hit in zip(rows, self.lengths.tolist(), self.stopped.tolist(), strict=True):
+            out.append(row[: n - 1] if (strip_stop and hit and n > 0) else row[:n])
+        return out
+
+
+# --- input handling ------------------------------------------------------------------------------
+
+
+def _rows_of(prompt_ids: Any, attention_mask: Tensor | None) -> list[list[int]]:
+    """Normalise the accepted prompt forms to a list of id lists (one host copy, before the loop)."""
+    if isinstance(prompt_ids, Tensor):
+        ids = prompt_ids.detach().cpu()
+        if ids.dim() == 1:
+            ids = ids.unsqueeze(0)
+        if ids.dim() != 2:
+            raise ValueError(f"prompt_ids tensor must be (B, T) or (T,), got shape {tuple(prompt_ids.shape)}")
+        if ids.dtype.is_floating_point or ids.dtype == torch.bool:
+            raise ValueError(f"prompt_ids must hold integer token ids, got dtype {ids.dtype}")
+        if attention_mask is None:
+            return ids.tolist()
+        mask = attention_mask.detach().cpu().to(torch.bool)
+        if mask.dim() == 1:
+            mask = mask.unsqueeze(0)
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {tuple(mask.shape)} but prompt_ids {tuple(ids.shape)}")
+        rows = []
+        for b in range(ids.shape[0]):
+            real = mask[b].nonzero().flatten()
+            if real.numel() and real[-1] - real[0] + 1 != real.numel():
+                raise ValueError(f"attention_mask row {b} has holes: padding must be on the left and/or right only")
+            rows.append(ids[b, real].tolist())
+        return rows
+    if attention_mask is not None:
+        raise ValueError("attention_mask only goes with a padded prompt_ids tensor; lists need no mask")
+    if isinstance(prompt_ids, (list, tuple)):
+        if prompt_ids and all(isinstance(t, numbers.Integral) for t in prompt_ids):
+            return [[int(t) for t in prompt_ids]]  # a single row
+        rows = []
+        for b, row in enumerate(prompt_ids):
+            if isinstance(row, Tensor):
+                row = row.tolist()
+            if not isinstance(row, (list, tuple)) or not all(isinstance(t, numbers.Integral) for t in row):
+                raise ValueError(f"prompt row {b} must be a list of int token ids, got {type(row).__name__}")
+            rows.append([int(t) for t in row])
+        return rows
+    raise ValueError(f"prompt_ids must be a list of id lists or a (B, T) tensor, got {type(prompt_ids).__name__}")
+
+
+def _stop_ids_of(model, stop_ids: Sequence[int] | int | None) -> list[int]:
+    if stop_ids is None:  # default: the model's eos
+        eos = model.config.eos_token_id
+        stop_ids = [] if eos is None else ([eos] if isinstance(eos, int) else list(eos))
+    elif isinstance(stop_ids, int):
+        stop_ids = [stop_ids]
+    out: list[int] = []
+    for s in stop_ids:
+        if not isinstance(s, int) or not 0 <= s < model.config.vocab_size:
+            raise ValueError(f"stop id {s!r} is not a token id of this model (vocabulary {model.config.vocab_size})")
+        if s not in out:
+            out.append(s)
+    return out
+
+
+def _validate(model, rows: list[list[int]], max_new_tokens: int) -> int:
+    """Check the request against the model; returns the padded prompt length ``P``."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+    if not rows:
+        raise ValueError("no prompts given: pass at least one row of token ids")
+    V, limit = model.config.vocab_size, model.config.max_position_embeddings
+    for b, row in enumerate(rows):
+        if not row:
+            raise ValueError(f"prompt row {b} is empty; every row needs at least one token")
+        lo, hi = min(row), max(row)
+        if lo < 0 or hi >= V:
+            raise ValueError(
+                f"prompt row {b} holds token id {lo if lo < 0 else hi} outside the model's vocabulary [0, {V}): "
+                "is the tokenizer the model's own?"
+            )
+    P = max(len(r) for r in rows)
+    if P > limit:
+        raise ValueError(
+            f"prompt of {P} tokens is longer than the model's limit of {limit} positions; shorten the prompt"
+        )
+    if P + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt of {P} tokens + max_new_tokens={max_new_tokens} exceeds the model's limit of {limit} "
+            f"positions; lower max_new_tokens to at most {limit - P} or shorten the prompt"
+        )
+    return P
+
+
+# --- the decode loop -----------------------------------------------------------------------------
+
+
+class _Decode:
+    """Static buffers and the in-place decode step of one :func:`ar_generate` call.
+
+    Everything :meth:`step` reads or writes is allocated once here, so a CUDA graph captured from it
+    can be replayed on the same memory.
+    """
+
+    def __init__(self, model, rows, P, max_new, stop_ids, pad_id, sampling, generator):
+        dev = model.device
+        B, V = len(rows), model.config.vocab_size
+        self.model, self.P, self.B = model, P, B
+        self.temperature, self.top_p, self.top_k = sampling
+        self.generator, self.pad_id = generator, pad_id
+        self.cache = model.new_cache(B, P + max_new - 1)
+        L = self.cache.max_len
+        ids = torch.full((B, P), pad_id, dtype=torch.long)
+        lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        for b, r in enumerate(rows):
+            ids[b, P - len(r) :] = torch.tensor(r, dtype=torch.long)  # left padding
+        self.prompt = ids.to(dev)  # (B, P)
+        self.mask = torch.zeros(B, L, dtype=torch.bool, device=dev)  # (B, L) real key columns
+        self.mask[:, :P] = torch.arange(P, device=dev) >= (P - lens.to(dev)).view(B, 1)
+        self.cur = torch.zeros(B, 1, dtype=torch.long, device=dev)  # (B, 1) token fed this step
+        self.pos = lens.to(dev).view(B, 1).clone()  # (B, 1) its RoPE position
+        self.col = torch.full((1,), P, dtype=torch.long, device=dev)  # (1,) its cache column
+        self.out = torch.full((B, max_new), pad_id, dtype=torch.long, device=dev)  # (B, max_new)
+        self.lengths = torch.zeros(B, dtype=torch.long, device=dev)
+        self.done = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.stop = torch.tensor(stop_ids, dtype=torch.long, device=dev)  # (S,)
+        self.last = torch.zeros(B, 1, dtype=torch.long, device=dev)  # (B, 1) logits row: the only one
+        self.stopped_by_string = torch.zeros(B, dtype=torch.bool)  # host-side: set by the stop-string check
+        self.noise = None
+        if self.temperature > 0:
+            self.noise = torch.empty(B, V, dtype=torch.float32, device=dev)  # (B, V) Exp(1)
+
+    def draw(self) -> None:
+        """Fill the sampling noise for the next token (outside any graph, with the user's generator)."""
+        if self.noise is not None:
+            draw_noise(self.noise.shape, device=self.noise.device, generator=self.generator, out=self.noise)
+
+    def _pick(self, logits: Tensor) -> Tensor:
+        return sample_tokens(
+            logits, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, noise=self.noise
+        )  # (B,)
+
+    def _record(self, nxt: Tensor, out_col: Tensor) -> None:
+        nxt = torch.where(self.done, self.pad_id, nxt)  # (B,) finished rows write padding
+        self.out.index_copy_(1, out_col, nxt.view(-1, 1))
+        self.lengths += (~self.done).long()
+        self.done |= (nxt.view(-1, 1) == self.stop.view(1, -1)).any(dim=1)
+        self.cur.copy_(nxt.view(-1, 1))
+
+    def prefill(self) -> None:
+        P = self.P
+        pos = (self.mask[:, :P].long().cumsum(dim=1) - 1).clamp(min=0)  # (B, P) per-row positions
+        cols = torch.arange(P, device=self.prompt.device)  # (P,)
+        self.last.fill_(P - 1)
+        logits = self.model(
+            self.prompt,
+            causal=True,
+            attention_mask=self.mask,
+            position_ids=pos,
+            cache=self.cache,
+            cache_pos=cols,
+            logits_index=self.last,
+        )  # (B, 1, V)
+        self.last.zero_()  # decode steps have one query: logits row 0
+        self._record(self._pick(logits[:, 0]), torch.zeros(1, dtype=torch.long, device=cols.device))
+
+    def step(self) -> None:
+        """One decode step, all in place: feed ``cur`` at column ``col``, sample, record, advance."""
+        self.mask.index_fill_(1, self.col, True)
+        logits = self.model(
+            self.cur,
+            causal=True,
+            attention_mask=self.mask,
+            position_ids=self.pos,
+            cache=self.cache,
+            cache_pos=self.col,
+            logits_index=self.last,
+        )  # (B, 1, V)
+        self._record(self._pick(logits[:, 0]), self.col - (self.P - 1))
+        self.pos += 1
+        self.col += 1
+
+    def _buffers(self) -> list[Tensor]:
+        return [self.mask, self.cur, self.pos, self.col, self.out, self.lengths, self.done]
+
+    def save(self) -> list[Tensor]:
+        """Copies of the small state buffers (not the KV cache), for :meth:`restore`."""
+        return [t.clone() for t in self._buffers()]
+
+    def restore(self, saved: list[Tensor]) -> None:
+        """Undo steps run since :meth:`save`. Cache columns they wrote are masked again and rewritten
+        by the next real step at the same column, so the KV cache needs no restoring."""
+        for t, s in zip(self._buffers(), saved, strict=True):
+            t.copy_(s)
+
+    def capture(self) -> torch.cuda.CUDAGraph | None:
+        """Record :meth:`step` as a CUDA graph; ``None`` (and a warning) when capture fails.
+
+        The warm-up runs a real step (lazy initialisation: cuBLAS handles, Triton compilation), so the
+        state is saved first and restored afterwards.
+        """
+        saved = self.save()
+        graph = torch.cuda.CUDAGraph()
+        try:
+            side = torch.cuda.Stream()
+            side.wait_stream(torch.cuda.current_stream())
+            with torch.cuda.stream(side):
+                self.step()
+            torch.cuda.current_stream().wait_stream(side)
+            with torch.cuda.graph(graph):
+                self.step()
+        except Exception as err:  # a sync inside the model forward, an unsupported op: fall back to eager
+            log.warning("CUDA graph capture of the AR decode step failed (%s: %s); running eagerly", type(err), err)
+            graph = None
+        self.restore(saved)
+        return graph
+
+
+def _check_stop_strings(state: _Decode, n_out: int, decode: Callable[[list[int]], str], stops, checked) -> None:
+    """Truncate rows whose decoded text now contains a stop string to the token that completed it.
+
+    ``checked[b]`` is how many tokens of row ``b`` are known to hold no stop string; rows already
+    cut, or unchanged since the last check, are skipped. Rows that ended on a stop id are still
+    searched (once), since the string may have appeared between two checks.
+    """
+    out = state.out[:, :n_out].cpu()
+    lengths = state.lengths.cpu()
+    for b in range(state.B):
+        n = int(lengths[b])
+        if state.stopped_by_string[b] or checked[b] >= n:
+            continue
+        row = out[b, :n].tolist()
+        if not cut_at_stop(decode(row), stops)[1]:
+            checked[b] = n
+            continue
+        lo, hi = checked[b], n  # text of row[:lo] holds no stop string, row[:hi] does
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if cut_at_stop(decode(row[:mid]), stops)[1] else (mid, hi)
+        state.lengths[b] = hi
+        state.done[b] = True
+        state.out[b, hi:] = state.pad_id
+        state.stopped_by_string[b] = True
+        checked[b] = hi
+
+
+@torch.inference_mode()
+def ar_generate(
+    model,
+    prompt_ids: Sequence[Sequence[int]] | Tensor,
+    max_new_tokens: int = 512,
+    stop_ids: Sequence[int] | int | None = None,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    *,
+    attention_mask: Tensor | None = None,
+    stop_strings: Sequence[str] = (),
+    tokenizer=None,
+    pad_id: int | None = None,
+    check_every: int = 16,
+    cuda_graph: bool | None = None,
+) -> ArOutput:
+    """Generate up to ``max_new_tokens`` per row with a static KV cache (contract: ``ar_generate``).
+
+    Parameters
+    ----------
+    model : dinfill.models.Decoder
+        Any decoder from :func:`dinfill.load_model`, run causally.
+    prompt_ids : list of lists of int, or Tensor
+        Ragged rows of ids; or a ``(B, T)`` integer tensor, with ``attention_mask`` when padded (left
+        or right); a flat list or ``(T,)`` tensor is one row.
+    max_new_tokens : int
+        At least 1; the prompt plus this must fit in ``config.max_position_embeddings``.
+    stop_ids : int or sequence of int, optional
+        Ids that end a row (kept as the row's last token). ``None``: the model's ``eos_token_id``;
+        ``()``: never stop early.
+    temperature, top_p, top_k :
+        Sampling settings (:mod:`dinfill.sampler.sampling`); ``temperature=0`` is greedy.
+    generator : torch.Generator, optional
+        Makes sampling reproducible. Best on the model's device; one on another device (e.g. a CPU
+        generator with a CUDA model) seeds a fresh generator on the model's device.
+    attention_mask : Tensor, optional
+        ``(B, T)`` 0/1 mask of a padded ``prompt_ids`` tensor (one contiguous run of ones per row).
+    stop_strings : sequence of str
+        Also end a row once its decoded text (``tokenizer.decode(..., skip_special_tokens=True)``)
+        contains one of these; the row keeps tokens up to the one that completed it. Needs ``tokenizer``.
+    tokenizer : transformers tokenizer, optional
+        For ``stop_strings``.
+    pad_id : int, optional
+        Filler for padding and finished rows; default the first stop id, else 0.
+    check_every : int
+        Decode steps between host checks (early exit, stop strings).
+    cuda_graph : bool, optional
+        Replay the decode step as a CUDA graph. ``None``: on for CUDA models with at least 16 steps.
+
+    Returns
+    -------
+    ArOutput
+        Padded new tokens, per-row lengths and stop flags.
+    """
+    check_sampling_args(temperature, top_p, top_k)
+    if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
+        raise ValueError(f"check_every={check_every!r} must be an int >= 1")
+    if isinstance(stop_strings, str):
+        raise ValueError("stop_strings must be a list of strings, e.g. ['\\n'], not a bare string")
+    stop_strings = list(stop_strings)
+    if stop_strings:
+        if tokenizer is None:
+            raise ValueError("stop_strings need the tokenizer to decode the text: pass tokenizer=")
+        cut_at_stop("", stop_strings)  # validates the entries
+    rows = _rows_of(prompt_ids, attention_mask)
+    P = _validate(model, rows, max_new_tokens)
+    stops = _stop_ids_of(model, stop_ids)
+    if pad_id is None:
+        pad_id = stops[0] if stops else 0
+    dev = model.device
+    if generator is not None and temperature > 0 and torch.device(generator.device).type != dev.type:
+        # noise is drawn on the model's device: seed a generator there from the one given (reproducible)
+        seed = int(torch.randint(0, 2**62, (1,), generator=generator))
+        generator = torch.Generator(device=dev).manual_seed(seed)
+    if cuda_graph is None:
+        cuda_graph = dev.type == "cuda" and max_new_tokens - 1 >= _GRAPH_MIN_STEPS
+    elif cuda_graph and dev.type != "cuda":
+        raise ValueError(f"cuda_graph=True needs a model on CUDA (it is on {dev}); pass cuda_graph=False or None")
+
+    state = _Decode(model, rows, P, max_new_tokens, stops, pad_id, (float(temperature), top_p, top_k), generator)
+    decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if stop_strings else None
+    checked = [0] * len(rows)
+
+    state.draw()
+    state.prefill()
+    graph = state.capture() if (cuda_graph and max_new_tokens > 1) else None
+    steps = 0
+    for j in range(1, max_new_tokens):
+        if j % check_every == 0:  # the periodic host check (see the module docstring)
+            if stop_strings:
+                _check_stop_strings(state, j, decode, stop_strings, checked)
+            if bool(state.done.all()):
+                break
+        state.draw()
+        if graph is not None:
+            graph.replay()
+        else:
+            state.step()
+        steps += 1
+    if stop_strings:
+        _check_stop_strings(state, steps + 1, decode, stop_strings, checked)
+
+    lengths = state.lengths.cpu()
+    hit_id = (state.out.gather(1, (state.lengths - 1).clamp(min=0).view(-1, 1)).view(-1, 1) == state.stop).any(1)
+    stopped = hit_id.cpu() | state.stopped_by_string
+    width = int(lengths.max())
+    return ArOutput(tokens=state.out[:, :width].clone(), lengths=lengths, stopped=stopped, steps=steps)
+
+
+# --- text level ----------------------------------------------------------------------------------
+
+
+def infill(
+    model,
+    tokenizer,
+    prefixes: Sequence[str],
+    suffixes: Sequence[str],
+    *,
+    family: str | None = None,
+    max_new_tokens: int = 512,
+    stop_strings: Sequence[str] = (),
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    batch_size: int | None = None,
+    check_every: int = 16,
+    cuda_graph: bool | None = None,
+) -> list[str]:
+    """Fill the middle between each prefix and suffix with an AR FIM model.
+
+    Parameters
+    ----------
+    model : dinfill.models.Decoder
+        An AR checkpoint of one of the supported families.
+    tokenizer : transformers tokenizer
+        The checkpoint's tokenizer; it supplies the FIM sentinel ids and the stop ids.
+    prefixes, suffixes : sequence of str
+        One suffix per prefix.
+    family : str, optional
+        ``"qwen2.5-coder"``, ``"deepseek-coder"`` or ``"starcoder2"`` (aliases accepted); default:
+        detected from the tokenizer's special tokens (``model.config.model_type`` breaks ties).
+    max_new_tokens : int
+        Cap on the middle's length in tokens (the published runs used 512).
+    stop_strings : sequence of str
+        End a row at the first of these (e.g. ``["\\n"]`` for single-line infilling); the returned
+        middle is cut *before* it.
+    temperature, top_p, top_k, generator :
+        As in :func:`ar_generate`.
+    seed : int, optional
+        Shortcut for a fresh generator on the model's device seeded with this (ignored with ``generator``).
+    batch_size : int, optional
+        Rows per :func:`ar_generate` call (default: all). Rows are grouped by prompt length to waste
+        less padding; the order of the returned list is the input order.
+    check_every, cuda_graph :
+        As in :func:`ar_generate`.
+
+    Returns
+    -------
+    list of str
+        The middles (special tokens skipped, the stop token excluded).
+    """
+    fim = fim_tokens(tokenizer, family, getattr(model.config, "model_type", None))
+    prompts = build_fim_prompts(tokenizer, prefixes, suffixes, fim)
+    if generator is None and seed is not None:
+        generator = torch.Generator(device=model.device).manual_seed(int(seed))
+    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
+        raise ValueError(f"batch_size={batch_size!r} must be an int >= 1 (or None for one batch)")
+    order = list(range(len(prompts)))
+    if batch_size is not None:  # group similar lengths: less padding per chunk
+        order.sort(key=lambda i: len(prompts[i]))
+    size = batch_size or len(prompts)
+    middles: list[str] = [""] * len(prompts)
+    for start in range(0, len(order), size):
+        chunk = order[start : start + size]
+        out = ar_generate(
+            model,
+            [prompts[i] for i in chunk],
+            max_new_tokens=max_new_tokens,
+            stop_ids=list(fim.stop_ids),
+            temperature=temperature,
+            top_p=top_p,
+            top_k=top_k,
+            generator=generator,
+            stop_strings=stop_strings,
+            tokenizer=tokenizer,
+            check_every=check_every,
+            cuda_graph=cuda_graph,
+        )
+        stop_set = set(fim.stop_ids)
+        for i, ids in zip(chunk, out.tolist(), strict=True):
+            if ids and ids[-1] in stop_set:
+                ids = ids[:-1]
+            text = tokenizer.decode(ids, skip_special_tokens=True)
+            middles[i] = cut_at_stop(text, stop_strings)[0] if stop_strings else text
+    return middles
+
+
+# --- benchmark against transformers --------------------------------------------------------------
+
+
+def _hf_config(config) -> Any:
+    """A transformers config with the shape of our :class:`~dinfill.models.ModelConfig`."""
+    from transformers import LlamaConfig, Qwen2Config, Starcoder2Config
+
+    common = dict(
+        vocab_size=config.vocab_size,
+        hidden_size=config.hidden_size,
+        intermediate_size=config.intermediate_size,
+        num_hidden_layers=config.num_layers,
+        num_attention_heads=config.num_heads,
+        num_key_value_heads=config.num_kv_heads,
+        max_position_embeddings=config.max_position_embeddings,
+        rope_theta=config.rope_theta,
+        tie_word_embeddings=config.tie_word_embeddings,
+        bos_token_id=config.bos_token_id,
+        eos_token_id=config.eos_token_id,
+    )
+    if config.model_type == "qwen2":
+        return Qwen2Config(**common, rms_norm_eps=config.norm_eps, use_sliding_window=config.sliding_window is not None)
+    if config.model_type == "llama":
+        scaling = {"rope_type": "linear", "factor": config.rope_scaling_factor}
+        return LlamaConfig(
+            **common,
+            rms_norm_eps=config.norm_eps,
+            rope_scaling=scaling if config.rope_scaling_factor != 1.0 else None,
+            attention_bias=config.attention_bias,
+            mlp_bias=config.mlp_bias,
+            head_dim=config.head_dim,
+        )
+    return Starcoder2Config(
+        **common, norm_epsilon=config.norm_eps, sliding_window=config.sliding_window, use_bias=config.attention_bias
+    )
+
+
+def hf_twin(model, attn_implementation: str = "sdpa"):
+    """The same weights as a transformers ``*ForCausalLM`` (the baseline of :func:`benchmark`).
+
+    A model loaded from a local checkpoint directory is re-read from it with transformers; a built-in
+    shape (random weights) gets a transformers config of the same shape and our state dict, whose
+    parameter names are transformers' own.
+    """
+    from pathlib import Path
+
+    from transformers import AutoModelForCausalLM
+
+    ckpt = Path(str(getattr(model, "name", "")))
+    if (ckpt / "config.json").is_file():
+        hf = AutoModelForCausalLM.from_pretrained(str(ckpt), attn_implementation=attn_implementation)
+    else:
+        cfg = _hf_config(model.config)
+        cfg._attn_implementation = attn_implementation
+        with torch.device(model.device):
+            hf = AutoModelForCausalLM.from_config(cfg)
+        missing, unexpected = hf.load_state_dict(model.state_dict(), strict=False)
+        missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
+        if missing or unexpected:
+            raise ValueError(f"state dict does not map onto transformers: missing {missing}, unexpected {unexpected}")
+    return hf.to(device=model.device, dtype=model.dtype).eval()
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int, device: torch.device) -> tuple[float, Any]:
+    result, times = None, []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        result = fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2], result
+
+
+def benchmark(
+    model,
+    hf_model=None,
+    *,
+    batch_size: int = 1,
+    prompt_len: int = 128,
+    new_tokens: int = 128,
+    repeats: int = 3,
+    seed: int = 0,
+    cuda_graph: bool | None = None,
+) -> dict[str, Any]:
+    """Greedy tokens/s of :func:`ar_generate` against transformers' ``generate`` on the same prompts.
+
+    Both generate exactly ``new_tokens`` tokens per row (no stop ids) from the same random prompts of
+    ``prompt_len`` tokens, greedily; each is warmed up once, then timed ``repeats`` times (median).
+    Timing covers the whole call (prefill included, CUDA-graph capture included for ours).
+
+    Parameters
+    ----------
+    model : dinfill.models.Decoder
+    hf_model : transformers model, optional
+        The baseline; default :func:`hf_twin` of ``model`` (sdpa attention, default dynamic cache).
+    batch_size, prompt_len, new_tokens, repeats, seed :
+        Workload and timing settings.
+    cuda_graph : bool, optional
+        As in :func:`ar_generate`.
+
+    Returns
+    -------
+    dict
+        ``ours_tokens_per_s``, ``hf_tokens_per_s``, ``speedup`` (ours / hf), the median seconds,
+        ``weights_gbps`` (parameter bytes read per decoded token / our time per step, a lower bound
+        on achieved bandwidth), ``greedy_agreement`` (mean fraction of each row's tokens before the
+        first disagreement with transformers) and the settings, device and versions.
+    """
+    import platform
+
+    import transformers
+
+    if repeats < 1 or batch_size < 1 or prompt_len < 1 or new_tokens < 1:
+        raise ValueError("batch_size, prompt_len, new_tokens and repeats must all be >= 1")
+    dev = model.device
+    hf = hf_model if hf_model is not None else hf_twin(model)
+    gen = torch.Generator().manual_seed(seed)
+    prompts = torch.randint(0, model.config.vocab_size, (batch_size, prompt_len), generator=gen)  # (B, P)
+    ids_dev = prompts.to(dev)
+    ones = torch.ones_like(ids_dev)
+
+    def ours():
+        return ar_generate(model, prompts, max_new_tokens=new_tokens, stop_ids=(), cuda_graph=cuda_graph)
+
+    def theirs():
+        with torch.inference_mode():
+            return hf.generate(
+                ids_dev,
+                attention_mask=ones,
+                do_sample=False,
+                max_new_tokens=new_tokens,
+                min_new_tokens=new_tokens,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+
+    ours(), theirs()  # warm-up (lazy init, kernel compilation)
+    t_ours, out_ours = _median_seconds(ours, repeats, dev)
+    t_hf, out_hf = _median_seconds(theirs, repeats, dev)
+    a, b = out_ours.tokens.cpu(), out_hf[:, prompt_len:].cpu()  # (B, N) each
+    n = min(a.shape[1], b.shape[1])
+    same = (a[:, :n] == b[:, :n]).long().cumprod(dim=1).sum(dim=1).float() / new_tokens  # (B,)
+    tokens = batch_size * new_tokens
+    weight_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return {
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else (platform.processor() or "cpu"),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "model": getattr(model, "name", "?"),
+        "dtype": str(model.dtype).replace("torch.", ""),
+        "batch_size": batch_size,
+        "prompt_len": prompt_len,
+        "new_tokens": new_tokens,
+        "cuda_graph": bool(dev.type == "cuda" and cuda_graph is not False and new_tokens - 1 >= _GRAPH_MIN_STEPS),
+        "ours_s": t_ours,
+        "hf_s": t_hf,
+        "hf_new_tokens": int(b.shape[1]),
+        "ours_tokens_per_s": tokens / t_ours,
+        "hf_tokens_per_s": batch_size * b.shape[1] / t_hf,
+        "speedup": (tokens / t_ours) / (batch_size * b.shape[1] / t_hf),
+        "weights_gbps": weight_bytes * new_tokens / t_ours / 1e9,
+        "greedy_agreement": float(same.mean()),
+    }
