@@ -1,0 +1,440 @@
+"""Command line of the evaluation layer: ``dinfill eval``, ``dinfill score``, ``dinfill report`` (**contract**).
+
+``dinfill.cli`` (the package's main parser) calls :func:`register`; ``python -m dinfill.eval`` (and so
+``torchrun ... -m dinfill.eval eval ...``) goes through :func:`main`, which builds a parser with the
+same three subcommands: both paths share the handlers below.
+
+Why the generator is built lazily: ``score`` and ``report`` must work without torch or a model,
+and the runner is tested with fake generators (``--generator FILE.py:NAME``), so model loading
+(``dinfill.load_model`` / ``dinfill.sampler.infill``) is imported only when ``eval`` needs a model.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import sys
+from pathlib import Path
+
+from dinfill.eval.datasets import DatasetUnavailable
+from dinfill.eval.postprocess import RULES, PostProcess
+from dinfill.eval.records import RecordsError
+from dinfill.eval.tasks import TASKS, get_task
+
+# Defaults of the published runs: Open-dCoder 64 steps, p2, T=0.6, top_p=0.95, oracle middle length;
+# AR baselines T=0.6 with 512 new tokens.
+DIFFUSION_DEFAULTS = {
+    "steps": 64,
+    "alg": "p2",
+    "temperature": 0.6,
+    "top_p": 0.95,
+    "top_k": None,
+    "alg_temp": None,
+    "length": "oracle",
+    "middle_tokens": None,
+    "cache": "none",
+    "refresh": None,
+}
+AR_DEFAULTS = {"temperature": 0.6, "top_p": None, "top_k": None, "max_new_tokens": 512}
+EXEC_WARNING = (
+    "warning: executing untrusted model-written code in the dinfill sandbox (see dinfill.eval.execution for what "
+    "it does and does not cover); pass --no-execute to skip execution"
+)
+# Errors a user can fix (bad file, missing data, wrong option): one line on stderr, exit code 2.
+_USER_ERRORS = (RecordsError, DatasetUnavailable, ValueError, FileNotFoundError, NotADirectoryError, TypeError)
+
+
+# -- parser ------------------------------------------------------------------------------------
+def _add_data_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    group.add_argument(
+        "--subset",
+        default=None,
+        help="HumanEval variant (single-line [default], multi-line, random-span, random-span-light) "
+        "or SantaCoder language (py [default], js, java)",
+    )
+    # One destination for both names: a run has one subset whatever the benchmark calls it.
+    group.add_argument("--language", dest="subset", help="alias of --subset for santacoder-fim")
+    group.add_argument("--data", default=None, help="a dataset file (.jsonl[.gz] or .parquet) or a folder")
+    group.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder laid out like ../shared/data (default: $DINFILL_DATA_DIR, then the cache)",
+    )
+    group.add_argument("--no-download", action="store_true", help="never download; fail if no local copy exists")
+
+
+def _add_scoring_options(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("scoring")
+    group.add_argument("--postprocess", choices=RULES, default=None, help="rule applied to each middle before scoring")
+    group.add_argument(
+        "--stop", action="append", default=[], help="stop string for --postprocess stop_sequences (repeatable)"
+    )
+    group.add_argument(
+        "--execute",
+        # Tri-state: None means the task decides (HumanEval must execute to score at all).
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="run the programs in the sandbox (default: on for humaneval-infill, off for santacoder-fim)",
+    )
+    group.add_argument("--jobs", type=int, default=None, help="programs at once (default and maximum: the CPU cores)")
+    group.add_argument("--cpu-seconds", type=float, default=3.0, help="CPU limit per program (default 3, as published)")
+    group.add_argument(
+        "--memory-mb", type=int, default=2048, help="address-space limit per program, MiB (default 2048)"
+    )
+    group.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add the ``eval``, ``score`` and ``report`` subcommands to a parser's subparsers."""
+    ev = subparsers.add_parser(
+        "eval",
+        help="generate, score and record a benchmark run (resumable; torchrun-aware)",
+        description="Generate middles with a model, post-process, score, and append records to OUT/<task>-<subset>/.",
+    )
+    ev.add_argument("--model", default=None, help="hub id, local checkpoint or built-in shape name")
+    ev.add_argument("--generator", default=None, help="FILE.py:NAME or module:NAME, a custom generator callable")
+    ev.add_argument("--kind", choices=("diffusion", "ar"), default=None, help="override the model's kind")
+    # Several tasks in one command, each into its own OUT/<task>-<subset> folder: one command per model.
+    ev.add_argument("--task", nargs="+", required=True, choices=sorted(TASKS), help="one or more benchmarks")
+    ev.add_argument("--out", required=True, help="output folder (reuse it to resume)")
+    ev.add_argument("--seed", nargs="+", type=int, default=[0], help="one run per seed (default 0)")
+    ev.add_argument("--samples", type=int, default=1, help="samples per problem and seed (pass@k)")
+    # Part of the run identity: the batches fix the seeds, so a resume must keep it.
+    ev.add_argument("--batch-size", type=int, default=16, help="holes per generator call")
+    ev.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    ev.add_argument("--device", default=None, help="model device (default: cuda:LOCAL_RANK if available, else cpu)")
+    ev.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
+    ev.add_argument("--random-weights", action="store_true", help="built-in shape with random weights (smoke tests)")
+    ev.add_argument("--tokenizer", default=None, help="tokenizer name or folder (default: --model)")
+    # None everywhere: "not given", so the defaults of the model's kind apply (see sampler_settings).
+    sampler = ev.add_argument_group("sampler (defaults: the published settings of the model's kind)")
+    sampler.add_argument("--steps", type=int, default=None)
+    sampler.add_argument("--alg", default=None, help="origin maskgit_plus topk_margin entropy p2 threshold factor")
+    sampler.add_argument("--temperature", type=float, default=None)
+    sampler.add_argument("--top-p", type=float, default=None)
+    sampler.add_argument("--top-k", type=int, default=None)
+    sampler.add_argument("--alg-temp", type=float, default=None)
+    sampler.add_argument(
+        "--length", choices=("oracle", "fixed", "adaptive"), default=None, help="diffusion middle length"
+    )
+    sampler.add_argument("--middle-tokens", type=int, default=None, help="middle length for --length fixed/adaptive")
+    sampler.add_argument("--cache", choices=("none", "dual"), default=None)
+    sampler.add_argument("--refresh", type=int, default=None)
+    sampler.add_argument("--max-new-tokens", type=int, default=None, help="AR budget (default 512)")
+    _add_data_options(ev)
+    _add_scoring_options(ev)
+    ev.set_defaults(func=cmd_eval)
+
+    sc = subparsers.add_parser(
+        "score",
+        help="re-score a completion file (task_id + completion, or the published files' fields)",
+        description="Re-score completions; prints e.g. 'passed 790/1033' or 'exact_match first_line 584/1043'.",
+    )
+    sc.add_argument("--task", required=True, choices=sorted(TASKS))
+    sc.add_argument("file", help="JSONL with task_id and completion (or generated_code) per line")
+    sc.add_argument("--json", action="store_true", help="print a machine-readable summary")
+    # Optional: write the re-scored file as records so that `dinfill report` can show it next to runs.
+    sc.add_argument("--out", default=None, help="also write records.jsonl and summaries into this folder")
+    sc.add_argument("--model", default=None, help="model label for --out (default: the file's folder name)")
+    _add_data_options(sc)
+    _add_scoring_options(sc)
+    sc.set_defaults(func=cmd_score)
+
+    rp = subparsers.add_parser(
+        "report",
+        help="comparison table of run folders",
+        description="Markdown table with rule, middle-length mode, seeds, settings and throughput by every number.",
+    )
+    rp.add_argument("dirs", nargs="+", help="run folders (or folders containing them)")
+    rp.add_argument("--json", action="store_true", help="print the summaries as JSON instead")
+    rp.set_defaults(func=cmd_report)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """A stand-alone parser with the three subcommands (used by ``python -m dinfill.eval``)."""
+    parser = argparse.ArgumentParser(prog="dinfill", description="dinfill evaluation: eval, score, report")
+    register(parser.add_subparsers(dest="command", required=True))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``python -m dinfill.eval``; returns the exit code."""
+    # The same handlers as `dinfill eval|score|report`: only the parser is built here.
+    args = build_parser().parse_args(argv)
+    return args.func(args)
+
+
+# -- helpers ---------------------------------------------------------------------------------
+def _task(args: argparse.Namespace, name: str):
+    return get_task(name, args.subset, data=args.data, data_dir=args.data_dir, download=not args.no_download)
+
+
+def _postprocess(args: argparse.Namespace, default: PostProcess) -> PostProcess:
+    # Stop strings alone imply the stop_sequences rule; nothing at all keeps the task default.
+    if args.postprocess is None:
+        if args.stop:
+            return PostProcess("stop_sequences", tuple(args.stop))
+        return default
+    return PostProcess(args.postprocess, tuple(args.stop))
+
+
+def _sandbox_config(args: argparse.Namespace):
+    from dinfill.eval.execution import SandboxConfig
+
+    # Other limits keep their defaults (see SandboxConfig); these two are the ones people tune.
+    return SandboxConfig(cpu_seconds=args.cpu_seconds, memory_bytes=args.memory_mb * 1024**2)
+
+
+def _fail(message: object) -> int:
+    print(f"error: {message}", file=sys.stderr)
+    return 2
+
+
+def load_generator(spec: str, kind: str | None):
+    """Load ``FILE.py:NAME`` or ``module:NAME``; a plain function is wrapped with ``kind`` (default diffusion)."""
+    from dinfill.eval.runner import FunctionGenerator
+
+    # rpartition: a file path may itself contain colons, the attribute name cannot.
+    target, sep, attr = spec.rpartition(":")
+    if not sep or not target or not attr:
+        raise ValueError(f"--generator {spec!r}: expected FILE.py:NAME or module:NAME")
+    if target.endswith(".py"):
+        path = Path(target)
+        if not path.is_file():
+            raise FileNotFoundError(f"--generator {spec!r}: {path} does not exist")
+        # Loaded under a private name so that it cannot shadow a real module.
+        module_spec = importlib.util.spec_from_file_location(f"_dinfill_generator_{path.stem}", path)
+        module = importlib.util.module_from_spec(module_spec)
+        module_spec.loader.exec_module(module)
+    else:
+        module = importlib.import_module(target)
+    if not hasattr(module, attr):
+        raise ValueError(f"--generator {spec!r}: {target} has no attribute {attr!r}")
+    obj = getattr(module, attr)
+    # A plain function has no kind: wrap it (an explicit --kind also forces the wrapper).
+    if kind is not None or not hasattr(obj, "kind"):
+        return FunctionGenerator(obj, kind or "diffusion")
+    return obj
+
+
+def sampler_settings(args: argparse.Namespace, kind: str) -> dict:
+    """The sampler options of a run: the kind's published defaults, overridden by the flags given."""
+    defaults = DIFFUSION_DEFAULTS if kind == "diffusion" else AR_DEFAULTS
+    settings = dict(defaults)
+    for name in defaults:
+        value = getattr(args, name, None)
+        if value is not None:
+            settings[name] = value
+    # A flag of the other kind (say --steps for an AR model) is an error, not silently ignored.
+    given = [name for name in {**DIFFUSION_DEFAULTS, **AR_DEFAULTS} if getattr(args, name, None) is not None]
+    foreign = [name for name in given if name not in defaults]
+    if foreign:
+        raise ValueError(f"option(s) {foreign} do not apply to a {kind} model")
+    return settings
+
+
+class ModelGenerator:
+    """The real generator: ``dinfill.sampler.infill`` on a loaded model, seeded per batch."""
+
+    def __init__(self, model, tokenizer, settings: dict) -> None:
+        self.model, self.tokenizer, self.settings = model, tokenizer, settings
+        self.kind = model.kind
+
+    def __call__(self, prefixes: list[str], suffixes: list[str], middles: list[str], *, seed: int) -> list[str]:
+        import torch
+
+        from dinfill.sampler import infill
+
+        device = next(self.model.parameters()).device if hasattr(self.model, "parameters") else torch.device("cpu")
+        # One generator per batch, seeded by the runner: the batch's middles do not depend on what ran before.
+        generator = torch.Generator(device=device).manual_seed(seed)
+        # Unset options are left to the sampler's own defaults rather than passed as None.
+        options = {k: v for k, v in self.settings.items() if v is not None}
+        # The oracle length mode (the published setting) needs the canonical middle of each hole.
+        if self.kind == "diffusion" and options.get("length") == "oracle":
+            options["middles"] = middles
+        return infill(self.model, self.tokenizer, prefixes, suffixes, generator=generator, **options)
+
+
+def build_model_generator(args: argparse.Namespace, local_rank: int) -> ModelGenerator:
+    """Load the model and tokenizer named by ``--model`` (imports torch and the runtime only here)."""
+    import torch
+
+    import dinfill
+
+    # Under torchrun every rank takes the GPU of its local rank.
+    device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
+    options = {"device": device, "random_weights": args.random_weights}
+    if args.dtype:
+        options["dtype"] = getattr(torch, args.dtype)
+    if args.kind:
+        options["kind"] = args.kind
+    model = dinfill.load_model(args.model, **options)
+    # Only the diffusion sampler needs a mask token in the vocabulary.
+    tokenizer = dinfill.load_tokenizer(args.tokenizer or args.model, add_mask_token=model.kind == "diffusion")
+    return ModelGenerator(model, tokenizer, sampler_settings(args, model.kind))
+
+
+def _decide_execute(args: argparse.Namespace, task) -> bool:
+    execute = task.executes_by_default if args.execute is None else args.execute
+    # Said every time: running model-written code must never be a silent default.
+    if execute:
+        print(EXEC_WARNING, file=sys.stderr)
+    return execute
+
+
+# -- handlers --------------------------------------------------------------------------------
+def cmd_eval(args: argparse.Namespace) -> int:
+    """``dinfill eval``: run each task into ``OUT/<task>-<subset>`` and print its table rows."""
+    from dinfill.eval.report import markdown_table
+    from dinfill.eval.runner import DistContext, RunSpec, run_eval
+
+    if (args.model is None) == (args.generator is None):
+        return _fail("pass exactly one of --model (a model to load) or --generator (a custom generator)")
+    # A placeholder, so that `finally` can always close; the real one joins the process group.
+    ctx = DistContext()
+    try:
+        ctx = DistContext.from_env()
+        # Either a custom callable (tests, remote APIs) or a model loaded with dinfill.
+        if args.generator is not None:
+            generator = load_generator(args.generator, args.kind)
+            settings = sampler_settings(args, generator.kind)
+            model_name = args.model or args.generator
+        else:
+            generator = build_model_generator(args, ctx.local_rank)
+            settings, model_name = generator.settings, args.model
+        summaries = []
+        for name in args.task:
+            task = _task(args, name)
+            spec = RunSpec(
+                task=task,
+                model=model_name,
+                kind=generator.kind,
+                sampler=settings,
+                postprocess=_postprocess(args, task.default_postprocess),
+                seeds=args.seed,
+                samples=args.samples,
+                batch_size=args.batch_size,
+                limit=args.limit,
+                execute=_decide_execute(args, task) if ctx.rank == 0 else _quiet_execute(args, task),
+            )
+            # One folder per task and subset: `dinfill report OUT` finds them all.
+            out = Path(args.out) / f"{task.name}-{task.subset}"
+            summary = run_eval(
+                spec, generator, out, _sandbox_config(args), jobs=args.jobs, progress=not args.no_progress, dist=ctx
+            )
+            # Only rank 0 gets a summary back (it merged the ranks' records).
+            if summary is not None:
+                summaries.append(summary)
+                print(f"{name}: records in {out}", file=sys.stderr)
+    except _USER_ERRORS as exc:
+        return _fail(exc)
+    finally:
+        ctx.close()
+    if summaries:
+        print(markdown_table(summaries), end="")
+    return 0
+
+
+def _quiet_execute(args: argparse.Namespace, task) -> bool:
+    return task.executes_by_default if args.execute is None else args.execute
+
+
+def cmd_score(args: argparse.Namespace) -> int:
+    """``dinfill score``: re-score a completion file and print its counts (or ``--json``)."""
+    from dinfill.eval.execution import Sandbox
+    from dinfill.eval.records import read_completions, write_records_atomically
+    from dinfill.eval.report import summarize_run, write_summary
+
+    try:
+        task = _task(args, args.task)
+        problems = task.problems()
+        label = f"{task.name} {task.subset}"
+        entries = read_completions(args.file, [p.task_id for p in problems], [p.canonical for p in problems], label)
+        # Re-scoring defaults to the file as it is (`none`); both exact-match rules are reported anyway.
+        postprocess = _postprocess(args, PostProcess("none"))
+        execute = _decide_execute(args, task)
+        if execute and not task.can_execute():
+            return _fail(f"{label} cannot be executed (not Python); drop --execute")
+        chosen = [problems[e.index] for e in entries]
+        sandbox = Sandbox(_sandbox_config(args), jobs=args.jobs) if execute else None
+        try:
+            if sandbox is not None:
+                sandbox.self_check()
+            completions = [e.completion for e in entries]
+            scored = task.score(chosen, completions, postprocess, sandbox, progress=not args.no_progress)
+        finally:
+            if sandbox is not None:
+                sandbox.close()
+        # The published files sit in one folder per model, so the folder name is a good label.
+        model = args.model or Path(args.file).resolve().parent.name
+        records = [
+            {
+                "task": task.name,
+                "subset": task.subset,
+                "task_id": problem.task_id,
+                "index": entry.index,
+                "seed": entry.seed,
+                "sample": entry.sample,
+                "model": model,
+                # Unknown for a file made elsewhere; the report shows '-' rather than guessing.
+                "kind": None,
+                "sampler": None,
+                "postprocess": postprocess.to_dict(),
+                "completion": entry.completion,
+                "processed": processed,
+                "outcome": outcome,
+                "task_size": len(problems),
+                "source": {"file": str(args.file), "line": entry.line},
+            }
+            for entry, problem, (processed, outcome) in zip(entries, chosen, scored, strict=True)
+        ]
+        summary = summarize_run(records)
+    except _USER_ERRORS as exc:
+        return _fail(exc)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        write_records_atomically(out / "records.jsonl", records)
+        write_summary(out, summary)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+    else:
+        print(_score_text(summary, args.file, len(problems)))
+    return 0
+
+
+def _score_text(summary: dict, path: str, n_problems: int) -> str:
+    counts, total = summary["counts"], summary["total"]
+    rule = PostProcess.from_dict(summary["postprocess"]).describe()
+    lines = [f"{summary['task']} ({summary['subset']}): {total} completions from {path}, post-processing {rule}"]
+    # A partial file is scored as it is, but the reader must know it is partial.
+    if summary["problems"] < n_problems:
+        lines.append(f"note: the file covers {summary['problems']} of {n_problems} problems")
+    if "passed" in counts:
+        lines.append(f"passed {counts['passed']}/{total} ({100 * counts['passed'] / total:.2f}%)")
+        for name, value in summary.get("pass@k", {}).items():
+            lines.append(f"{name} {100 * value['mean']:.2f}%")
+        lines.append("statuses: " + ", ".join(f"{k} {v}" for k, v in summary.get("statuses", {}).items()))
+    for key, label in (("exact_match_first_line", "first_line"), ("exact_match_whole", "whole")):
+        if key in counts:
+            lines.append(f"exact_match {label} {counts[key]}/{total} ({100 * counts[key] / total:.2f}%)")
+    # Under none or first_line this count equals one of the two rule lines above.
+    if "exact_match" in counts and rule not in ("none", "first_line"):
+        lines.append(f"exact_match {rule} {counts['exact_match']}/{total} ({100 * counts['exact_match'] / total:.2f}%)")
+    return "\n".join(lines)
+
+
+def cmd_report(args: argparse.Namespace) -> int:
+    """``dinfill report``: the comparison table of run folders (markdown, or ``--json``)."""
+    from dinfill.eval.report import report
+
+    try:
+        text, summaries = report(args.dirs)
+    except (*_USER_ERRORS, NotADirectoryError) as exc:
+        return _fail(exc)
+    print(json.dumps(summaries, indent=2) if args.json else text, end="" if not args.json else "\n")
+    return 0

@@ -1,0 +1,188 @@
+"""Summaries and comparison tables, computed from the records JSONL alone.
+
+Why from the records only: a summary that could drift from the per-problem records would be one
+more thing to trust. ``summary.json``, ``summary.md`` and ``dinfill report`` all recompute from
+``records*.jsonl``. Every number in a table sits next to the settings that produced it: the
+scoring rule, the middle-length mode (the published diffusion number used the oracle length),
+the seeds, the sampler settings and the generation throughput.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+
+from dinfill.eval.metrics import summarize_records
+from dinfill.eval.postprocess import PostProcess
+from dinfill.eval.records import load_records, record_files
+
+_META = ("task", "subset", "model", "kind", "sampler", "postprocess")
+
+
+def summarize_run(records: Sequence[dict]) -> dict:
+    """The summary of one run folder's records: settings, counts, rates, pass@k, throughput."""
+    if not records:
+        raise ValueError("no records to summarize")
+    meta = {}
+    for name in _META:
+        # Compare as JSON: sampler settings are dicts, which cannot go into a set.
+        values = {json.dumps(r.get(name), sort_keys=True) for r in records}
+        if len(values) > 1:
+            raise ValueError(f"records mix several values of {name!r} ({sorted(values)[:3]}...); one run per folder")
+        meta[name] = records[0].get(name)
+    summary = {**meta, **summarize_records(records)}
+    # Each record carries its share of its batch's generation time, so the sum is the total.
+    generate_s = sum(float(r.get("timings", {}).get("generate_s", 0.0)) for r in records)
+    summary["generate_s"] = round(generate_s, 3)
+    summary["problems_per_s"] = round(len(records) / generate_s, 4) if generate_s > 0 else None
+    # Complete means every problem for every seed and sample; a resumed run may still be short.
+    sizes = {r["task_size"] for r in records if "task_size" in r}
+    if sizes:
+        expected = max(sizes) * len(summary["seeds"]) * summary["samples"]
+        summary["expected_records"] = expected
+        summary["complete"] = len(records) == expected
+    return summary
+
+
+def _length_mode(summary: dict) -> str:
+    sampler = summary.get("sampler") or {}
+    if summary.get("kind") is None:  # re-scored files: the settings that made them are unknown
+        return "-"
+    # AR models decide their own length; only their token budget is a setting.
+    if summary.get("kind") == "ar":
+        budget = sampler.get("max_new_tokens")
+        return f"generated (<= {budget} tokens)" if budget else "generated"
+    mode = sampler.get("length", "?")
+    if mode == "fixed" and sampler.get("middle_tokens"):
+        return f"fixed {sampler['middle_tokens']}"
+    return str(mode)
+
+
+def _sampler_text(summary: dict) -> str:
+    sampler = summary.get("sampler") or {}
+    # Length settings have their own column.
+    skip = {"length", "middle_tokens", "max_new_tokens"} if summary.get("kind") != "ar" else {"max_new_tokens"}
+    parts = [f"{k}={v}" for k, v in sorted(sampler.items()) if k not in skip and v is not None]
+    return " ".join(parts) or "-"
+
+
+def _percent(rate: dict) -> str:
+    text = f"{100 * rate['mean']:.2f}%"
+    # The spread across seeds, so a reader sees whether two numbers differ by more than noise.
+    return text + (f" ± {100 * rate['sd']:.2f}" if rate["n"] > 1 else "")
+
+
+def table_rows(summary: dict) -> list[dict]:
+    """One table row per metric of a run (pass@k; exact match under each rule)."""
+    base = {
+        "model": summary["model"],
+        "kind": summary["kind"] or "-",
+        "task": f"{summary['task']} ({summary['subset']})",
+        "middle length": _length_mode(summary),
+        "seeds": ",".join(map(str, summary["seeds"])) + (" (mean ± sd)" if len(summary["seeds"]) > 1 else ""),
+        "sampler": _sampler_text(summary),
+        "throughput": f"{summary['problems_per_s']:.2f} problems/s" if summary.get("problems_per_s") else "-",
+    }
+    rule = PostProcess.from_dict(summary["postprocess"] or {}).describe()
+    counts, total, rates = summary["counts"], summary["total"], summary["rates"]
+    rows = []
+
+    def add(metric: str, rule: str, key: str) -> None:
+        rows.append({"metric": metric, "rule": rule, "score": _percent(rates[key]), "count": f"{counts[key]}/{total}"})
+
+    if "passed" in counts:
+        add("pass@1", rule, "passed")
+        for name, value in summary.get("pass@k", {}).items():
+            if name != "pass@1":
+                rows.append({"metric": name, "rule": rule, "score": _percent(value), "count": "-"})
+    for key, label in (("exact_match_first_line", "first_line"), ("exact_match_whole", "whole")):
+        if key in counts:
+            add("exact match", label, key)
+    # Under none/first_line the processed-middle match duplicates the whole/first_line row.
+    if "exact_match" in counts and rule not in ("first_line", "none"):
+        add("exact match", rule, "exact_match")
+    for row in rows:
+        row.update(base)
+        # An incomplete run is still shown, marked, rather than silently mixed with complete ones.
+        if not summary.get("complete", True):
+            row["count"] += f" (incomplete: {summary['records']}/{summary['expected_records']} records)"
+    return rows
+
+
+COLUMNS = (
+    "model",
+    "kind",
+    "task",
+    "metric",
+    "rule",
+    "score",
+    "count",
+    "middle length",
+    "seeds",
+    "sampler",
+    "throughput",
+)
+
+
+def markdown_table(summaries: Sequence[dict]) -> str:
+    """The comparison table (markdown) of several runs."""
+    rows = [row for summary in summaries for row in table_rows(summary)]
+    lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---" for _ in COLUMNS) + "|"]
+    for row in rows:
+        # Escape pipes: a model name or stop string must not split a markdown cell.
+        lines.append("| " + " | ".join(str(row[c]).replace("|", "\\|") for c in COLUMNS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_summary(out_dir: str | os.PathLike, summary: dict) -> None:
+    """Write ``summary.json`` and ``summary.md`` next to the records."""
+    out = Path(out_dir)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    (out / "summary.md").write_text(markdown_table([summary]), encoding="utf-8")
+
+
+def find_runs(paths: Sequence[str | os.PathLike]) -> list[Path]:
+    """Run folders (those holding records) at or below each path, in a stable order."""
+    found: list[Path] = []
+    for path in map(Path, paths):
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no such directory")
+        if path.is_file():
+            raise NotADirectoryError(f"{path} is a file; pass run folders (the --out of dinfill eval/score)")
+        # A folder may be a run itself, hold runs (the --out of eval), or both.
+        candidates = [path] if record_files(path) else []
+        candidates += sorted({p.parent for p in path.rglob("records*.jsonl")} - {path})
+        if not candidates:
+            raise FileNotFoundError(f"{path}: no records*.jsonl at or below it; pass the --out folder of a run")
+        found += [c for c in candidates if c not in found]
+    return found
+
+
+def report(paths: Sequence[str | os.PathLike]) -> tuple[str, list[dict]]:
+    """Markdown comparison table and the summaries of every run found under ``paths``."""
+    summaries = []
+    for run in find_runs(paths):
+        records = load_records(run)
+        if records:
+            summaries.append({"run": str(run), **summarize_run(records)})
+    if not summaries:
+        raise ValueError(f"the runs under {list(map(str, paths))} hold no records yet")
+    notes = []
+    # Comparisons are within a task: say so when its runs were scored under different rules.
+    for task in sorted({s["task"] for s in summaries}):
+        rules = {PostProcess.from_dict(s["postprocess"] or {}).describe() for s in summaries if s["task"] == task}
+        if len(rules) > 1:
+            notes.append(
+                f"Note: the {task} runs use different post-processing rules ({', '.join(sorted(rules))}); "
+                "compare rows with the same rule."
+            )
+    modes = {_length_mode(s) for s in summaries if s["kind"] == "diffusion"}
+    # The flaw of the published comparison that cannot be fixed by re-scoring: say it next to the table.
+    if "oracle" in modes and any(s["kind"] == "ar" for s in summaries):
+        notes.append(
+            "Note: oracle middle length gives the diffusion model the true middle length, which AR models do not get."
+        )
+    text = markdown_table(summaries) + ("\n" + "\n".join(notes) + "\n" if notes else "")
+    return text, summaries

@@ -1,0 +1,374 @@
+"""Runner: generate, post-process, score and append one record per (problem, seed, sample); resumable and sharded.
+
+Why it is built this way:
+
+- The runner only needs a small callable (:class:`InfillGenerator`): tests drive it with fake
+  generators, and the CLI builds the real one from ``dinfill.load_model`` and ``dinfill.sampler.infill``.
+- Work is cut into fixed batches of the problem list per (seed, sample), and each batch gets its own
+  generator seed derived from (seed, sample, batch number). A batch therefore produces the same
+  middles whether the run is fresh, resumed, or spread over any number of ranks (given a sampler
+  whose output does not depend on the batch's neighbours beyond that).
+- Records are appended with an fsync as soon as a batch is scored (:mod:`dinfill.eval.records`).
+  A restarted run reads what exists and redoes only missing records of the batches it owns.
+- Under ``torchrun`` (``WORLD_SIZE > 1``) ranks take batches round-robin, each writes
+  ``records.rank{r}.jsonl``, and after a barrier rank 0 merges them into ``records.jsonl`` and writes
+  the summary. torch.distributed (gloo: only barriers are needed) does the coordination.
+- Summaries and tables are computed from the records alone (:mod:`dinfill.eval.report`).
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import platform
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+from dinfill.eval.execution import Sandbox, SandboxConfig, available_cores
+from dinfill.eval.postprocess import PostProcess
+from dinfill.eval.records import RECORDS, RecordWriter, load_records, record_key, write_records_atomically
+from dinfill.eval.tasks.base import KINDS, Task
+
+RUN_FILE = "run.json"
+
+
+@runtime_checkable
+class InfillGenerator(Protocol):
+    """What the runner needs from a model: fill a batch of holes.
+
+    ``kind`` (``"diffusion"`` or ``"ar"``) picks the prompt format. The call gets the prefixes and
+    suffixes as the model should see them, the canonical middles (used only by the diffusion
+    sampler's oracle length mode) and the batch's seed, and returns one middle per hole.
+    """
+
+    kind: str
+
+    def __call__(
+        self, prefixes: list[str], suffixes: list[str], middles: list[str], *, seed: int
+    ) -> list[str]: ...  # pragma: no cover - protocol
+
+
+@dataclass
+class FunctionGenerator:
+    """Wrap a plain function ``fn(prefixes, suffixes, middles, seed=...)`` as an :class:`InfillGenerator`."""
+
+    fn: object
+    kind: str = "diffusion"
+
+    def __call__(self, prefixes: list[str], suffixes: list[str], middles: list[str], *, seed: int) -> list[str]:
+        return self.fn(prefixes, suffixes, middles, seed=seed)
+
+
+@dataclass
+class RunSpec:
+    """Everything that defines a run (and must match when it is resumed).
+
+    Parameters
+    ----------
+    task : Task
+        The benchmark (with its subset and data source).
+    model : str
+        Model name written into every record.
+    kind : str
+        ``diffusion`` or ``ar``.
+    sampler : dict
+        Sampler settings written into every record (``length`` is the middle-length mode for diffusion).
+    postprocess : PostProcess
+        Rule applied to every middle before scoring.
+    seeds : sequence of int
+        One full pass over the problems per seed.
+    samples : int
+        Samples per problem and seed (pass@k for k <= samples).
+    batch_size : int
+        Holes per generator call; part of the run's identity because it fixes the batches' seeds.
+    limit : int, optional
+        Only the first ``limit`` problems (smoke tests).
+    execute : bool
+        Run programs in the sandbox (pass@1); off: exact match only / nothing to score for HumanEval.
+    """
+
+    task: Task
+    model: str
+    kind: str
+    sampler: dict = field(default_factory=dict)
+    postprocess: PostProcess | None = None
+    seeds: Sequence[int] = (0,)
+    samples: int = 1
+    batch_size: int = 16
+    limit: int | None = None
+    execute: bool = True
+
+    def __post_init__(self) -> None:
+        if self.kind not in KINDS:
+            raise ValueError(f"kind {self.kind!r} is not one of {KINDS}")
+        if self.postprocess is None:
+            self.postprocess = self.task.default_postprocess
+        if self.samples < 1 or self.batch_size < 1 or (self.limit is not None and self.limit < 1):
+            raise ValueError("samples, batch_size and limit must be >= 1")
+        if not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be a non-empty list without repeats, got {list(self.seeds)}")
+        if self.execute and not self.task.can_execute():
+            raise ValueError(f"{self.task.name} {self.task.subset} cannot be executed (not Python); pass --no-execute")
+
+    def identity(self) -> dict:
+        """Settings a resumed run must share with the records already in its folder."""
+        return {
+            "task": self.task.name,
+            "subset": self.task.subset,
+            "model": self.model,
+            "kind": self.kind,
+            "sampler": self.sampler,
+            "postprocess": self.postprocess.to_dict(),
+            "batch_size": self.batch_size,
+            "execute": self.execute,
+        }
+
+
+@dataclass
+class DistContext:
+    """Rank layout of this process; a single process is rank 0 of 1."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    local_world_size: int = 1
+
+    @classmethod
+    def from_env(cls) -> DistContext:
+        """Read torchrun's variables and join the process group (gloo) when there are several ranks."""
+        # torchrun sets WORLD_SIZE, RANK, LOCAL_RANK, LOCAL_WORLD_SIZE and the rendezvous address.
+        world = int(os.environ.get("WORLD_SIZE", "1"))
+        if world <= 1:
+            return cls()
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            # Only barriers cross ranks, so gloo works on CPU and GPU hosts alike; generation may take
+            # hours on one rank while another waits, hence the long timeout.
+            dist.init_process_group(backend="gloo", timeout=_dt.timedelta(hours=24))
+        return cls(
+            rank=dist.get_rank(),
+            world_size=dist.get_world_size(),
+            local_rank=int(os.environ.get("LOCAL_RANK", "0")),
+            local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", "1")),
+        )
+
+    def barrier(self) -> None:
+        """Wait for every rank; a no-op for one process or without a process group.
+
+        Without a process group (ranks started by hand as separate jobs on a shared folder) nothing
+        synchronises them: run rank 0 last, and it merges what the others wrote.
+        """
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.barrier()
+
+    def close(self) -> None:
+        """Leave the process group (if this process joined one)."""
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
+
+
+@dataclass(frozen=True)
+class Batch:
+    """A fixed slice of the problem list for one (seed, sample)."""
+
+    seed: int
+    sample: int
+    number: int
+    indices: tuple[int, ...]
+
+    @property
+    def generator_seed(self) -> int:
+        """Seed handed to the generator: a stable hash of (seed, sample, batch number)."""
+        # Python's hash() is salted per process; sha256 gives every rank and every restart the same seed.
+        digest = hashlib.sha256(f"{self.seed}:{self.sample}:{self.number}".encode()).hexdigest()
+        return int(digest[:15], 16)
+
+
+def plan_batches(n_problems: int, seeds: Sequence[int], samples: int, batch_size: int) -> list[Batch]:
+    """All batches of a run in a fixed order (independent of ranks and of what is already done)."""
+    batches = []
+    for seed in seeds:
+        for sample in range(samples):
+            # Batches never straddle (seed, sample): a batch has one generator seed.
+            for number, start in enumerate(range(0, n_problems, batch_size)):
+                batches.append(Batch(seed, sample, number, tuple(range(start, min(start + batch_size, n_problems)))))
+    return batches
+
+
+def _check_run_file(out: Path, spec: RunSpec, dataset_sha: str, write: bool) -> None:
+    """Create run.json, or refuse to mix a different run into an existing folder."""
+    path = out / RUN_FILE
+    identity = {**spec.identity(), "dataset_sha256": dataset_sha}
+    if path.exists():
+        # A folder holds one run: mixing settings would make its summary meaningless.
+        existing = json.loads(path.read_text(encoding="utf-8"))["identity"]
+        if existing != identity:
+            changed = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
+            raise ValueError(
+                f"{out} holds a run with different settings ({', '.join(changed)}: "
+                f"{ {k: existing.get(k) for k in changed} } there, { {k: identity.get(k) for k in changed} } now); "
+                "resume with the same settings or use a new --out"
+            )
+        return
+    if write:
+        out.mkdir(parents=True, exist_ok=True)
+        info = {
+            "identity": identity,
+            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+            "host": platform.node(),
+            "python": platform.python_version(),
+        }
+        # Write aside then rename, so another rank never reads half a run.json.
+        tmp = path.with_name(RUN_FILE + ".tmp")
+        tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+
+def run_eval(
+    spec: RunSpec,
+    generator: InfillGenerator,
+    out_dir: str | os.PathLike,
+    sandbox_config: SandboxConfig | None = None,
+    jobs: int | None = None,
+    progress: bool = True,
+    dist: DistContext | None = None,
+) -> dict | None:
+    """Run (or resume) an evaluation into ``out_dir``; rank 0 returns the summary, other ranks None.
+
+    Parameters
+    ----------
+    spec : RunSpec
+        What to run.
+    generator : InfillGenerator
+        Fills the holes; its ``kind`` must match ``spec.kind``.
+    out_dir : path
+        Run folder: ``run.json``, ``records.jsonl`` (``records.rank{r}.jsonl`` per rank), ``summary.json``
+        and ``summary.md``.
+    sandbox_config : SandboxConfig, optional
+        Limits for executed programs.
+    jobs : int, optional
+        Programs at once on this rank (default: the cores shared by the ranks on this host).
+    progress : bool
+        Show progress bars.
+    dist : DistContext, optional
+        Rank layout; read from the torchrun environment when None.
+    """
+    from tqdm.auto import tqdm
+
+    from dinfill.eval.report import summarize_run, write_summary
+
+    if getattr(generator, "kind", spec.kind) != spec.kind:
+        raise ValueError(f"generator kind {generator.kind!r} differs from the run's kind {spec.kind!r}")
+    ctx = dist or DistContext.from_env()
+    out = Path(out_dir)
+    task = spec.task
+    problems = task.problems()[: spec.limit]
+    dataset_sha = task.dataset_sha256()
+    # Rank 0 creates run.json; after the barrier every rank checks it against its own settings.
+    if ctx.rank == 0:
+        _check_run_file(out, spec, dataset_sha, write=True)
+    ctx.barrier()
+    _check_run_file(out, spec, dataset_sha, write=False)
+
+    # Resume: whatever any rank recorded before (with any world size) is not redone.
+    done = {record_key(r) for r in load_records(out)}
+    batches = plan_batches(len(problems), spec.seeds, spec.samples, spec.batch_size)[ctx.rank :: ctx.world_size]
+    # One file per writer: appends from several processes never interleave.
+    name = RECORDS if ctx.world_size == 1 else f"records.rank{ctx.rank}.jsonl"
+    sandbox = None
+    if spec.execute:
+        # Ranks on one host share its cores, so together they never run more programs than cores.
+        share = jobs or max(1, available_cores() // max(1, ctx.local_world_size))
+        sandbox = Sandbox(sandbox_config, jobs=share)
+    try:
+        if sandbox is not None:
+            # Fail closed before hours of generation: a broken sandbox must not score everything as failed.
+            sandbox.self_check()
+        with RecordWriter(out / name) as writer:
+            desc = f"{task.name} rank {ctx.rank}"
+            for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch", position=ctx.local_rank):
+                todo = [i for i in batch.indices if (problems[i].task_id, batch.seed, batch.sample) not in done]
+                if todo:
+                    _run_batch(spec, generator, problems, batch, todo, sandbox, writer, ctx)
+    finally:
+        if sandbox is not None:
+            sandbox.close()
+    ctx.barrier()
+    if ctx.rank != 0:
+        return None
+    records = load_records(out)
+    # The merged view; the rank files stay as the append-only logs they are.
+    if ctx.world_size > 1:
+        write_records_atomically(out / RECORDS, records)
+    summary = summarize_run(records)
+    write_summary(out, summary)
+    return summary
+
+
+def _run_batch(
+    spec: RunSpec,
+    generator: InfillGenerator,
+    problems: list,
+    batch: Batch,
+    todo: list[int],
+    sandbox: Sandbox | None,
+    writer: RecordWriter,
+    ctx: DistContext,
+) -> None:
+    """Generate the whole batch (so its seed gives the same middles as in any other run), score and append ``todo``."""
+    task = spec.task
+    chosen = [problems[i] for i in batch.indices]
+    prefixes = [task.prefix(p, spec.kind) for p in chosen]
+    suffixes = [task.suffix(p, spec.kind) for p in chosen]
+    start = time.perf_counter()
+    # The canonical middles are for the oracle length mode only; generators must not copy them.
+    middles = generator(prefixes, suffixes, [p.canonical for p in chosen], seed=batch.generator_seed)
+    generate_s = time.perf_counter() - start
+    if not isinstance(middles, list) or len(middles) != len(chosen) or not all(isinstance(m, str) for m in middles):
+        raise TypeError(f"the generator must return a list of {len(chosen)} strings, got {type(middles).__name__}")
+    # Only the missing problems are scored and written; the rest of the batch is already on disk.
+    by_index = dict(zip(batch.indices, middles, strict=True))
+    start = time.perf_counter()
+    scored = task.score([problems[i] for i in todo], [by_index[i] for i in todo], spec.postprocess, sandbox)
+    score_s = time.perf_counter() - start
+    stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
+    for i, (processed, outcome) in zip(todo, scored, strict=True):
+        writer.append(
+            {
+                "task": task.name,
+                "subset": task.subset,
+                "task_id": problems[i].task_id,
+                "index": i,
+                "seed": batch.seed,
+                "sample": batch.sample,
+                "model": spec.model,
+                "kind": spec.kind,
+                "sampler": spec.sampler,
+                "postprocess": spec.postprocess.to_dict(),
+                "completion": by_index[i],
+                "processed": processed,
+                "outcome": outcome,
+                "timings": {
+                    # Each record's share of the batch, so that sums over records give the generation time.
+                    "generate_s": round(generate_s / len(chosen), 6),
+                    "batch_generate_s": round(generate_s, 6),
+                    "batch_size": len(chosen),
+                    "score_s": round(score_s / len(todo), 6),
+                },
+                "task_size": len(problems),
+                "rank": ctx.rank,
+                "time": stamp,
+            }
+        )

@@ -1,0 +1,138 @@
+"""Records and completion files: durable appends, torn-tail repair, and errors that name the line."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from dinfill.eval.records import (
+    RecordsError,
+    RecordWriter,
+    load_records,
+    read_completions,
+    read_jsonl,
+    write_records_atomically,
+)
+
+IDS = ["T/0", "T/1", "T/2"]
+CANONICAL = ["a\n", "b\n", "c\n"]
+
+
+def record(task_id: str, seed: int = 0, sample: int = 0, completion: str = "x") -> dict:
+    return {"task": "t", "task_id": task_id, "seed": seed, "sample": sample, "completion": completion, "outcome": {}}
+
+
+def write_lines(path, *lines: bytes) -> None:
+    path.write_bytes(b"".join(lines))
+
+
+def test_writer_appends_and_repairs_a_torn_tail(tmp_path):
+    path = tmp_path / "records.jsonl"
+    with RecordWriter(path) as writer:
+        writer.append(record("T/0"))
+        writer.append(record("T/1"))
+    # A SIGKILL in the middle of an append leaves a fragment without a newline.
+    with open(path, "ab") as handle:
+        handle.write(b'{"task": "t", "task_id": "T/2", "se')
+    assert [r["task_id"] for r in load_records(tmp_path)] == ["T/0", "T/1"]
+    rows, torn_at = read_jsonl(path, torn_tail_ok=True)
+    assert len(rows) == 2 and torn_at is not None
+    with RecordWriter(path) as writer:  # reopening cuts the fragment off
+        writer.append(record("T/2"))
+    rows, torn_at = read_jsonl(path, torn_tail_ok=True)
+    assert torn_at is None
+    assert [r["task_id"] for _, r in rows] == ["T/0", "T/1", "T/2"]
+
+
+def test_damage_before_the_last_line_is_an_error(tmp_path):
+    path = tmp_path / "records.jsonl"
+    write_lines(
+        path, json.dumps(record("T/0")).encode() + b"\n", b"{broken\n", json.dumps(record("T/1")).encode() + b"\n"
+    )
+    with pytest.raises(RecordsError, match=r"records.jsonl:2: not valid JSON"):
+        load_records(tmp_path)
+
+
+def test_duplicates_collapse_but_conflicts_are_errors(tmp_path):
+    write_records_atomically(tmp_path / "records.jsonl", [record("T/0"), record("T/1")])
+    write_records_atomically(tmp_path / "records.rank1.jsonl", [record("T/1"), record("T/2", seed=1)])
+    assert [(r["task_id"], r["seed"]) for r in load_records(tmp_path)] == [("T/0", 0), ("T/1", 0), ("T/2", 1)]
+    write_records_atomically(tmp_path / "records.rank2.jsonl", [record("T/0", completion="different")])
+    with pytest.raises(RecordsError, match="already recorded"):
+        load_records(tmp_path)
+
+
+def test_record_without_fields_is_named(tmp_path):
+    write_lines(tmp_path / "records.jsonl", b'{"task_id": "T/0"}\n')
+    with pytest.raises(RecordsError, match=r"records.jsonl:1: record without field"):
+        load_records(tmp_path)
+
+
+def completions(tmp_path, *lines: bytes):
+    path = tmp_path / "completions.jsonl"
+    write_lines(path, *lines)
+    return read_completions(path, IDS, CANONICAL, "toy")
+
+
+def test_reads_human_eval_and_published_formats(tmp_path):
+    entries = completions(
+        tmp_path,
+        b'{"task_id": "T/0", "completion": "a\\n"}\n',
+        b"\n",
+        b'{"task_id": "T/0", "completion": "again"}\n',
+        b'{"task_id": "T/2", "generated_code": "c", "canonical_solution": "c\\n"}',  # no final newline
+    )
+    assert [(e.line, e.index, e.sample, e.completion) for e in entries] == [
+        (1, 0, 0, "a\n"),
+        (3, 0, 1, "again"),
+        (4, 2, 0, "c"),
+    ]
+
+
+def test_integer_row_index_task_ids(tmp_path):
+    path = tmp_path / "c.jsonl"
+    path.write_text('{"task_id": 1, "completion": "b"}\n')
+    (entry,) = read_completions(path, ["0", "1"], ["a", "b"], "rows")
+    assert entry.index == 1
+
+
+@pytest.mark.parametrize(
+    ("lines", "message"),
+    [
+        ((b'{"task_id": "T/0", "completion": "a"}\n', b"{not json}\n"), r":2: not valid JSON"),
+        ((b'{"completion": "a"}\n',), r":1: no 'task_id' field"),
+        ((b'{"task_id": "T/0"}\n',), r":1: no completion field"),
+        ((b'{"task_id": "T/0", "completion": 3}\n',), r":1: completion must be a string"),
+        (
+            (b'{"task_id": "T/0", "completion": "a"}\n', b'{"task_id": "T/9", "completion": "a"}\n'),
+            r":2: unknown task_id",
+        ),
+        ((b'{"task_id": "T/0", "completion": "\xff\xfe"}\n',), r":1: not valid UTF-8 \(byte 0xff"),
+        ((b'["T/0", "a"]\n',), r":1: expected a JSON object"),
+        (
+            (b'{"task_id": "T/1", "completion": "b", "ground_truth_middle": "zzz"}\n',),
+            r":1: ground_truth_middle differs",
+        ),
+        ((b"\n",), r"no completions"),
+    ],
+    ids=[
+        "bad-json",
+        "no-task-id",
+        "no-completion",
+        "non-string",
+        "unknown-id",
+        "non-utf8",
+        "not-object",
+        "order",
+        "empty",
+    ],
+)
+def test_malformed_completion_files_name_the_line(tmp_path, lines, message):
+    with pytest.raises(RecordsError, match=message):
+        completions(tmp_path, *lines)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        read_completions(tmp_path / "nope.jsonl", IDS, CANONICAL, "toy")
