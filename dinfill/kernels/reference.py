@@ -86,3 +86,219 @@ def attention_ref(
     probs = torch.nan_to_num(probs, nan=0.0)  # rows with no visible key: all -inf -> NaN -> 0
     out = torch.einsum("bhqk,bhkd->bhqd", probs, v)
     return out.to(out_dtype)
+
+
+# --------------------------------------------------------------------------------------------------
+# fused diffusion step: sample_tokens + choice of positions (sampler-semantics.md, written literally)
+# --------------------------------------------------------------------------------------------------
+
+CONFIDENCES = ("prob", "margin", "neg_entropy")
+SELECTIONS = ("topk", "threshold", "factor", "p2", "bernoulli")
+
+
+def top_p_logits_ref(logits: Tensor, top_p: float) -> Tensor:
+    """Nucleus filter of sampler-semantics.md step 2, computed in fp32, ties kept.
+
+    Sort descending, softmax, cumulative sum; a token is removed when the cumulative probability
+    *before* it exceeds ``top_p`` (the "shift right by one" rule, so the top-1 token always stays).
+    The kept tokens form a prefix of the sorted row; the reference's order among equal logits is
+    unspecified, so we keep every token equal to the last kept value (ties kept, like top-k).
+
+    Parameters
+    ----------
+    logits : Tensor
+        ``(n, V)`` fp32 logits (already divided by the temperature).
+    top_p : float
+        Probability mass to keep.
+
+    Returns
+    -------
+    Tensor
+        ``(n, V)`` fp32 logits with the removed tokens set to ``finfo(fp32).min``.
+    """
+    sorted_logits, _ = torch.sort(logits, dim=-1, descending=True, stable=True)  # (n, V)
+    cumulative = torch.cumsum(torch.softmax(sorted_logits, dim=-1), dim=-1)  # (n, V)
+    remove = cumulative > top_p
+    remove[..., 1:] = remove[..., :-1].clone()  # shift right: the token that crosses top_p stays
+    remove[..., 0] = False
+    last_kept = sorted_logits.masked_fill(remove, float("inf")).amin(dim=-1, keepdim=True)  # (n, 1)
+    return logits.masked_fill(logits < last_kept, torch.finfo(torch.float32).min)
+
+
+def top_k_logits_ref(logits: Tensor, top_k: int) -> Tensor:
+    """Top-k filter of sampler-semantics.md step 3: remove tokens below the k-th largest value (ties kept)."""
+    kth = torch.topk(logits, min(top_k, logits.shape[-1]), dim=-1).values[..., -1:]  # (n, 1)
+    return logits.masked_fill(logits < kth, torch.finfo(torch.float32).min)
+
+
+def sample_tokens_ref(
+    logits: Tensor,
+    *,
+    temperature: float = 0.0,
+    top_p: float | None = None,
+    top_k: int | None = None,
+    confidence: str = "prob",
+    generator: torch.Generator | None = None,
+) -> tuple[Tensor, Tensor]:
+    """``sample_tokens`` of sampler-semantics.md, step by step, for rows sharing one set of parameters.
+
+    Parameters
+    ----------
+    logits : Tensor
+        ``(n, V)`` logits in any float dtype; upcast to fp32 before anything else.
+    temperature : float
+        ``0`` = greedy (argmax, lowest id on ties), otherwise divide and sample.
+    top_p : float, optional
+        Nucleus mass (``None`` or ``>= 1``: off), see :func:`top_p_logits_ref`.
+    top_k : int, optional
+        Keep the ``top_k`` largest values, ties kept (``None`` or ``0``: off).
+    confidence : str
+        ``prob`` (probability of the chosen token), ``margin`` (top1 - top2) or ``neg_entropy``.
+    generator : torch.Generator, optional
+        Source of randomness for the multinomial draw.
+
+    Returns
+    -------
+    tuple of Tensor
+        ``(confidence (n,) fp32, x0 (n,) int64)``.
+    """
+    logits = logits.float()
+    if temperature > 0:
+        logits = logits / torch.tensor(temperature, dtype=torch.float32)
+    if top_p is not None and top_p < 1:
+        logits = top_p_logits_ref(logits, top_p)
+    if top_k:
+        logits = top_k_logits_ref(logits, top_k)
+    probs = torch.softmax(logits, dim=-1)  # (n, V) fp32
+    if temperature > 0:
+        x0 = torch.multinomial(probs, 1, generator=generator).squeeze(-1)  # (n,)
+    else:
+        x0 = probs.argmax(dim=-1)  # first maximum on ties
+    if confidence == "prob":
+        conf = probs.gather(-1, x0[:, None]).squeeze(-1)
+    elif confidence == "margin":
+        top2 = torch.sort(probs, dim=-1, descending=True).values[:, :2]  # (n, 2)
+        conf = top2[:, 0] - (top2[:, 1] if probs.shape[-1] > 1 else 0.0)
+    elif confidence == "neg_entropy":
+        conf = (probs * torch.log(probs.clamp_min(1e-10))).sum(dim=-1)
+    else:
+        raise ValueError(f"confidence={confidence!r} is not one of {CONFIDENCES}")
+    return conf, x0
+
+
+def _per_row(value, n: int, dtype: torch.dtype) -> list:
+    """Expand a scalar / ``None`` / per-row tensor parameter into a Python list of ``n`` values."""
+    if isinstance(value, Tensor):
+        return value.to(dtype).reshape(-1).expand(n).tolist()
+    if value is not None and dtype == torch.float32:
+        value = torch.tensor(value, dtype=dtype).item()  # the kernels see the fp32-rounded value
+    return [value] * n
+
+
+def _fp32_count(n: int, fraction: float) -> int:
+    """``trunc(fp32(n) * fp32(fraction))``: the fp32 product the reference sampler truncates."""
+    product = torch.tensor(float(n), dtype=torch.float32) * torch.tensor(fraction, dtype=torch.float32)
+    return int(product.item())
+
+
+def fused_step_ref(
+    logits: Tensor,
+    x: Tensor,
+    positions: Tensor,
+    *,
+    mask_id: int,
+    select: str,
+    confidence: str = "prob",
+    temperature: float | Tensor = 0.0,
+    top_p: float | Tensor | None = None,
+    top_k: int | Tensor | None = None,
+    count: Tensor | None = None,
+    fraction: float | Tensor | None = None,
+    threshold: float = 0.9,
+    factor: float = 1.0,
+    alg_temp: float = 0.0,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Specification of :func:`dinfill.kernels.fused_step`: sample every row, then choose positions.
+
+    Arguments mean the same as in :func:`dinfill.kernels.fused_step` (no seed/offset tensors here:
+    randomness comes from ``generator``). Sampled outputs match the kernel in distribution only.
+    Ties among selection keys go to the lowest canvas position (Python's stable sort on
+    ``(-key, position)``). Rows with scalar parameters are sampled as one batch (the reference
+    op sequence the benchmarks time); per-row tensors are handled one row at a time.
+
+    Returns
+    -------
+    Tensor
+        ``(B*M,)`` fp32 confidences; padding rows (position outside ``[0, L)``) get ``-inf``.
+    """
+    B, L = x.shape
+    M = positions.shape[1]
+    logits = logits.reshape(B * M, -1)
+    if not any(isinstance(v, Tensor) for v in (temperature, top_p, top_k)):
+        conf, x0 = sample_tokens_ref(
+            logits, temperature=float(temperature), top_p=top_p, top_k=top_k, confidence=confidence, generator=generator
+        )
+    else:
+        temps = _per_row(temperature, B * M, torch.float32)
+        top_ps = _per_row(top_p, B * M, torch.float32)
+        top_ks = _per_row(top_k, B * M, torch.int64)
+        rows = [
+            sample_tokens_ref(
+                logits[r : r + 1], temperature=t, top_p=p, top_k=k, confidence=confidence, generator=generator
+            )
+            for r, (t, p, k) in enumerate(zip(temps, top_ps, top_ks, strict=True))
+        ]
+        conf = torch.cat([c for c, _ in rows])
+        x0 = torch.cat([t for _, t in rows])
+
+    counts = _per_row(count, B, torch.int64)
+    fractions = _per_row(fraction, B, torch.float32)
+    for b in range(B):
+        rows = [(b * M + m, int(p)) for m, p in enumerate(positions[b].tolist()) if 0 <= p < L]
+        padding = [b * M + m for m, p in enumerate(positions[b].tolist()) if not 0 <= p < L]
+        conf[padding] = float("-inf")
+        if select == "p2":
+            # every row is a variable position; the `k` least confident become masks again
+            k = counts[b] if count is not None else _fp32_count(len(rows), fractions[b])
+            ranked = sorted(rows, key=lambda rp: (conf[rp[0]].item(), rp[1]))
+            remask = {r for r, _ in ranked[: max(0, min(k, len(rows)))]}
+            for r, p in rows:
+                if r in remask:
+                    x[b, p] = mask_id
+                elif x[b, p] == mask_id:
+                    x[b, p] = x0[r]
+            continue
+        cands = [(r, p) for r, p in rows if x[b, p] == mask_id]
+        if not cands:
+            continue
+        if select == "bernoulli":
+            u = torch.rand(len(cands), generator=generator, device=x.device)
+            chosen = [rp for rp, ui in zip(cands, u.tolist(), strict=True) if ui < fractions[b]]
+        elif select == "topk":
+            k = counts[b] if count is not None else _fp32_count(len(cands), fractions[b])
+            k = max(0, min(k, len(cands)))
+            if alg_temp > 0 and k > 0:
+                # Dream / Open-dLLM: sample k positions without replacement from softmax(conf / alg_temp)
+                weights = torch.softmax(torch.stack([conf[r] for r, _ in cands]) / alg_temp, dim=0)
+                picked = torch.multinomial(weights, k, replacement=False, generator=generator).tolist()
+                chosen = [cands[i] for i in picked]
+            else:
+                chosen = sorted(cands, key=lambda rp: (-conf[rp[0]].item(), rp[1]))[:k]
+        elif select == "threshold":
+            ranked = sorted(cands, key=lambda rp: (-conf[rp[0]].item(), rp[1]))
+            tau = torch.tensor(threshold, dtype=torch.float32)
+            chosen = [ranked[0]] + [rp for rp in ranked[1:] if conf[rp[0]] >= tau]
+        elif select == "factor":
+            ranked = sorted(cands, key=lambda rp: (-conf[rp[0]].item(), rp[1]))
+            n_reveal = 1
+            for n in range(1, len(ranked) + 1):
+                bound = 1.0 - torch.tensor(factor, dtype=torch.float32) / (n + 1)  # fp32, like the kernels
+                if conf[ranked[n - 1][0]] >= bound:
+                    n_reveal = n
+            chosen = ranked[:n_reveal]
+        else:
+            raise ValueError(f"select={select!r} is not one of {SELECTIONS}")
+        for r, p in chosen:
+            x[b, p] = x0[r]
+    return conf
