@@ -1,0 +1,268 @@
+"""``dinfill bench`` and ``dinfill sweep``: command-line front ends of :mod:`dinfill.bench`.
+
+Defaults depend on the device on purpose. On a GPU they are the issue's measurement (batch 1 and 32,
+64 steps, 64 problems with HumanEval-like lengths, an untimed warm-up batch); on a CPU they shrink to
+one problem at 4 steps without the warm-up (nothing is compiled on the CPU path), so the README
+quickstart (``dinfill bench --model open-dcoder-0.5b --random-weights``: the real 0.5B shape, offline)
+ends in about a minute on a 2-core machine. Every default is printed before the run and stored in each
+record, so a CPU number is never mistaken for a GPU one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from typing import Any
+
+log = logging.getLogger("dinfill")
+
+# device -> defaults of the options left unset (None) on the command line
+GPU_DEFAULTS = {"batch": [1, 32], "steps": [64], "problems": 64, "warmup": True}
+CPU_DEFAULTS = {"batch": [1], "steps": [4], "problems": 1, "warmup": False}  # nothing compiles on the CPU path
+
+
+def _add_common(p: argparse.ArgumentParser) -> None:
+    from dinfill.sampler.cli import add_model_args
+
+    add_model_args(p)
+    g = p.add_argument_group("workload")
+    g.add_argument(
+        "--problems", type=int, help="problems per configuration (default: GPU 64, CPU 1; sweep quality runs: all)"
+    )
+    g.add_argument("--lengths", choices=("auto", "humaneval", "synthetic"), default="auto",
+                   help="problem lengths (auto: HumanEval-Infill under DINFILL_DATA_DIR if present)")  # fmt: skip
+    g.add_argument("--data-dir", help="benchmark data directory (default: $DINFILL_DATA_DIR)")
+    g.add_argument("--mask-id", type=int, help="diffusion mask id (default: the tokenizer's, else vocab_size - 1)")
+    s = p.add_argument_group("sampling")
+    s.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6, as published)")
+    s.add_argument("--top-p", type=float, default=0.95, help="nucleus mass (default 0.95, as published; 1 = off)")
+    s.add_argument("--top-k", type=int)
+    s.add_argument("--threshold", type=float, default=0.9, help="confidence bound of alg=threshold")
+    s.add_argument("--seed", type=int, default=0)
+    d = p.add_argument_group("diffusion sweep axes (several values each)")
+    d.add_argument("--steps", type=int, nargs="+", help="diffusion steps (default: GPU 64, CPU 4)")
+    d.add_argument(
+        "--alg",
+        nargs="+",
+        default=["p2"],
+        help="origin maskgit_plus topk_margin entropy p2 threshold factor",
+    )
+    d.add_argument("--length", nargs="+", default=["oracle"], help="middle length: oracle fixed adaptive")
+    d.add_argument("--middle-tokens", type=int, default=32, help="middle length of fixed/adaptive canvases")
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Add ``bench`` and ``sweep`` to the ``dinfill`` command (called by :mod:`dinfill.cli`)."""
+    p = subparsers.add_parser(
+        "bench",
+        help="throughput of diffusion / AR infilling (random weights work offline)",
+        description="End-to-end infilling throughput, optionally against the reference loop on the same inputs.",
+    )
+    _add_common(p)
+    p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: GPU 1 32, CPU 1)")
+    p.add_argument(
+        "--results", help="results JSONL to append to (default: $DINFILL_BENCH_RESULTS, bench/results.jsonl)"
+    )
+    p.add_argument("--no-results", action="store_true", help="do not write a results file")
+    p.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
+    p.add_argument("--cache", nargs="+", default=["none"], help="diffusion cache modes: none dual")
+    p.add_argument("--refresh", type=int, default=8, help="dual cache: steps between full refreshes")
+    p.add_argument("--vs", choices=("none", "reference"), default="none",
+                   help="also run the baseline on the same inputs: the reference loop (diffusion) or "
+                        "transformers' generate (AR), and print the ratio")  # fmt: skip
+    p.add_argument("--warmup", action=argparse.BooleanOptionalAction,
+                   help="untimed first batch before each timed pass (default: on for CUDA, off on CPU)")  # fmt: skip
+    p.add_argument("--no-ceilings", action="store_true", help="skip measuring the copy / matmul ceilings")
+    p.add_argument("--nvtx", action="store_true", help="NVTX ranges for Nsight Systems")
+    p.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace per configuration into DIR")
+    p.set_defaults(func=bench_command)
+
+    from dinfill.bench.sweep import add_sweep_args, sweep_command
+
+    q = subparsers.add_parser(
+        "sweep",
+        help="diffusion steps x alg x middle length -> quality (eval layer) and speed",
+        description="Quality against throughput over steps, algorithms and middle-length modes.",
+    )
+    _add_common(q)
+    add_sweep_args(q)
+    q.set_defaults(func=sweep_command)
+
+
+# --------------------------------------------------------------------------------------------------
+
+
+def resolve_device(args: argparse.Namespace) -> str:
+    """The device a command will run on (``--device`` or CUDA when available)."""
+    import torch
+
+    return args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def apply_defaults(args: argparse.Namespace, device: str, names: tuple[str, ...]) -> dict[str, Any]:
+    """Fill the device-dependent defaults of ``names`` left unset; returns the ones filled."""
+    table = GPU_DEFAULTS if device.startswith("cuda") else CPU_DEFAULTS
+    filled = {}
+    for name in names:
+        if getattr(args, name, None) is None:
+            setattr(args, name, table[name])
+            filled[name] = table[name]
+    return filled
+
+
+def load_for_bench(args: argparse.Namespace, device: str):
+    """Load the model and (when one can be had offline or is named) the tokenizer; returns ``(model, tok)``."""
+    import dinfill
+
+    model = dinfill.load_model(
+        args.model, device=device, dtype=args.dtype, random_weights=args.random_weights, kind=args.kind
+    )
+    tok = None
+    if args.tokenizer or not args.random_weights:
+        tok = dinfill.load_tokenizer(args.tokenizer or args.model, add_mask_token=model.kind == "diffusion")
+    return model, tok
+
+
+def mask_id_for(args: argparse.Namespace, model, tok) -> int | None:
+    """``--mask-id``, else the tokenizer's mask id, else ``vocab_size - 1`` (documented default)."""
+    if model.kind != "diffusion":
+        return None
+    if args.mask_id is not None:
+        mask = args.mask_id
+    elif tok is not None and getattr(tok, "mask_token_id", None) is not None:
+        mask = int(tok.mask_token_id)
+    else:
+        mask = model.config.vocab_size - 1
+    if not 0 <= mask < model.config.vocab_size:
+        raise ValueError(f"mask id {mask} is outside the model's vocabulary [0, {model.config.vocab_size})")
+    return mask
+
+
+def check_common(args: argparse.Namespace) -> None:
+    """Validate the options shared by bench and sweep before anything is loaded."""
+    if args.problems is not None and args.problems < 1:
+        raise ValueError(f"--problems must be >= 1, got {args.problems}")
+    if args.temperature < 0:
+        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
+    if not 0 < args.top_p <= 1:
+        raise ValueError(f"--top-p must lie in (0, 1], got {args.top_p}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    if getattr(args, "plot", None):
+        from dinfill.bench.plots import require_matplotlib
+
+        require_matplotlib()
+
+
+BENCH_TABLE = [
+    ("label", "config"),
+    ("tokens_per_s", "tok/s"),
+    ("problems_per_s", "prob/s"),
+    ("latency_p50_ms", "p50 ms"),
+    ("latency_p90_ms", "p90 ms"),
+    ("forward_passes", "fwd/batch"),
+    ("split", "model/samp/other %"),
+    ("peak_mem_mib", "peak MiB"),
+    ("tflops", "TFLOP/s"),
+    ("flops_pct", "%peak"),
+    ("gbps", "GB/s"),
+    ("bw_pct", "%peak bw"),
+    ("ref_tokens_per_s", "ref tok/s"),
+    ("speedup", "x ref"),
+    ("agreement", "agree"),
+]
+
+
+def table_row(record: dict[str, Any]) -> dict[str, Any]:
+    """Flatten a bench record into the screen table's cells."""
+    m, roof, ref = record["metrics"], record["roofline"], record.get("reference") or {}
+    row = {"label": record["label"], **m}
+    if "model_frac" in m:
+        row["split"] = "/".join(f"{100 * m[k]:.0f}" for k in ("model_frac", "sampling_frac", "other_frac"))
+    row["tflops"] = roof["flop_per_s"] / 1e12
+    row["gbps"] = roof["bytes_per_s"] / 1e9
+    fl = roof.get("flops_of_peak", roof.get("flops_of_measured"))
+    bw = roof.get("bandwidth_of_peak", roof.get("bandwidth_of_measured"))
+    row["flops_pct"] = None if fl is None else 100 * fl
+    row["bw_pct"] = None if bw is None else 100 * bw
+    if ref:
+        row.update(ref_tokens_per_s=ref.get("tokens_per_s"), speedup=ref.get("speedup"), agreement=ref.get("agreement"))
+    return row
+
+
+def bench_command(args: argparse.Namespace) -> int:
+    """Handler of ``dinfill bench``; returns the exit code."""
+    from dinfill.bench import report, roofline, throughput
+    from dinfill.bench.workload import draw_workload
+    from dinfill.models import resolve_kind
+
+    if args.refresh < 1:
+        raise ValueError(f"--refresh must be >= 1, got {args.refresh}")
+    if args.nvtx:
+        from dinfill.bench.profiling import nvtx_available
+
+        if not nvtx_available():
+            raise ValueError("--nvtx needs a CUDA build of torch or the nvtx package (pip install nvtx)")
+    check_common(args)
+    device = resolve_device(args)
+    kind, _ = resolve_kind(args.model, args.kind)
+    filled = apply_defaults(args, device, ("batch", "problems", "warmup") + (("steps",) if kind == "diffusion" else ()))
+    configs = throughput.expand_configs(
+        kind, batches=args.batch, steps=args.steps or [1], algs=args.alg, caches=args.cache, lengths=args.length,
+        middle_tokens=args.middle_tokens, refresh=args.refresh,
+    )  # fmt: skip
+    if filled:
+        shown = ", ".join(f"{k}={v}" for k, v in filled.items())
+        print(f"# defaults for {device}: {shown}", file=sys.stderr)
+
+    model, tok = load_for_bench(args, device)
+    mask_id = mask_id_for(args, model, tok)
+    workload = draw_workload(args.problems, args.lengths, seed=args.seed, tokenizer=tok, data_dir=args.data_dir)
+    env = report.environment(model.device)
+    peaks = roofline.device_peaks(env["device"]) if model.device.type == "cuda" else None
+    ceilings = None if args.no_ceilings else roofline.measure_ceilings(model.device)
+    sampling = throughput.Sampling(
+        temperature=args.temperature, top_p=None if args.top_p >= 1 else args.top_p, top_k=args.top_k,
+        threshold=args.threshold, seed=args.seed,
+    )  # fmt: skip
+    summary = workload.summary()
+    print(
+        f"# {args.model} ({model.kind}, {str(model.dtype).replace('torch.', '')}, "
+        f"{'random' if args.random_weights else 'real'} weights) on {env['device']}; {summary['problems']} problems, "
+        f"lengths {summary['source']} (median prefix {summary['median_prefix']:.0f} / middle "
+        f"{summary['median_middle']:.0f} / suffix {summary['median_suffix']:.0f} tokens)",
+        file=sys.stderr,
+    )
+    hf = None
+    records = []
+    for cfg in configs:
+        if args.vs == "reference" and kind == "ar" and hf is None:
+            from dinfill.sampler.autoregressive import hf_twin
+
+            hf = hf_twin(model)
+        rec = throughput.run_config(
+            model, workload, cfg, sampling, mask_id=mask_id, vs=args.vs, hf_model=hf, warmup=args.warmup,
+            nvtx=args.nvtx, profile_dir=args.profile, peaks=peaks, ceilings=ceilings,
+        )  # fmt: skip
+        rec["env"] = env
+        rec["model"].update(random_weights=bool(args.random_weights), kind=model.kind)
+        rec["peaks"] = roofline.peaks_dict(peaks)
+        rec["ceilings"] = ceilings
+        records.append(rec)
+        m = rec["metrics"]
+        ref = rec["reference"] or {}
+        vs = f", {ref['speedup']:.2f}x the {ref['baseline']}" if ref.get("speedup") else ""
+        print(f"# {cfg.label()}: {m['tokens_per_s']:.3g} tok/s{vs}", file=sys.stderr)
+    if not args.no_results:
+        path = report.append_records(args.results or report.default_results_path(), records)
+        print(f"# appended {len(records)} record(s) to {path}", file=sys.stderr)
+    if getattr(args, "plot", None):
+        from dinfill.bench.plots import plot_bench
+
+        for p in plot_bench(records, args.plot):
+            print(f"# wrote {p}", file=sys.stderr)
+    if model.device.type == "cpu":
+        print("# CPU numbers: a smoke run of the code path, not a measurement of the GPU targets", file=sys.stderr)
+    print(report.text_table([table_row(r) for r in records], BENCH_TABLE))
+    return 0

@@ -1,0 +1,240 @@
+"""``dinfill sweep``: how many diffusion steps can you afford? Quality against throughput over a grid.
+
+For each point of ``steps x alg x middle-length mode`` the sweep measures both sides of the trade-off:
+
+* **quality** through the evaluation layer (:func:`dinfill.eval.runner.run_eval`: the same prompts,
+  post-processing, sandboxed execution and records as ``dinfill eval``), pass@1 for HumanEval-Infill and
+  exact match for SantaCoder-FIM. Each point is its own resumable run folder under ``OUT/runs/``.
+* **speed** of the generation calls of that same run: problems/s, generated tokens/s and forward passes,
+  timed around each batch with a device sync (scoring time excluded).
+
+With random weights the quality numbers would be noise, so by default (``--quality auto``) the sweep says
+so and measures the speed side only, with :func:`dinfill.bench.throughput.run_config` on the task-like
+workload of ``dinfill bench``; ``--quality on`` forces the evaluation anyway (to smoke-test the pipeline).
+Outputs: ``OUT/sweep.jsonl`` (appended, one record per point, with the environment), ``OUT/sweep.csv``
+(this invocation's points) and ``OUT/quality_vs_speed.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dinfill.bench.throughput import BenchConfig
+
+__all__ = ["add_sweep_args", "sweep_command", "TimedGenerator", "CSV_FIELDS"]
+
+TASK_CHOICES = ("humaneval-infill", "santacoder-fim")
+CSV_FIELDS = [
+    "label", "kind", "steps", "alg", "length", "middle_tokens", "cache", "batch", "quality", "quality_metric",
+    "problems", "problems_per_s", "tokens_per_s", "forward_passes", "generate_s", "quality_measured", "device",
+]  # fmt: skip
+
+
+def add_sweep_args(p: argparse.ArgumentParser) -> None:
+    """Options of ``dinfill sweep`` beyond the ones it shares with ``dinfill bench``."""
+    g = p.add_argument_group("sweep")
+    g.add_argument("--task", choices=TASK_CHOICES, default="humaneval-infill", help="benchmark for the quality side")
+    g.add_argument("--subset", help="task subset (HumanEval variant or SantaCoder language)")
+    g.add_argument("--batch-size", type=int, default=16, help="problems per generator call")
+    g.add_argument("--cache", choices=("none", "dual"), default="none", help="diffusion cache mode of every point")
+    g.add_argument("--refresh", type=int, default=8, help="dual cache: steps between full refreshes")
+    g.add_argument("--quality", choices=("auto", "on", "off"), default="auto",
+                   help="measure quality through the eval layer (auto: not with random weights)")  # fmt: skip
+    g.add_argument("--execute", action=argparse.BooleanOptionalAction, default=None,
+                   help="run programs in the sandbox (default: the task's, on for humaneval-infill)")  # fmt: skip
+    g.add_argument("--no-download", action="store_true", help="never download the dataset")
+    g.add_argument("--out", default="sweep-results", help="output folder (CSV, JSONL, plot, eval run folders)")
+    g.add_argument("--no-plot", action="store_true", help="skip the PNG")
+
+
+class TimedGenerator:
+    """An :class:`dinfill.eval.runner.InfillGenerator` around ``dinfill.sampler.infill`` that times itself.
+
+    Every call is timed with a device sync on both sides; the counters (seconds, problems, generated
+    tokens, forward passes, calls) give the speed side of a sweep point from the very calls that produced
+    its quality numbers.
+    """
+
+    def __init__(self, model, tokenizer, options: dict[str, Any]):
+        self.model, self.tokenizer, self.options = model, tokenizer, dict(options)
+        self.kind = model.kind
+        self.seconds = 0.0
+        self.problems = self.tokens = self.forwards = self.calls = 0
+
+    def __call__(self, prefixes: list[str], suffixes: list[str], middles: list[str], *, seed: int) -> list[str]:
+        import torch
+
+        from dinfill.sampler import infill
+
+        dev = self.model.device
+        options = dict(self.options)
+        options["generator"] = torch.Generator(device=dev).manual_seed(seed)
+        if self.kind == "diffusion":
+            options["return_stats"] = True
+            if options.get("length") == "oracle":
+                options["middles"] = middles
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        t0 = time.perf_counter()
+        out = infill(self.model, self.tokenizer, prefixes, suffixes, **options)
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+        self.seconds += time.perf_counter() - t0
+        self.calls += 1
+        self.problems += len(prefixes)
+        if self.kind == "diffusion":
+            texts, stats = out
+            self.tokens += sum(sum(st.revealed_per_step) + st.masks_left for st in stats)
+            self.forwards += sum(st.forward_passes for st in stats)
+            return texts
+        self.tokens += sum(len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in out)
+        return out
+
+
+def _quality_of(summary: dict, task: str) -> tuple[float | None, str]:
+    rates = summary.get("rates", {})
+    name = "passed" if task == "humaneval-infill" else "exact_match"
+    metric = "pass@1" if task == "humaneval-infill" else "exact_match"
+    value = rates.get(name, {}).get("mean")
+    return value, metric
+
+
+def _sampler_options(args: argparse.Namespace, cfg: BenchConfig, kind: str) -> dict[str, Any]:
+    common = {"temperature": args.temperature, "top_p": None if args.top_p >= 1 else args.top_p, "top_k": args.top_k}
+    if kind == "ar":
+        # AR generates until a stop token (the published runs allowed 512 new tokens)
+        return {**common, "max_new_tokens": 512, "batch_size": args.batch_size}
+    return {
+        **common, "steps": cfg.steps, "alg": cfg.alg, "length": cfg.length, "middle_tokens": cfg.middle_tokens,
+        "cache": args.cache, "refresh": args.refresh, "threshold": args.threshold, "batch_size": args.batch_size,
+    }  # fmt: skip
+
+
+def _quality_point(args, model, tok, task, cfg: BenchConfig, out: Path) -> dict[str, Any]:
+    """Run one sweep point through the eval layer; returns its row (quality + speed)."""
+    from dinfill.eval.runner import RunSpec, run_eval
+
+    options = _sampler_options(args, cfg, model.kind)
+    gen = TimedGenerator(model, tok, options)
+    execute = task.executes_by_default if args.execute is None else args.execute
+    spec = RunSpec(
+        task=task, model=args.model, kind=model.kind,
+        sampler={k: v for k, v in options.items() if k != "batch_size"}, seeds=[args.seed],
+        batch_size=args.batch_size, limit=args.problems, execute=execute,
+    )  # fmt: skip
+    summary = run_eval(spec, gen, out / "runs" / cfg.label(), progress=False)
+    quality, metric = _quality_of(summary, args.task)
+    row = {"quality": quality, "quality_metric": metric, "quality_measured": True, "summary": summary}
+    if gen.calls:  # a resumed run may have generated nothing new: then there is no speed to report
+        row.update(
+            problems=gen.problems, generate_s=gen.seconds, problems_per_s=gen.problems / gen.seconds,
+            tokens_per_s=gen.tokens / gen.seconds, forward_passes=gen.forwards / gen.calls if gen.forwards else None,
+        )  # fmt: skip
+    else:
+        row.update(problems=summary.get("records"), generate_s=summary.get("generate_s"),
+                   problems_per_s=summary.get("problems_per_s"))  # fmt: skip
+    return row
+
+
+def _speed_point(args, model, workload, cfg: BenchConfig, mask_id) -> dict[str, Any]:
+    from dinfill.bench import throughput
+
+    sampling = throughput.Sampling(
+        temperature=args.temperature, top_p=None if args.top_p >= 1 else args.top_p, top_k=args.top_k,
+        threshold=args.threshold, seed=args.seed,
+    )  # fmt: skip
+    rec = throughput.run_config(model, workload, cfg, sampling, mask_id=mask_id, warmup=model.device.type == "cuda")
+    m = rec["metrics"]
+    return {
+        "quality": None, "quality_metric": None, "quality_measured": False, "problems": len(workload.problems),
+        "generate_s": m["total_s"], "problems_per_s": m["problems_per_s"], "tokens_per_s": m["tokens_per_s"],
+        "forward_passes": m["forward_passes"],
+    }  # fmt: skip
+
+
+def sweep_command(args: argparse.Namespace) -> int:
+    """Handler of ``dinfill sweep``; returns the exit code."""
+    from dinfill.bench import report, throughput
+    from dinfill.bench.cli import apply_defaults, check_common, load_for_bench, mask_id_for, resolve_device
+    from dinfill.models import resolve_kind
+
+    check_common(args)
+    if args.batch_size < 1:
+        raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.refresh < 1:
+        raise ValueError(f"--refresh must be >= 1, got {args.refresh}")
+    if not args.no_plot:
+        from dinfill.bench.plots import require_matplotlib
+
+        require_matplotlib()
+    device = resolve_device(args)
+    if args.steps is None:
+        args.steps = [8, 16, 32, 64, 128] if device.startswith("cuda") else [4, 8]
+    measure_quality = args.quality == "on" or (args.quality == "auto" and not args.random_weights)
+    if not measure_quality:  # quality runs default to the whole benchmark (--problems limits them)
+        apply_defaults(args, device, ("problems",))
+    kind, _ = resolve_kind(args.model, args.kind)
+    configs = throughput.expand_configs(
+        kind, batches=[args.batch_size], steps=args.steps, algs=args.alg, caches=[args.cache], lengths=args.length,
+        middle_tokens=args.middle_tokens, refresh=args.refresh,
+    )  # fmt: skip
+    if args.random_weights:
+        what = "measuring it anyway (--quality on), to exercise the pipeline" if measure_quality else "speed only"
+        print(f"# random weights: quality is meaningless; {what}", file=sys.stderr)
+
+    model, tok = load_for_bench(args, device)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    env = report.environment(model.device)
+    task = workload = mask_id = None
+    if measure_quality:
+        if tok is None:
+            raise ValueError("measuring quality needs a tokenizer: pass --tokenizer (random weights have none)")
+        from dinfill.eval.tasks import get_task
+
+        task = get_task(args.task, args.subset, data_dir=args.data_dir, download=not args.no_download)
+    else:
+        from dinfill.bench.workload import draw_workload
+
+        workload = draw_workload(args.problems, args.lengths, seed=args.seed, tokenizer=tok, data_dir=args.data_dir)
+        mask_id = mask_id_for(args, model, tok)
+
+    rows, records = [], []
+    for cfg in configs:
+        if measure_quality:
+            point = _quality_point(args, model, tok, task, cfg, out)
+        else:
+            point = _speed_point(args, model, workload, cfg, mask_id)
+        summary = point.pop("summary", None)
+        row = {**cfg.__dict__, "label": cfg.label(), **point, "device": env["device"]}
+        rows.append(row)
+        records.append({"type": "sweep", "task": args.task, "model": args.model, "random_weights": args.random_weights,
+                        "row": row, "eval_summary": summary, "env": env})  # fmt: skip
+        q = "-" if row["quality"] is None else f"{row['quality']:.3f}"
+        print(f"# {cfg.label()}: quality {q}, {row['problems_per_s']:.3g} problems/s", file=sys.stderr)
+
+    report.append_records(out / "sweep.jsonl", records)
+    with (out / "sweep.csv").open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    if not args.no_plot:
+        from dinfill.bench.plots import plot_quality_vs_speed
+
+        metric = "pass@1" if args.task == "humaneval-infill" else "exact_match"
+        title = f"{args.model} on {env['device']}\n{args.task} {metric} against speed"
+        if not measure_quality:
+            title = f"{args.model} on {env['device']}\nrandom weights: speed only"
+        for r in rows:
+            r[metric] = r["quality"]
+        plot_quality_vs_speed(rows, out / "quality_vs_speed.png", metric=metric, title=title)
+    cols = [("label", "point"), ("quality", "quality"), ("problems_per_s", "prob/s"), ("tokens_per_s", "tok/s"),
+            ("forward_passes", "fwd/call")]  # fmt: skip
+    print(report.text_table(rows, cols))
+    print(f"# wrote {out / 'sweep.csv'}, {out / 'sweep.jsonl'}" + ("" if args.no_plot else ", quality_vs_speed.png"))
+    return 0

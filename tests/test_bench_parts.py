@@ -1,0 +1,339 @@
+"""The parts of ``dinfill.bench``: work model, peaks table, workloads, results file, profiling, GPU-check dry run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import dinfill
+from dinfill.bench import profiling, report, roofline, throughput, workload
+from dinfill.models import builtin_config
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# --- roofline ------------------------------------------------------------------------------------
+
+
+def test_forward_work_matches_a_hand_count():
+    """FLOPs and bytes of one bidirectional forward of the 0.5B shape, counted term by term."""
+    cfg = builtin_config("open-dcoder-0.5b")
+    B, T, rows = 2, 300, 16
+    w = roofline.forward_work(cfg, batch=B, queries=T, logits_rows=rows, itemsize=2)
+    H, I, L, D, V = 896, 4864, 24, 64, 151936  # noqa: E741
+    per_layer = H * D * (14 + 14 + 2 + 2) + 3 * H * I  # q, o (14 heads), k, v (2 heads); gate, up, down
+    blocks = L * per_layer
+    flops = 2 * blocks * B * T + 4 * L * 14 * D * B * T * T + 2 * H * V * rows
+    assert w.flops == pytest.approx(flops, rel=1e-12)
+    kv = 2 * L * B * 2 * D * T * 2
+    bytes_ = blocks * 2 + V * H * 2 + kv + 2 * B * T * H * 2 + rows * V * 2
+    assert w.bytes == pytest.approx(bytes_, rel=1e-12)
+    # ~0.49e9 parameters: the 2 * N * T rule of docs/gpu.md up to attention and the head
+    assert 2 * blocks * B * T < w.flops < 2 * 0.5e9 * B * T * 1.2
+
+
+def test_forward_work_cache_and_causal():
+    cfg = builtin_config("tiny-llama")
+    window = roofline.forward_work(cfg, batch=1, queries=10, keys=200, logits_rows=10)
+    full = roofline.forward_work(cfg, batch=1, queries=200, logits_rows=10)
+    assert window.flops < full.flops and window.bytes < full.bytes
+    causal = roofline.forward_work(cfg, batch=1, queries=200, causal=True)
+    bidir = roofline.forward_work(cfg, batch=1, queries=200)
+    assert causal.flops < bidir.flops
+    with pytest.raises(ValueError, match="batch >= 1"):
+        roofline.forward_work(cfg, batch=0, queries=1)
+
+
+@pytest.mark.parametrize(
+    "name, expected",
+    [
+        ("NVIDIA H100 80GB HBM3", "H100 SXM"),
+        ("NVIDIA H100 PCIe", "H100 PCIe"),
+        ("NVIDIA H200", "H200"),
+        ("NVIDIA L4", "L4"),
+        ("NVIDIA L40S", None),  # not an L4
+        ("cpu (2 threads)", None),
+    ],
+)
+def test_device_peaks_lookup(name, expected):
+    peaks = roofline.device_peaks(name)
+    assert (peaks.name if peaks else None) == expected
+
+
+def test_achieved_fractions_and_floor():
+    peaks = roofline.device_peaks("NVIDIA H100 80GB HBM3")
+    work = roofline.Work(flops=800e12 * 1e-3, bytes=3.0e12 * 2e-3)  # 1 ms of math, 2 ms of memory at the ceilings
+    got = roofline.achieved(work, 4e-3, peaks)
+    assert got["floor_s"] == pytest.approx(2e-3)  # memory bound
+    assert got["of_floor"] == pytest.approx(0.5)
+    assert got["bandwidth_of_peak"] == pytest.approx(work.bytes / 4e-3 / 3.35e12)
+    measured = roofline.achieved(work, 4e-3, None, {"bandwidth": 1.5e12, "flops": 400e12})
+    assert measured["bandwidth_of_measured"] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="positive finite"):
+        roofline.achieved(work, 0.0)
+
+
+def test_measure_ceilings_cpu():
+    c = roofline.measure_ceilings("cpu", copy_mb=16, matmul_n=128)
+    assert c["dtype"] == "float32"
+    # loose on purpose (a shared CI machine): a 2-core CPU copies > 10 MB/s and multiplies > 10 MFLOP/s
+    assert 1e7 < c["bandwidth"] < 1e13 and 1e7 < c["flops"] < 1e14
+
+
+# --- workload and configs ------------------------------------------------------------------------
+
+
+def test_synthetic_workload_is_seeded_and_humaneval_like():
+    a = workload.draw_workload(2000, "synthetic", seed=3)
+    assert a.problems == workload.draw_workload(2000, "synthetic", seed=3).problems
+    assert a.problems != workload.draw_workload(2000, "synthetic", seed=4).problems
+    s = a.summary()
+    assert s["source"] == "synthetic"
+    # the documented fit: medians 171 / 7.4 / 28.6 (suffix empty 15% of the time, so its median is lower)
+    assert 150 < s["median_prefix"] < 195 and 6 <= s["median_middle"] <= 9 and 15 < s["median_suffix"] < 30
+    empty = sum(p.suffix == 0 for p in a.problems) / 2000
+    assert 0.12 < empty < 0.18
+    assert all(p.middle >= 1 and p.prefix >= 16 for p in a.problems)
+
+
+def test_humaneval_lengths_match_the_tokenizer(shared_dir):
+    data = shared_dir / "data"
+    if workload.humaneval_path(data) is None:
+        pytest.skip(f"{data} has no HumanEval-Infill file")
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(shared_dir / "tokenizers" / "qwen2.5-coder"))
+    w = workload.draw_workload(5, "humaneval", seed=1, tokenizer=tok, data_dir=data)
+    assert w.source == "humaneval-single-line"
+    import gzip
+
+    rows = [json.loads(line) for line in gzip.open(workload.humaneval_path(data), "rt")]
+    lengths = {
+        (len(tok(r["prompt"])["input_ids"]), len(tok(r["canonical_solution"], add_special_tokens=False)["input_ids"]))
+        for r in rows
+    }
+    assert all((p.prefix, p.middle) in lengths for p in w.problems)
+    estimate = workload.draw_workload(5, "auto", seed=1, data_dir=data)  # no tokenizer: characters / 3.38
+    assert "estimate" in estimate.source
+    assert all(abs(a.prefix - b.prefix) <= 0.35 * b.prefix for a, b in zip(estimate.problems, w.problems, strict=True))
+
+
+def test_workload_errors(tmp_path):
+    with pytest.raises(ValueError, match="int >= 1"):
+        workload.draw_workload(0)
+    with pytest.raises(ValueError, match="not one of"):
+        workload.draw_workload(3, "imaginary")
+    with pytest.raises(FileNotFoundError, match="--lengths synthetic"):
+        workload.draw_workload(3, "humaneval", data_dir=tmp_path)
+    assert workload.draw_workload(3, "auto", data_dir=tmp_path).source == "synthetic"
+
+
+def test_random_ids_never_hit_the_mask():
+    gen = torch.Generator().manual_seed(0)
+    ids = workload.random_ids(5000, 7, 3, gen)
+    assert set(ids) == {0, 1, 2, 4, 5, 6}
+
+
+def test_expand_configs():
+    cfgs = throughput.expand_configs(
+        "diffusion", batches=[1, 4], steps=[8, 16], algs=["p2", "threshold"], caches=["none", "dual"],
+        lengths=["oracle", "fixed"], middle_tokens=24, refresh=4,
+    )  # fmt: skip
+    assert len(cfgs) == 2 * 2 * 2 * 2 * 2
+    dual = [c for c in cfgs if c.cache == "dual"]
+    assert all(c.refresh == 4 for c in dual) and all(c.refresh is None for c in cfgs if c.cache == "none")
+    assert {c.middle_tokens for c in cfgs if c.length == "fixed"} == {24}
+    ar = throughput.expand_configs("ar", batches=[1, 1, 2], steps=[8, 16], algs=["p2", "threshold"])
+    assert [c.batch for c in ar] == [1, 2]  # diffusion axes collapse, duplicates go
+    assert ar[0].label() == "ar-B1-oracle"
+    assert dual[0].label() == "diffusion-B1-s8-p2-dual4-oracle"
+
+
+def test_percentile_matches_numpy():
+    values = [5.0, 1.0, 9.0, 3.0, 7.5, 2.25]
+    for q in (0, 10, 50, 90, 100):
+        assert throughput.percentile(values, q) == pytest.approx(np.percentile(values, q))
+    with pytest.raises(ValueError):
+        throughput.percentile([], 50)
+
+
+def test_run_config_rejects_a_model_of_the_other_kind():
+    model = dinfill.load_model("tiny-llama", random_weights=True, kind="ar")
+    cfg = throughput.BenchConfig("diffusion", 1, steps=2, alg="p2", cache="none")
+    with pytest.raises(ValueError, match="configuration is for a diffusion model"):
+        throughput.run_config(model, workload.draw_workload(1, "synthetic"), cfg)
+
+
+# --- results file and README ---------------------------------------------------------------------
+
+
+def test_results_file_round_trip(tmp_path):
+    path = tmp_path / "sub" / "r.jsonl"
+    report.append_records(path, [{"a": 1, "nan": float("nan"), "t": torch.tensor(2.5)}])
+    report.append_records(path, [{"b": [1, 2]}])
+    assert report.read_records(path) == [{"a": 1, "nan": None, "t": 2.5}, {"b": [1, 2]}]
+    path.write_text(path.read_text() + "{broken\n")
+    with pytest.raises(ValueError, match=r"r.jsonl:3"):
+        report.read_records(path)
+
+
+def test_environment_stamp():
+    env = report.environment("cpu")
+    assert env["device"].startswith("cpu") and env["torch"] == torch.__version__
+    assert env["date"].endswith("+00:00") and env["git"]
+
+
+def test_readme_block_and_update(tmp_path):
+    results_md = tmp_path / "RESULTS.md"
+    results_md.write_text("# R\nintro\n<!-- README:BEGIN -->\n| a | b |\n<!-- README:END -->\nmore\n")
+    readme = tmp_path / "README.md"
+    readme.write_text("# P\n<!-- RESULTS:BEGIN -->\nold\n<!-- RESULTS:END -->\ntail\n")
+    assert report.update_readme(readme, results_md)
+    text = readme.read_text()
+    assert "| a | b |" in text and "old" not in text and text.endswith("tail\n")
+    assert not report.update_readme(readme, results_md)  # idempotent
+    readme.write_text("no markers\n")
+    with pytest.raises(ValueError, match="RESULTS:BEGIN"):
+        report.update_readme(readme, results_md)
+
+
+def test_committed_results_md_has_the_readme_block():
+    block = report.readme_block(REPO / "bench" / "RESULTS.md")
+    assert "CPU" in block and "GPU" in block
+
+
+def test_text_and_markdown_tables():
+    rows = [{"x": 1.23456, "y": None, "z": "a"}, {"x": 12345.6, "y": 2e-5, "z": "bb"}]
+    cols = [("x", "X"), ("y", "Y"), ("z", "Z")]
+    text = report.text_table(rows, cols).splitlines()
+    assert len(text) == 4 and len({len(line) for line in text}) == 1
+    assert "1.23" in text[2] and "12346" in text[3] and "2.00e-05" in text[3]
+    md = report.markdown_table(rows, cols).splitlines()
+    assert md[0] == "| X | Y | Z |" and md[2] == "| 1.23 | - | a |"
+
+
+# --- profiling -----------------------------------------------------------------------------------
+
+
+def test_region_is_free_when_off_and_labels_the_trace(tmp_path):
+    model = dinfill.load_model("tiny-llama", random_weights=True)
+    ids = torch.randint(0, 1000, (1, 9))
+    with profiling.instrument(model), torch.inference_mode():
+        model(ids, causal=True)  # hooks installed but profiling off: nothing recorded, nothing raised
+        with profiling.torch_profile(tmp_path, "tiny forward"):
+            model(ids, causal=True)
+            cache = model.new_cache(1, 9)  # a forward over every cache column: a dual-cache refresh
+            model(ids, causal=False, cache=cache, cache_pos=torch.arange(9), attention_mask=torch.ones(1, 9))
+            with profiling.region("fused step"):
+                torch.ones(3).sum()
+    trace = (tmp_path / "tiny_forward.json").read_text()
+    for name in ("forward", "attention", "lm_head", "fused step", "cache refresh"):
+        assert f'"name": "{name}"' in trace, name
+    assert (tmp_path / "tiny_forward.txt").read_text().strip()
+    assert not model._forward_pre_hooks and not model.lm_head._forward_hooks  # removed afterwards
+
+
+def test_nvtx_ranges_open_and_close():
+    if not profiling.nvtx_available():
+        pytest.skip("neither CUDA nor the nvtx package: NVTX cannot be emitted here")
+    model = dinfill.load_model("tiny-llama", random_weights=True)
+    with profiling.profiling(nvtx=True), profiling.instrument(model), torch.inference_mode():
+        model(torch.randint(0, 1000, (1, 5)), causal=True)
+    assert profiling._state["nvtx"] is None  # restored
+
+
+# --- GPU check and micro-benchmarks on the CPU -----------------------------------------------------
+
+
+def test_gpu_check_dry_run(tmp_path, capsys):
+    from dinfill.bench import gpu_check
+
+    code = gpu_check.main(["--cpu-dry-run", "--out", str(tmp_path), "--seed", "11"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "== kernels: ok" in out and "== end to end: ok" in out and "== summary" in out
+    records = report.read_records(tmp_path / "results.jsonl")
+    summary = records[-1]
+    assert summary["type"] == "gpu_check" and summary["ok"] and summary["seed"] == 11
+    kernels = summary["phases"][0]["rows"]
+    assert {r["kernel"] for r in kernels} == {"attention", "fused_step"}
+    assert {r["dtype"] for r in kernels} == {"bfloat16", "float32"}
+    e2e = [r for r in records if r.get("type") == "bench"]
+    assert {r["config"]["kind"] for r in e2e} == {"diffusion", "ar"}
+    assert all(r["reference"]["speedup"] > 0 for r in e2e)
+
+
+def test_gpu_check_refuses_without_cuda(capsys):
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA")
+    from dinfill.bench import gpu_check
+
+    assert gpu_check.main(["--out", "unused"]) == 2
+    assert "--cpu-dry-run" in capsys.readouterr().err
+
+
+def test_micro_benchmarks_smoke_run_on_cpu(tmp_path):
+    """``bench/test_bench_model.py`` on its tiny CPU shapes, once each (pytest-benchmark disabled)."""
+    env = dict(os.environ, DINFILL_BENCH_RESULTS=str(tmp_path / "micro.jsonl"))
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
+           str(REPO / "bench" / "test_bench_model.py")]  # fmt: skip
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
+    assert proc.returncode == 0, textwrap.shorten(proc.stdout + proc.stderr, 3000)
+    records = report.read_records(tmp_path / "micro.jsonl")
+    assert {r["bench"] for r in records} == {"forward", "ar_decode_step", "diffusion_step"}
+    assert all(r["speedup"] > 0 and r["roofline"]["flops"] > 0 for r in records)
+
+
+def test_unchecked_kernel_modules_are_reported(tmp_path):
+    from dinfill.bench import gpu_check
+
+    assert gpu_check.unchecked_kernel_modules() == []  # every kernel of the package has a check
+    (tmp_path / "fused_step.py").write_text("@triton.jit\ndef _k(): pass\n")
+    (tmp_path / "new_op.py").write_text("import triton\n@triton.jit\ndef _new_kernel(): pass\n")
+    (tmp_path / "helpers.py").write_text("def plain(): pass\n")
+    assert gpu_check.unchecked_kernel_modules(tmp_path) == ["new_op"]
+
+
+def test_gpu_check_pytest_phases_collect_their_results(tmp_path):
+    """The kernel-test and micro-benchmark phases on a stand-in repository (no GPU needed for the wiring)."""
+    from dinfill.bench import gpu_check
+
+    repo, out = tmp_path / "repo", tmp_path / "out"
+    (repo / "tests").mkdir(parents=True)
+    (repo / "bench").mkdir()
+    out.mkdir()
+    (repo / "tests" / "test_attention_stub.py").write_text("def test_ok():\n    assert 1 + 1 == 2\n")
+    (repo / "tests" / "test_unrelated.py").write_text("def test_never_collected():\n    raise AssertionError\n")
+    (repo / "bench" / "test_bench_stub.py").write_text(
+        textwrap.dedent(
+            """
+            import json, os
+
+            def test_micro(benchmark):
+                benchmark(lambda: sum(range(10)))
+                rec = {"type": "micro", "bench": "stub", "shape": {"batch": 3}, "ours_s": 0.002,
+                       "reference_s": 0.006, "speedup": 3.0}
+                with open(os.environ["DINFILL_BENCH_RESULTS"], "a") as f:
+                    f.write(json.dumps(rec) + "\\n")
+            """
+        )
+    )
+    tests = gpu_check.phase_kernel_tests(repo, out, timeout=120)
+    assert tests.ok and tests.rows[0]["files"] == "test_attention_stub.py" and "1 passed" in tests.rows[0]["result"]
+    micro = gpu_check.phase_micro(repo, out, out / "results.jsonl", timeout=120)
+    assert micro.ok, (out / "micro.log").read_text()
+    assert micro.rows[0] == {"bench": "stub", "batch": 3, "ms": 2.0, "ref_ms": 6.0, "speedup": 3.0}
+    assert json.loads((out / "micro.json").read_text())["benchmarks"][0]["name"] == "test_micro"
+
+
+def test_git_revision_override(monkeypatch):
+    monkeypatch.setenv("DINFILL_GIT_REV", "abc123-copied")
+    assert report.environment("cpu")["git"] == "abc123-copied"
