@@ -1,0 +1,239 @@
+"""Diffusion infilling canvases: text -> ``prefix + [MASK] * m + suffix`` ids, batched, and back to text.
+
+Why a module of its own: this is where infilling goes silently wrong. The published evaluation keeps the
+last 2048 tokens of the canvas but then slices the middle at the *untruncated* prefix length, so every
+long-prefix problem decodes the wrong columns. Here each row remembers how many tokens were cut from its
+left and where its middle really starts, and a canvas whose middle itself would be cut is an error.
+
+Two batch layouts (both give each row exactly the outputs it would get alone, because padding keys are
+masked and every row gets its real RoPE positions):
+
+- ``"right"``: every row starts at column 0 and is right-padded (narrowest; used with ``cache="none"``).
+- ``"aligned"``: prefixes are left-padded so that every middle starts at the same column and rows are
+  right-padded after their suffixes. The dual cache then recomputes one window of columns shared by the
+  whole batch instead of a union of scattered middles. It is wider than ``"right"`` (max prefix + max
+  middle-plus-suffix), so it falls back to ``"right"`` when that width would exceed the length limit.
+
+Middle lengths (``length=``): ``"oracle"`` (token length of the true middle, what the published numbers
+used), ``"fixed"`` (``middle_tokens``) and ``"adaptive"``: a canvas of ``middle_tokens`` masks whose
+generated middle is cut at the first end token (eos / pad / mask / any special token), see
+:func:`trim_at_end`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+LENGTH_STRATEGIES = ("oracle", "fixed", "adaptive")
+LAYOUTS = ("right", "aligned")
+
+
+@dataclass(frozen=True)
+class CanvasRow:
+    """One tokenized canvas: ``ids = prefix + [mask] * middle_len + suffix`` after left truncation."""
+
+    ids: list[int]
+    middle_start: int  # column of the first middle token inside ``ids`` (true position after truncation)
+    middle_len: int
+    truncated: int  # tokens cut from the left of the prefix
+
+
+@dataclass
+class CanvasBatch:
+    """Several canvases laid out in one padded tensor.
+
+    Attributes
+    ----------
+    input_ids : Tensor
+        ``(B, W)`` int64 canvas, padding filled with ``pad_id``.
+    attention_mask : Tensor
+        ``(B, W)`` bool, True on real tokens (one contiguous run per row).
+    middle_start : list[int]
+        Column of each row's middle in ``input_ids``.
+    middle_len : list[int]
+        Number of middle (mask) tokens of each row.
+    layout : str
+        ``"right"`` or ``"aligned"`` (the one actually used).
+    """
+
+    input_ids: Tensor
+    attention_mask: Tensor
+    middle_start: list[int]
+    middle_len: list[int]
+    layout: str
+
+    def middles(self, ids: Tensor) -> list[list[int]]:
+        """Slice each row's middle out of a finished ``(B, W)`` canvas (same layout)."""
+        rows = ids.tolist()
+        return [r[s : s + m] for r, s, m in zip(rows, self.middle_start, self.middle_len, strict=True)]
+
+
+def middle_lengths(
+    tokenizer,
+    count: int,
+    *,
+    length: str,
+    middles: Sequence[str] | None = None,
+    middle_tokens: int | None = None,
+) -> list[int]:
+    """Number of mask tokens per problem under a length strategy.
+
+    Parameters
+    ----------
+    tokenizer
+        Hugging Face tokenizer (for ``oracle``: the middle is tokenized without special tokens).
+    count : int
+        Number of problems.
+    length : str
+        ``"oracle"`` (needs ``middles``), ``"fixed"`` or ``"adaptive"`` (need ``middle_tokens``).
+    middles : sequence of str, optional
+        True middles, for ``oracle``.
+    middle_tokens : int, optional
+        Canvas middle length for ``fixed``; the maximum length for ``adaptive``.
+
+    Returns
+    -------
+    list[int]
+        One length per problem (``oracle`` may give 0 for an empty middle).
+    """
+    if length not in LENGTH_STRATEGIES:
+        raise ValueError(f"length={length!r} is not one of {LENGTH_STRATEGIES}")
+    if length == "oracle":
+        if middles is None:
+            raise ValueError("length='oracle' needs middles= (the true middles); or use length='fixed'/'adaptive'")
+        if len(middles) != count:
+            raise ValueError(f"got {len(middles)} middles for {count} prefix/suffix pairs")
+        return [len(tokenizer(m, add_special_tokens=False)["input_ids"]) for m in middles]
+    if middle_tokens is None or isinstance(middle_tokens, bool) or int(middle_tokens) != middle_tokens:
+        raise ValueError(f"length={length!r} needs middle_tokens= (a positive int), got {middle_tokens!r}")
+    if middle_tokens < 1:
+        raise ValueError(f"middle_tokens must be >= 1, got {middle_tokens}")
+    return [int(middle_tokens)] * count
+
+
+def build_row(prefix_ids: list[int], suffix_ids: list[int], middle_len: int, mask_id: int, limit: int) -> CanvasRow:
+    """Assemble one canvas and keep its last ``limit`` tokens, tracking where the middle went.
+
+    Raises
+    ------
+    ValueError
+        When the middle plus suffix alone exceed ``limit``: left truncation would eat the middle.
+    """
+    ids = list(prefix_ids) + [mask_id] * middle_len + list(suffix_ids)
+    cut = max(0, len(ids) - limit)
+    if cut > len(prefix_ids):
+        raise ValueError(
+            f"the middle ({middle_len} tokens) plus the suffix ({len(suffix_ids)} tokens) exceed the canvas limit "
+            f"of {limit} tokens, so truncating the prefix cannot make it fit; shorten the suffix or the middle "
+            "(middle_tokens), or raise max_length (up to the model's max_position_embeddings)"
+        )
+    return CanvasRow(ids=ids[cut:], middle_start=len(prefix_ids) - cut, middle_len=middle_len, truncated=cut)
+
+
+def tokenize_rows(
+    tokenizer,
+    prefixes: Sequence[str],
+    suffixes: Sequence[str],
+    middle_lens: Sequence[int],
+    *,
+    mask_id: int,
+    limit: int,
+) -> list[CanvasRow]:
+    """Tokenize each (prefix, suffix) pair the way the reference does and build its canvas.
+
+    The prefix is tokenized with the tokenizer's special tokens (``add_special_tokens=True``; Qwen adds
+    none), the suffix without; both may be empty strings.
+    """
+    if len(prefixes) != len(suffixes) or len(prefixes) != len(middle_lens):
+        raise ValueError(
+            f"got {len(prefixes)} prefixes, {len(suffixes)} suffixes and {len(middle_lens)} middle lengths; "
+            "pass one of each per problem"
+        )
+    rows = []
+    for p, s, m in zip(prefixes, suffixes, middle_lens, strict=True):
+        if not isinstance(p, str) or not isinstance(s, str):
+            raise TypeError(f"prefixes and suffixes must be strings, got {type(p).__name__} and {type(s).__name__}")
+        p_ids = tokenizer(p, add_special_tokens=True)["input_ids"]
+        s_ids = tokenizer(s, add_special_tokens=False)["input_ids"]
+        rows.append(build_row(p_ids, s_ids, m, mask_id, limit))
+    return rows
+
+
+def layout_rows(
+    rows: Sequence[CanvasRow], *, pad_id: int, layout: str = "right", limit: int | None = None, device=None
+) -> CanvasBatch:
+    """Pad canvases into one batch.
+
+    Parameters
+    ----------
+    rows : sequence of CanvasRow
+        Canvases from :func:`build_row` / :func:`tokenize_rows`.
+    pad_id : int
+        Id written into padding columns (never attended to; any valid id works).
+    layout : str
+        ``"right"`` or ``"aligned"`` (middles share a start column); ``"aligned"`` falls back to ``"right"``
+        when its width would exceed ``limit``.
+    limit : int, optional
+        Maximum batch width (the model's position limit).
+    device
+        Where to put the tensors.
+
+    Returns
+    -------
+    CanvasBatch
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
+    if not rows:
+        raise ValueError("no canvases to lay out")
+    if layout == "aligned":
+        start = max(r.middle_start for r in rows)
+        width = start + max(len(r.ids) - r.middle_start for r in rows)
+        if limit is not None and width > limit:
+            layout = "right"
+    if layout == "right":
+        width = max(len(r.ids) for r in rows)
+        offsets = [0] * len(rows)
+    else:
+        offsets = [start - r.middle_start for r in rows]
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)  # (B, W)
+    mask = torch.zeros(len(rows), width, dtype=torch.bool)  # (B, W)
+    for b, (r, o) in enumerate(zip(rows, offsets, strict=True)):
+        ids[b, o : o + len(r.ids)] = torch.tensor(r.ids, dtype=torch.long)
+        mask[b, o : o + len(r.ids)] = True
+    return CanvasBatch(
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        middle_start=[r.middle_start + o for r, o in zip(rows, offsets, strict=True)],
+        middle_len=[r.middle_len for r in rows],
+        layout=layout,
+    )
+
+
+def end_token_ids(tokenizer, mask_id: int) -> set[int]:
+    """Token ids that end an adaptive middle: eos, pad, the mask and every special token of the tokenizer."""
+    ids = {mask_id}
+    for tid in (tokenizer.eos_token_id, tokenizer.pad_token_id):
+        if tid is not None:
+            ids.add(int(tid))
+    ids.update(int(i) for i in getattr(tokenizer, "all_special_ids", []) or [])
+    return ids
+
+
+def trim_at_end(middle: Sequence[int], end_ids: set[int]) -> list[int]:
+    """The adaptive rule: keep the middle up to (excluding) its first end token.
+
+    A canvas longer than the true middle leaves the model room it has to fill; a model trained on padded
+    documents fills it with end-of-text / pad tokens, which here end the middle. A leftover mask (the
+    model may predict the mask id itself) counts as an end too.
+    """
+    out = []
+    for t in middle:
+        if t in end_ids:
+            break
+        out.append(t)
+    return out

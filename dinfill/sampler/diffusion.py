@@ -1,0 +1,920 @@
+"""Masked-diffusion sampling for Open-dCoder: the published algorithms, exact, on a fast step loop.
+
+What the reference loop (Open-dLLM ``_mdm_sample``) spends its time on, and what this module does instead:
+
+- a full forward over the whole canvas every step -> ``cache="dual"`` keeps the prefix and suffix keys and
+  values and recomputes only a window of columns (the middle plus the column before it, whose hidden state
+  predicts the first middle token), refreshing the whole cache every ``refresh`` steps;
+- logits for every column -> logits only for the *variable* rows (columns that were masks at the start),
+  taken through the logit shift (row at column ``j`` reads the hidden state of ``j - 1``);
+- ~20 passes over ``[N, V]`` in torch ops plus host syncs -> one :func:`dinfill.kernels.fused_step` call
+  that samples, scores, selects and writes the canvas in place;
+- a Python loop that syncs every step -> a loop with static shapes and no host sync: the variable rows form
+  a fixed ``(B, M)`` layout, the per-step fraction is read from a device table by a device step counter,
+  and on CUDA the forward and the sampling of a step are replayed as captured CUDA graphs.
+
+Exactness: with ``cache="none"``, an fp32 model and deterministic settings, the tokens equal the reference
+loop's (tested against a plain loop on transformers' own model). ``cache="dual"`` with ``refresh=1`` runs a
+full forward every step and equals ``"none"``; larger ``refresh`` is an approximation whose agreement the
+benchmark reports.
+
+Design choices worth knowing:
+
+- Rows finish independently and a finished row is never touched again (every selection rule is a no-op on
+  a row without masks, and p2's re-mask count only shrinks), so steps after a row is done cannot change it.
+- Early stop without stalling the GPU: the host reads the "masks left" flag of step ``i - lag`` (copied to
+  pinned memory, awaited through an event) before launching step ``i``. The device queue stays ``lag`` steps
+  deep, and at most ``lag - 1`` no-op steps run after the batch is done. On the CPU the flag is read every
+  step (there is no queue to drain).
+- ``threshold`` / ``factor`` (Fast-dLLM parallel decoding) use ``steps`` as a budget: the last step
+  reveals every mask left, like the last step of every other algorithm.
+- Nothing is suppressed (as in the reference): a model may predict the mask id itself, and such a position
+  stays a mask; with trained weights this does not happen, with random tied-embedding ones it does.
+- Logits are computed for all ``M`` variable rows every step (static shapes, no compaction sync), also for
+  the maskgit family whose revealed rows no longer need them; the fused step ignores those rows.
+- Ties between equal confidences go to the lowest canvas column (the fused step's rule); the reference's
+  ``torch.topk`` order among ties is unspecified.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from dinfill.backend import use_triton
+from dinfill.sampler.canvas import (
+    end_token_ids,
+    layout_rows,
+    middle_lengths,
+    tokenize_rows,
+    trim_at_end,
+)
+
+__all__ = [
+    "ALGORITHMS",
+    "CACHE_MODES",
+    "DiffusionStats",
+    "diffusion_generate",
+    "infill",
+    "step_fractions",
+    "benchmark",
+]
+
+# alg -> (fused_step selection rule, confidence measure); see docs/sampler-semantics.md
+ALGORITHMS: dict[str, tuple[str, str]] = {
+    "origin": ("bernoulli", "prob"),
+    "maskgit_plus": ("topk", "prob"),
+    "topk_margin": ("topk", "margin"),
+    "entropy": ("topk", "neg_entropy"),
+    "p2": ("p2", "prob"),
+    "threshold": ("threshold", "prob"),
+    "factor": ("factor", "prob"),
+}
+CACHE_MODES = ("none", "dual")
+_BUDGET_ALGS = ("threshold", "factor")  # steps is a budget; the last step reveals everything left
+
+
+@dataclass
+class DiffusionStats:
+    """What one :func:`diffusion_generate` call did (returned with ``return_stats=True``).
+
+    ``revealed_per_step`` is the net number of masks that disappeared from the batch at each step run
+    (p2 can re-mask, so a step's count is net). Times are measured with CUDA events on the GPU (no sync in
+    the loop; read once at the end) and ``time.perf_counter`` on the CPU.
+    """
+
+    alg: str
+    cache: str
+    refresh: int
+    steps: int
+    steps_run: int = 0
+    forward_passes: int = 0
+    full_forwards: int = 0
+    window_forwards: int = 0
+    batch_size: int = 0
+    canvas_len: int = 0
+    variable_rows: int = 0  # M: the static number of logit rows per sequence
+    window: tuple[int, int] = (0, 0)  # columns recomputed by a dual-cache step
+    tokens_forwarded: int = 0  # sum over forwards of batch * columns (for FLOP estimates)
+    revealed_per_step: list[int] = field(default_factory=list)
+    masks_left: int = 0
+    time_model_s: float = 0.0
+    time_sampling_s: float = 0.0
+    time_total_s: float = 0.0
+    cuda_graph: bool = False
+    backend: str = "torch"
+    history: list[Tensor] | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain dict for JSON records (without the history)."""
+        d = asdict(self)
+        d.pop("history")
+        d["window"] = list(self.window)
+        return d
+
+
+def step_fractions(alg: str, steps: int, eps: float, device: torch.device | str = "cpu") -> Tensor:
+    """Per-step fraction table ``(steps,)`` fp32, computed exactly as the reference does.
+
+    ``maskgit_plus`` / ``topk_margin`` / ``entropy`` / ``origin`` (and the budgeted ``threshold`` / ``factor``,
+    for their forced last step): ``1 - s / t`` from ``ts = linspace(1, eps, steps + 1)`` in fp32 tensor
+    arithmetic, with 1 at the last step. ``p2``: ``1 - kappa`` with ``kappa = (i + 1) / steps`` computed in
+    Python (double) and rounded once to fp32, which is what multiplying an fp32 tensor by a Python float does.
+    """
+    if alg == "p2":
+        return torch.tensor([1.0 - (i + 1) / steps for i in range(steps)], dtype=torch.float32, device=device)
+    ts = torch.linspace(1, eps, steps + 1, dtype=torch.float32, device=device)  # (steps + 1,)
+    frac = 1 - ts[1:] / ts[:-1]  # (steps,) fp32, elementwise like the reference's scalar ops
+    frac[-1] = 1.0
+    return frac
+
+
+# --------------------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------------------
+
+
+def _check_model(model) -> None:
+    kind = getattr(model, "kind", None)
+    if kind != "diffusion":
+        raise ValueError(
+            f"diffusion sampling needs a diffusion model (model.kind == 'diffusion'), got kind={kind!r}; "
+            "load it with dinfill.load_model(..., kind='diffusion') or use ar_generate for an AR model"
+        )
+
+
+def _check_options(
+    *, mask_id, steps, alg, temperature, top_p, top_k, alg_temp, eps, cache, refresh, threshold, factor, vocab
+) -> None:
+    if isinstance(mask_id, bool) or not isinstance(mask_id, int):
+        raise TypeError(f"mask_id must be an int token id, got {mask_id!r} (tokenizer.mask_token_id)")
+    if not 0 <= mask_id < vocab:
+        raise ValueError(
+            f"mask_id={mask_id} is outside the model's vocabulary [0, {vocab}); the tokenizer's mask token must be "
+            "an id the model embeds (dinfill.load_tokenizer(..., add_mask_token=True) adds one)"
+        )
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
+    if alg not in ALGORITHMS:
+        raise ValueError(f"unknown alg {alg!r}; choose one of {', '.join(ALGORITHMS)}")
+    if cache not in CACHE_MODES:
+        raise ValueError(f"cache={cache!r} is not one of {CACHE_MODES}")
+    if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
+        raise ValueError(f"refresh must be an int >= 1 (steps between full-cache refreshes), got {refresh!r}")
+    if not isinstance(temperature, Tensor) and (temperature != temperature or temperature < 0):
+        raise ValueError(f"temperature={temperature!r}: use 0 for greedy or a positive float to sample")
+    if top_p is not None and not isinstance(top_p, Tensor) and not 0 < top_p <= 1:
+        raise ValueError(f"top_p={top_p!r} must lie in (0, 1]; None disables it")
+    bad_k = top_k is not None and not isinstance(top_k, Tensor)
+    if bad_k and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
+        raise ValueError(f"top_k={top_k!r} must be an int >= 1; None disables it")
+    if alg_temp is None or alg_temp < 0:
+        raise ValueError(f"alg_temp={alg_temp!r} must be >= 0 (0 = deterministic top-k selection)")
+    if not 0 < eps < 1:
+        raise ValueError(f"eps={eps!r} must lie in (0, 1) (the schedule runs from 1 down to eps)")
+    if not 0 < threshold <= 1:
+        raise ValueError(f"threshold={threshold!r} must lie in (0, 1]")
+    if not factor > 0:
+        raise ValueError(f"factor={factor!r} must be > 0")
+
+
+def _prepare_canvas(model, input_ids, attention_mask, lengths, mask_id) -> tuple[Tensor, Tensor]:
+    """Validate the canvas and return ``(x int64 (B, L), key mask bool (B, L))`` on the model device."""
+    if not isinstance(input_ids, Tensor) or input_ids.dim() != 2 or input_ids.numel() == 0:
+        raise ValueError("input_ids must be a non-empty 2-D (batch, length) tensor of token ids")
+    if input_ids.dtype not in (torch.int64, torch.int32):
+        raise TypeError(f"input_ids must hold int64 or int32 token ids, got {input_ids.dtype}")
+    dev = model.device
+    B, L = input_ids.shape
+    limit = model.config.max_position_embeddings
+    if L > limit:
+        raise ValueError(
+            f"canvas of {L} columns exceeds the model's limit of {limit} positions; keep its last {limit} tokens "
+            "(dinfill.sampler.diffusion.infill truncates the prefix for you)"
+        )
+    x = input_ids.to(dev, torch.int64).clone()  # (B, L) updated in place by the sampler
+    if attention_mask is not None and lengths is not None:
+        raise ValueError("pass attention_mask= or lengths=, not both")
+    if lengths is not None:
+        lengths = torch.as_tensor(lengths, device=dev).long().reshape(-1)
+        if lengths.shape != (B,):
+            raise ValueError(f"lengths must have one entry per row ({B}), got shape {tuple(lengths.shape)}")
+        am = torch.arange(L, device=dev).unsqueeze(0) < lengths.unsqueeze(1)  # (B, L) right padding
+    elif attention_mask is not None:
+        if tuple(attention_mask.shape) != (B, L):
+            raise ValueError(f"attention_mask must have shape ({B}, {L}), got {tuple(attention_mask.shape)}")
+        am = attention_mask.to(dev).bool()
+    else:
+        am = torch.ones(B, L, dtype=torch.bool, device=dev)
+    real = am.sum(1)  # (B,)
+    runs = (am[:, 1:] & ~am[:, :-1]).sum(1) + am[:, 0].long()  # (B,) starts of runs of ones
+    if bool((real == 0).any()) or bool((runs != 1).any()):
+        raise ValueError(
+            "attention_mask must hold exactly one contiguous run of ones per row (left and/or right padding only)"
+        )
+    vocab = model.config.vocab_size
+    ids = x[am]
+    if int(ids.min()) < 0 or int(ids.max()) >= vocab:
+        raise ValueError(
+            f"input_ids hold token ids outside the model's vocabulary [0, {vocab}): "
+            f"min {int(ids.min())}, max {int(ids.max())}; was the canvas built with another tokenizer?"
+        )
+    if not bool((ids == mask_id).any()):
+        raise ValueError(
+            f"the canvas holds no mask token (id {mask_id}) among its real tokens: nothing to generate; put "
+            "[MASK] * m where the middle goes (or check mask_id)"
+        )
+    return x, am
+
+
+def _variable_layout(x: Tensor, am: Tensor, mask_id: int) -> tuple[Tensor, Tensor, int]:
+    """Static ``(B, M)`` map of variable columns (masks at the start), ``-1`` padded, and their hidden index.
+
+    The hidden index applies the logit shift: the row at column ``j`` reads the hidden state of ``j - 1``,
+    or its own when ``j`` is the row's first real column (column 0 of the row alone).
+    """
+    B, L = x.shape
+    var = (x == mask_id) & am  # (B, L)
+    n_var = var.sum(1)  # (B,)
+    M = int(n_var.max())
+    cols = torch.arange(L, device=x.device).unsqueeze(0).expand(B, L)  # (B, L)
+    order = torch.where(var, cols, cols + L).argsort(dim=1)[:, :M]  # (B, M) variable columns first, ascending
+    valid = torch.arange(M, device=x.device).unsqueeze(0) < n_var.unsqueeze(1)  # (B, M)
+    positions = torch.where(valid, order, -1)  # (B, M)
+    first_real = am.to(torch.int8).argmax(dim=1, keepdim=True)  # (B, 1)
+    hidden = torch.maximum(order - 1, first_real)  # (B, M); always >= (first variable column - 1)
+    lowest = hidden[valid].min()  # padding rows read a column inside every window (their logits are ignored)
+    hidden = torch.where(valid, hidden, lowest)
+    return positions.contiguous(), hidden.contiguous(), M
+
+
+# --------------------------------------------------------------------------------------------------
+# instrumentation: NVTX ranges and a model/sampling timer without host syncs
+# --------------------------------------------------------------------------------------------------
+
+
+class _Ranges:
+    """NVTX ranges (for Nsight Systems) when asked; a no-op otherwise."""
+
+    def __init__(self, enabled: bool, device: torch.device):
+        self._push = self._pop = None
+        if not enabled:
+            return
+        try:
+            import nvtx as _nvtx
+
+            self._push, self._pop = (
+                (lambda name: _nvtx.push_range(name, domain="dinfill")),
+                (lambda: _nvtx.pop_range(domain="dinfill")),
+            )
+        except ImportError:
+            if device.type != "cuda":
+                raise RuntimeError("nvtx=True needs the `nvtx` package (pip install nvtx) or a CUDA device") from None
+            self._push, self._pop = torch.cuda.nvtx.range_push, torch.cuda.nvtx.range_pop
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        if self._push is None:
+            yield
+            return
+        self._push(name)
+        try:
+            yield
+        finally:
+            self._pop()
+
+
+class _Timer:
+    """Accumulates time per phase: CUDA events on the GPU (resolved once at the end), perf_counter on the CPU."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.totals: dict[str, float] = {}
+        self._events: list[tuple[str, Any, Any]] = []
+
+    @contextlib.contextmanager
+    def __call__(self, phase: str):
+        if self.cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            self._events.append((phase, start, end))
+        else:
+            t0 = time.perf_counter()
+            yield
+            self.totals[phase] = self.totals.get(phase, 0.0) + time.perf_counter() - t0
+
+    def resolve(self) -> dict[str, float]:
+        """Seconds per phase (synchronises once on CUDA)."""
+        if self._events:
+            self._events[-1][2].synchronize()
+            for phase, start, end in self._events:
+                self.totals[phase] = self.totals.get(phase, 0.0) + start.elapsed_time(end) / 1e3
+            self._events.clear()
+        return self.totals
+
+
+# --------------------------------------------------------------------------------------------------
+# the step machinery
+# --------------------------------------------------------------------------------------------------
+
+
+def _fused_step_fn() -> Callable[..., Tensor]:
+    from dinfill.kernels.fused_step import fused_step
+
+    return fused_step
+
+
+class _StepRunner:
+    """Static buffers plus the two halves of a step: ``forward(kind)`` and ``sample(kind)``.
+
+    Both halves only read and write tensors allocated here, so on CUDA each can be captured once as a
+    graph and replayed; the eager path calls exactly the same methods.
+    ``kind`` is ``"plain"`` (no cache), ``"full"`` (full forward that rewrites the dual cache) or
+    ``"window"`` (only the window of columns ``[lo, hi)`` against the cached keys/values).
+    """
+
+    def __init__(self, model, x, am, positions, hidden, fractions, *, mask_id, select, confidence, sampling, window):
+        dev = x.device
+        self.model, self.x, self.am, self.mask_id = model, x, am, mask_id
+        self.select, self.confidence, self.sampling = select, confidence, sampling
+        self.pos_ids = (am.long().cumsum(1) - 1).clamp(min=0)  # (B, L) real RoPE positions per row
+        self.positions, self.hidden = positions, hidden  # (B, M) each
+        self.valid = positions >= 0  # (B, M)
+        self.gather_cols = positions.clamp(min=0)  # (B, M)
+        self.fractions = fractions  # (steps,) fp32
+        self.step_idx = torch.zeros(1, dtype=torch.long, device=dev)  # device step counter
+        self.left_hist = torch.zeros(fractions.shape[0], dtype=torch.long, device=dev)  # masks left after step i
+        self.alive = torch.ones((), dtype=torch.bool, device=dev)
+        self.logits: dict[str, Tensor] = {}
+        self.cache = None
+        B, L = x.shape
+        self.cols_full = torch.arange(L, device=dev)
+        lo, hi = window
+        self.lo, self.hi = lo, hi
+        self.cols_win = torch.arange(lo, hi, device=dev)
+        self.hidden_win = (hidden - lo).contiguous()  # (B, M) index inside the window
+        self._fused_step = _fused_step_fn()
+
+    def forward(self, kind: str) -> None:
+        m = self.model
+        if kind == "plain":
+            out = m(self.x, causal=False, attention_mask=self.am, position_ids=self.pos_ids, logits_index=self.hidden)
+        elif kind == "full":
+            out = m(
+                self.x, causal=False, attention_mask=self.am, position_ids=self.pos_ids, cache=self.cache,
+                cache_pos=self.cols_full, logits_index=self.hidden,
+            )  # fmt: skip
+        else:
+            lo, hi = self.lo, self.hi
+            out = m(
+                self.x[:, lo:hi], causal=False, attention_mask=self.am, position_ids=self.pos_ids[:, lo:hi],
+                cache=self.cache, cache_pos=self.cols_win, logits_index=self.hidden_win,
+            )  # fmt: skip
+        self.logits[kind] = out  # (B, M, V) in the model dtype
+
+    def sample(self, kind: str, final: bool = False) -> None:
+        select = "topk" if final else self.select
+        frac = None  # threshold / factor decide from the confidences alone
+        if select in ("topk", "p2", "bernoulli"):
+            frac = self.fractions.index_select(0, self.step_idx).reshape(())  # 0-dim fp32, read on the device
+        self._fused_step(
+            self.logits[kind], self.x, self.positions, mask_id=self.mask_id, select=select,
+            confidence=self.confidence, fraction=frac, **self.sampling,
+        )  # fmt: skip
+        if "offset" in self.sampling:
+            self.sampling["offset"].add_(1)  # a fresh Philox stream for the next step (captured with the step)
+        left = ((self.x.gather(1, self.gather_cols) == self.mask_id) & self.valid).sum()  # masks left in the batch
+        self.left_hist.index_copy_(0, self.step_idx, left.reshape(1))
+        self.alive.copy_(left > 0)
+        self.step_idx.add_(1)
+
+    # ---- CUDA graphs -----------------------------------------------------------------------------
+
+    def _mutable(self) -> list[Tensor]:
+        state = [self.x, self.step_idx, self.left_hist, self.alive]
+        return state + [t for t in self.sampling.values() if isinstance(t, Tensor)]
+
+    def capture(self, kinds: Sequence[str], emulate: bool = False) -> dict[str, tuple[_Graph, _Graph]]:
+        """Warm up (on a side stream on CUDA), capture ``forward``/``sample`` per kind, restore the state.
+
+        ``emulate=True`` runs the same bookkeeping without CUDA: the "graphs" call the methods on replay,
+        which is how the CPU test-suite checks that warm-up and capture leave no trace in the results.
+        """
+        saved = [t.clone() for t in self._mutable()]
+        side = None if emulate else torch.cuda.Stream()
+        if side is not None:
+            side.wait_stream(torch.cuda.current_stream())
+        with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
+            for kind in kinds:
+                for _ in range(2):  # the first call may compile / allocate; the second runs like a replay
+                    self.forward(kind)
+                    self.step_idx.zero_()  # keep the step counter inside the schedule table
+                    self.sample(kind)
+        if side is not None:
+            torch.cuda.current_stream().wait_stream(side)
+        graphs = {}
+        for kind in kinds:
+            # the forward graph's output (self.logits[kind]) lives in its pool; the sample graph reads it
+            g_fwd = _Graph(lambda kind=kind: self.forward(kind), emulate)
+            g_smp = _Graph(lambda kind=kind: self.sample(kind), emulate)
+            graphs[kind] = (g_fwd, g_smp)
+        for t, s in zip(self._mutable(), saved, strict=True):
+            t.copy_(s)
+        return graphs
+
+
+class _Graph:
+    """``fn`` captured as a CUDA graph, or (``emulate``) a stand-in that calls ``fn`` at each replay."""
+
+    def __init__(self, fn: Callable[[], None], emulate: bool):
+        self.fn, self.graph = fn, None
+        if not emulate:
+            self.graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(self.graph):
+                fn()
+
+    def replay(self) -> None:
+        if self.graph is None:
+            self.fn()
+        else:
+            self.graph.replay()
+
+
+def _resolve_rng(generator, seed, device: torch.device, needs_rng: bool, graphs: bool) -> dict[str, Any]:
+    """Keyword arguments that give :func:`fused_step` its randomness.
+
+    Eager: the caller's ``torch.Generator`` (or the global RNG); the fused step draws from it every call.
+    CUDA graphs: a Philox key drawn once from that generator on the device (no sync) plus an offset tensor
+    that every captured step advances, so replays draw fresh numbers and the same seed gives the same run.
+    """
+    if generator is not None and seed is not None:
+        raise ValueError("pass generator= or seed=, not both")
+    if generator is not None and torch.device(generator.device).type != device.type:
+        raise ValueError(
+            f"generator lives on {generator.device} but the model on {device}: create it with "
+            f"torch.Generator(device={str(device)!r})"
+        )
+    if seed is not None:
+        generator = torch.Generator(device=device).manual_seed(int(seed))
+    if not needs_rng:
+        return {}
+    if not graphs:
+        return {"generator": generator}
+    key = torch.randint(0, 2**62, (1,), generator=generator, device=device)  # (1,) int64, stays on the device
+    return {"seed": key, "offset": torch.zeros(1, dtype=torch.long, device=device)}
+
+
+@torch.no_grad()
+def diffusion_generate(
+    model,
+    input_ids: Tensor,
+    *,
+    mask_id: int,
+    steps: int = 64,
+    alg: str = "p2",
+    temperature: float | Tensor = 0.0,
+    top_p: float | Tensor | None = None,
+    top_k: int | Tensor | None = None,
+    alg_temp: float = 0.0,
+    eps: float = 1e-3,
+    generator: torch.Generator | None = None,
+    seed: int | None = None,
+    cache: str = "none",
+    refresh: int = 8,
+    threshold: float = 0.9,
+    factor: float = 1.0,
+    attention_mask: Tensor | None = None,
+    lengths: Tensor | Sequence[int] | None = None,
+    cuda_graph: bool | str = True,
+    nvtx: bool = False,
+    early_stop_lag: int = 4,
+    history: bool = False,
+    return_stats: bool = False,
+) -> Tensor | tuple[Tensor, DiffusionStats]:
+    """Fill every mask of a canvas with a masked-diffusion LM (contract).
+
+    Parameters
+    ----------
+    model
+        A dinfill model with ``model.kind == "diffusion"`` (``dinfill.load_model(..., kind="diffusion")``).
+    input_ids : Tensor
+        ``(B, L)`` int64/int32 canvas; every ``mask_id`` among the real tokens is a position to generate.
+    mask_id : int
+        The mask token id (``tokenizer.mask_token_id``); must lie inside the model's vocabulary.
+    steps : int
+        Diffusion steps (>= 1). For ``threshold`` / ``factor`` the step budget.
+    alg : str
+        ``origin``, ``maskgit_plus``, ``topk_margin``, ``entropy``, ``p2`` (the reference algorithms) or
+        ``threshold`` / ``factor`` (Fast-dLLM parallel decoding); see docs/sampler-semantics.md.
+    temperature, top_p, top_k : float or Tensor
+        Token sampling: ``temperature == 0`` is greedy; top-p then top-k filtering. Scalars or per-row tensors.
+    alg_temp : float
+        Gumbel noise on the top-k selection keys (``maskgit_plus`` family); 0 = deterministic. Ignored by the
+        other algorithms, as in the reference.
+    eps : float
+        End of the time schedule ``linspace(1, eps, steps + 1)``.
+    generator, seed
+        Randomness for sampling, ``origin``'s reveal draws and ``alg_temp``: a ``torch.Generator`` on the model
+        device, or a seed to make one. Same seed, same inputs -> same tokens.
+    cache : str
+        ``"none"`` (exact) or ``"dual"`` (prefix/suffix K/V cached, only a window of columns recomputed).
+    refresh : int
+        Dual cache: steps between full forwards that rewrite the cache (1 = every step = exact).
+    threshold, factor : float
+        Parameters of ``alg="threshold"`` (confidence >= tau) and ``alg="factor"``.
+    attention_mask, lengths
+        Padded batches: a ``(B, L)`` key mask (one contiguous run of ones per row) or per-row real lengths
+        (right padding). Padding is never attended to and never generated.
+    cuda_graph : bool or "emulate"
+        On CUDA with the Triton fused step, replay each step's forward and sampling as captured CUDA graphs
+        (ignored elsewhere). ``"emulate"`` runs the graph path's warm-up, capture bookkeeping, seed/offset
+        randomness and replay loop with plain calls instead of graphs, on any device (for tests).
+    nvtx : bool
+        Emit NVTX ranges ``step`` / ``forward`` / ``sampling`` for Nsight Systems.
+    early_stop_lag : int
+        On CUDA, how many steps the host may run ahead of the "masks left" flag (>= 1).
+    history : bool
+        Keep a copy of the canvas after every step (in ``stats.history``; debugging, costs memory).
+    return_stats : bool
+        Also return a :class:`DiffusionStats`.
+
+    Returns
+    -------
+    Tensor or (Tensor, DiffusionStats)
+        The finished canvas, same shape, dtype and device as ``input_ids``.
+    """
+    t_start = time.perf_counter()
+    _check_model(model)
+    vocab = model.config.vocab_size
+    _check_options(
+        mask_id=mask_id, steps=steps, alg=alg, temperature=temperature, top_p=top_p, top_k=top_k, alg_temp=alg_temp,
+        eps=eps, cache=cache, refresh=refresh, threshold=threshold, factor=factor, vocab=vocab,
+    )  # fmt: skip
+    if isinstance(early_stop_lag, bool) or not isinstance(early_stop_lag, int) or early_stop_lag < 1:
+        raise ValueError(f"early_stop_lag must be an int >= 1, got {early_stop_lag!r}")
+    x, am = _prepare_canvas(model, input_ids, attention_mask, lengths, mask_id)
+    dev = x.device
+    B, L = x.shape
+    positions, hidden, M = _variable_layout(x, am, mask_id)
+    select, confidence = ALGORITHMS[alg]
+
+    # the window a dual-cache step recomputes: from the column before the first variable one to the last
+    valid_cols = positions[positions >= 0]
+    lo, hi = int(hidden.min()), int(valid_cols.max()) + 1
+    backend = "triton" if use_triton(dev) else "torch"
+    if cuda_graph not in (True, False, "emulate"):
+        raise ValueError(f"cuda_graph must be True, False or 'emulate', got {cuda_graph!r}")
+    # graphs need the Triton fused step: the torch path reads seeds and indexes with masks on the host
+    emulate = cuda_graph == "emulate"
+    use_graphs = emulate or (cuda_graph is True and dev.type == "cuda" and backend == "triton")
+    sampled = isinstance(temperature, Tensor) or temperature > 0
+    needs_rng = sampled or alg == "origin" or (alg_temp > 0 and select == "topk")
+    sampling = {
+        "temperature": temperature,
+        "top_p": top_p,
+        "top_k": top_k,
+        "threshold": threshold,
+        "factor": factor,
+        "alg_temp": alg_temp if select == "topk" else 0.0,
+    }
+    sampling.update(_resolve_rng(generator, seed, dev, needs_rng, use_graphs))
+    runner = _StepRunner(
+        model, x, am, positions, hidden, step_fractions(alg, steps, eps, dev), mask_id=mask_id, select=select,
+        confidence=confidence, sampling=sampling, window=(lo, hi),
+    )  # fmt: skip
+    kinds = ["plain"] if cache == "none" else ["full", "window"]
+    if cache == "dual":
+        runner.cache = model.new_cache(B, L)
+    stats = DiffusionStats(
+        alg=alg, cache=cache, refresh=refresh if cache == "dual" else 1, steps=steps, batch_size=B, canvas_len=L,
+        variable_rows=M, window=(lo, hi) if cache == "dual" else (0, L), cuda_graph=use_graphs and not emulate,
+    )  # fmt: skip
+    stats.backend = backend
+    ranges, timer = _Ranges(nvtx, dev), _Timer(dev)
+    graphs = runner.capture(kinds, emulate=emulate) if use_graphs else None
+    snapshots: list[Tensor] | None = [] if history else None
+
+    # early stop: lagged flag copies on CUDA (no pipeline drain), a direct read on the CPU
+    flags = torch.ones(steps, dtype=torch.bool, pin_memory=True) if dev.type == "cuda" else None
+    flag_events: list[Any] = [None] * steps
+    for i in range(steps):
+        if i > 0:
+            if flags is None:
+                if not bool(runner.alive):
+                    break
+            elif i >= early_stop_lag:
+                flag_events[i - early_stop_lag].synchronize()
+                if not bool(flags[i - early_stop_lag]):
+                    break
+        kind = "plain" if cache == "none" else ("full" if i % refresh == 0 else "window")
+        final = alg in _BUDGET_ALGS and i == steps - 1
+        with ranges("step"):
+            with ranges("forward"), timer("model"):
+                if graphs is not None:
+                    graphs[kind][0].replay()
+                else:
+                    runner.forward(kind)
+            with ranges("sampling"), timer("sampling"):
+                if graphs is not None and not final:
+                    graphs[kind][1].replay()
+                else:
+                    runner.sample(kind, final=final)
+        stats.steps_run += 1
+        stats.forward_passes += 1
+        stats.full_forwards += kind != "window"
+        stats.window_forwards += kind == "window"
+        stats.tokens_forwarded += B * (hi - lo if kind == "window" else L)
+        if flags is not None:
+            flags[i].copy_(runner.alive, non_blocking=True)
+            flag_events[i] = torch.cuda.Event()
+            flag_events[i].record()
+        if snapshots is not None:
+            snapshots.append(x.clone())
+
+    times = timer.resolve()
+    left = runner.left_hist[: stats.steps_run].tolist()
+    n_var = int((positions >= 0).sum())
+    stats.revealed_per_step = [a - b for a, b in zip([n_var] + left[:-1], left, strict=True)]
+    stats.masks_left = left[-1] if left else n_var
+    stats.time_model_s = times.get("model", 0.0)
+    stats.time_sampling_s = times.get("sampling", 0.0)
+    stats.history = [s.to(input_ids.device) for s in snapshots] if snapshots is not None else None
+    out = x.to(device=input_ids.device, dtype=input_ids.dtype)
+    stats.time_total_s = time.perf_counter() - t_start
+    return (out, stats) if return_stats else out
+
+
+# --------------------------------------------------------------------------------------------------
+# text level
+# --------------------------------------------------------------------------------------------------
+
+
+def infill(
+    model,
+    tokenizer,
+    prefixes: Sequence[str] | str,
+    suffixes: Sequence[str] | str,
+    *,
+    middles: Sequence[str] | str | None = None,
+    length: str = "oracle",
+    middle_tokens: int | None = None,
+    steps: int = 64,
+    alg: str = "p2",
+    max_length: int = 2048,
+    batch_size: int = 32,
+    cache: str = "none",
+    mask_id: int | None = None,
+    skip_special_tokens: bool = True,
+    return_stats: bool = False,
+    **options,
+) -> list[str] | tuple[list[str], list[DiffusionStats]]:
+    """Fill the middle between each prefix and suffix and return the decoded middles (contract).
+
+    The canvas is ``tokenizer(prefix, add_special_tokens=True) + [MASK] * m + tokenizer(suffix,
+    add_special_tokens=False)``, kept to its last ``min(max_length, model limit)`` tokens; the middle is sliced
+    at its true column after that truncation and decoded with ``skip_special_tokens``.
+
+    Parameters
+    ----------
+    model, tokenizer
+        A diffusion model and its tokenizer (with a mask token: ``dinfill.load_tokenizer(..., add_mask_token=True)``).
+    prefixes, suffixes : sequence of str (or one str)
+        The code before and after the hole; empty strings are valid.
+    middles : sequence of str, optional
+        True middles, needed by ``length="oracle"``.
+    length : str
+        ``"oracle"`` (``m`` = token length of the true middle), ``"fixed"`` (``m = middle_tokens``) or
+        ``"adaptive"`` (``middle_tokens`` masks, the result cut at the first end token: eos, pad, mask or any
+        special token; see :mod:`dinfill.sampler.canvas`).
+    middle_tokens : int, optional
+        Middle length for ``fixed``; maximum for ``adaptive`` (default 64 there).
+    steps, alg
+        See :func:`diffusion_generate`.
+    max_length : int
+        Canvas limit in tokens (the reference keeps the last 2048).
+    batch_size : int
+        Problems per model batch; problems are grouped by canvas length to limit padding.
+    cache : str
+        ``"none"`` or ``"dual"`` (then the batch uses the aligned layout: all middles start at one column).
+    mask_id : int, optional
+        Overrides ``tokenizer.mask_token_id``.
+    skip_special_tokens : bool
+        Passed to ``tokenizer.decode``.
+    return_stats : bool
+        Also return the :class:`DiffusionStats` of every batch.
+    **options
+        Everything else :func:`diffusion_generate` accepts (temperature, top_p, top_k, alg_temp, eps,
+        generator, seed, refresh, threshold, factor, cuda_graph, nvtx ...).
+
+    Returns
+    -------
+    list[str] or (list[str], list[DiffusionStats])
+        One middle per problem, in input order.
+    """
+    _check_model(model)
+    if isinstance(prefixes, str):
+        prefixes = [prefixes]
+    if isinstance(suffixes, str):
+        suffixes = [suffixes]
+    if isinstance(middles, str):
+        middles = [middles]
+    if len(prefixes) != len(suffixes):
+        raise ValueError(f"got {len(prefixes)} prefixes and {len(suffixes)} suffixes; pass one suffix per prefix")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
+    if mask_id is None:
+        mask_id = getattr(tokenizer, "mask_token_id", None)
+        if mask_id is None:
+            raise ValueError(
+                "the tokenizer has no mask token; load it with dinfill.load_tokenizer(path, add_mask_token=True) "
+                "or pass mask_id="
+            )
+    if length == "adaptive" and middle_tokens is None:
+        middle_tokens = 64  # HumanEval-Infill single-line middles are far shorter; multi-line ones mostly fit
+    limit = min(int(max_length), int(model.config.max_position_embeddings))
+    lens = middle_lengths(tokenizer, len(prefixes), length=length, middles=middles, middle_tokens=middle_tokens)
+    rows = tokenize_rows(tokenizer, prefixes, suffixes, lens, mask_id=mask_id, limit=limit)
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    pad_id = 0 if pad_id is None or pad_id >= model.config.vocab_size else int(pad_id)  # never attended to
+    ends = end_token_ids(tokenizer, mask_id) if length == "adaptive" else None
+
+    texts = [""] * len(rows)  # an empty oracle middle stays empty
+    todo = sorted((i for i, r in enumerate(rows) if r.middle_len > 0), key=lambda i: len(rows[i].ids))
+    all_stats: list[DiffusionStats] = []
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        batch = layout_rows(
+            [rows[i] for i in chunk], pad_id=pad_id, layout="aligned" if cache == "dual" else "right", limit=limit,
+            device=model.device,
+        )  # fmt: skip
+        out, stats = diffusion_generate(
+            model, batch.input_ids, attention_mask=batch.attention_mask, mask_id=mask_id, steps=steps, alg=alg,
+            cache=cache, return_stats=True, **options,
+        )  # fmt: skip
+        all_stats.append(stats)
+        for i, mid in zip(chunk, batch.middles(out), strict=True):
+            if ends is not None:
+                mid = trim_at_end(mid, ends)
+            texts[i] = tokenizer.decode(mid, skip_special_tokens=skip_special_tokens)
+    return (texts, all_stats) if return_stats else texts
+
+
+# --------------------------------------------------------------------------------------------------
+# benchmark: the reference loop against ours, same inputs, same process
+# --------------------------------------------------------------------------------------------------
+
+
+def benchmark(
+    model,
+    input_ids: Tensor,
+    *,
+    mask_id: int,
+    steps: int = 64,
+    alg: str = "p2",
+    reference_alg: str | None = None,
+    attention_mask: Tensor | None = None,
+    repeats: int = 3,
+    warmup: int = 1,
+    seed: int = 0,
+    **options,
+) -> dict[str, Any]:
+    """Time the plain reference loop and :func:`diffusion_generate` on the same canvas and return the ratio.
+
+    Parameters
+    ----------
+    model
+        A diffusion model.
+    input_ids : Tensor
+        ``(B, L)`` canvas (see :func:`synthetic_canvas` for HumanEval-Infill-like random ones).
+    mask_id, steps, alg
+        As in :func:`diffusion_generate`.
+    reference_alg : str, optional
+        Algorithm of the reference loop; default ``alg`` when the reference has it, else ``maskgit_plus``
+        (``threshold`` / ``factor`` exist only here).
+    attention_mask : Tensor, optional
+        Key mask of a padded batch (given to both loops).
+    repeats, warmup : int
+        Timed and untimed calls of each side; the median is reported.
+    seed : int
+        Seed of both loops' randomness (they never share a random stream, so sampled runs differ).
+    **options
+        Passed to :func:`diffusion_generate` (cache, refresh, threshold, temperature, top_p ...).
+
+    Returns
+    -------
+    dict
+        ``reference_s``, ``ours_s`` (median seconds per call), ``speedup`` (reference / ours), ``tokens_per_s``
+        for both (generated middle tokens per second), ``agreement`` (fraction of generated tokens equal
+        between the two outputs), ``stats`` (ours, last call) and the configuration.
+    """
+    from dinfill.sampler.reference_loop import reference_generate
+
+    _check_model(model)
+    if reference_alg is None:
+        reference_alg = alg if alg in ("origin", "maskgit_plus", "topk_margin", "entropy", "p2") else "maskgit_plus"
+    ref_keys = ("temperature", "top_p", "top_k", "alg_temp", "eps")
+    ref_options = {k: v for k, v in options.items() if k in ref_keys}
+    dev = model.device
+    input_ids = input_ids.to(dev)
+    am = attention_mask.to(dev) if attention_mask is not None else None
+    real = am.bool() if am is not None else torch.ones_like(input_ids, dtype=torch.bool)
+    generated = int(((input_ids == mask_id) & real).sum())
+
+    def sync() -> None:
+        if dev.type == "cuda":
+            torch.cuda.synchronize(dev)
+
+    def run_reference() -> Tensor:
+        g = torch.Generator(device=dev).manual_seed(seed)
+        return reference_generate(
+            model, input_ids, mask_id=mask_id, steps=steps, alg=reference_alg, attention_mask=am, generator=g,
+            **ref_options,
+        )  # fmt: skip
+
+    def run_ours() -> tuple[Tensor, DiffusionStats]:
+        return diffusion_generate(
+            model, input_ids, mask_id=mask_id, steps=steps, alg=alg, attention_mask=am, seed=seed, return_stats=True,
+            **options,
+        )  # fmt: skip
+
+    def timed(fn):
+        for _ in range(warmup):
+            fn()
+        times, result = [], None
+        for _ in range(repeats):
+            sync()
+            t0 = time.perf_counter()
+            result = fn()
+            sync()
+            times.append(time.perf_counter() - t0)
+        return sorted(times)[len(times) // 2], result
+
+    ref_s, ref_out = timed(run_reference)
+    ours_s, (our_out, stats) = timed(run_ours)
+    var = (input_ids == mask_id) & real
+    agreement = float((ref_out[var] == our_out[var]).float().mean()) if generated else math.nan
+    return {
+        "alg": alg,
+        "reference_alg": reference_alg,
+        "steps": steps,
+        "batch_size": int(input_ids.shape[0]),
+        "canvas_len": int(input_ids.shape[1]),
+        "generated_tokens": generated,
+        "options": {
+            k: (v if isinstance(v, (int, float, str, bool, type(None))) else str(v)) for k, v in options.items()
+        },
+        "reference_s": ref_s,
+        "ours_s": ours_s,
+        "speedup": ref_s / ours_s,
+        "reference_tokens_per_s": generated / ref_s,
+        "ours_tokens_per_s": generated / ours_s,
+        "agreement": agreement,
+        "stats": stats.to_dict(),
+        "device": str(dev),
+        "dtype": str(model.dtype).replace("torch.", ""),
+    }
+
+
+def synthetic_canvas(
+    vocab_size: int,
+    mask_id: int,
+    *,
+    batch_size: int = 1,
+    context: tuple[int, int] = (150, 400),
+    middle: tuple[int, int] = (8, 40),
+    layout: str = "right",
+    seed: int = 0,
+    device=None,
+):
+    """Random HumanEval-Infill-like canvases for benchmarks (random weights make content irrelevant).
+
+    Each row draws a prefix+suffix length uniformly from ``context`` (split at a random point) and a middle
+    length from ``middle`` (both inclusive), with token ids uniform in ``[0, vocab_size)`` except ``mask_id``.
+
+    Returns
+    -------
+    CanvasBatch
+        See :class:`dinfill.sampler.canvas.CanvasBatch` (``input_ids``, ``attention_mask``, middles).
+    """
+    from dinfill.sampler.canvas import build_row
+
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for _ in range(batch_size):
+        n_ctx = int(torch.randint(context[0], context[1] + 1, (1,), generator=g))
+        n_mid = int(torch.randint(middle[0], middle[1] + 1, (1,), generator=g))
+        n_pre = int(torch.randint(0, n_ctx + 1, (1,), generator=g))
+        ids = torch.randint(0, vocab_size - 1, (n_ctx,), generator=g)
+        ids = ids + (ids >= mask_id).long()  # skip the mask id
+        toks = ids.tolist()
+        rows.append(build_row(toks[:n_pre], toks[n_pre:], n_mid, mask_id, limit=n_ctx + n_mid))
+    return layout_rows(rows, pad_id=0, layout=layout, device=device)
