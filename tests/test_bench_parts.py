@@ -296,7 +296,7 @@ def test_unchecked_kernel_modules_are_reported(tmp_path):
     from dinfill.bench import gpu_check
 
     assert gpu_check.unchecked_kernel_modules() == []  # every kernel of the package has a check
-    (tmp_path / "fused_step.py").write_text("@triton.jit\ndef _k(): pass\n")
+    (tmp_path / "fused_step_kernel.py").write_text("@triton.jit\ndef _k(): pass\n")
     (tmp_path / "new_op.py").write_text("import triton\n@triton.jit\ndef _new_kernel(): pass\n")
     (tmp_path / "helpers.py").write_text("def plain(): pass\n")
     assert gpu_check.unchecked_kernel_modules(tmp_path) == ["new_op"]

@@ -328,7 +328,7 @@ class _Timer:
 
 
 def _fused_step_fn() -> Callable[..., Tensor]:
-    from dinfill.kernels.fused_step import fused_step
+    from dinfill.kernels import fused_step
 
     return fused_step
 
@@ -539,7 +539,7 @@ def diffusion_generate(
         (ignored elsewhere). ``"emulate"`` runs the graph path's warm-up, capture bookkeeping, seed/offset
         randomness and replay loop with plain calls instead of graphs, on any device (for tests).
     nvtx : bool
-        Emit NVTX ranges ``step`` / ``forward`` / ``sampling`` for Nsight Systems.
+        Emit NVTX ranges ``step`` / ``forward`` / ``fused step`` for Nsight Systems.
     early_stop_lag : int
         On CUDA, how many steps the host may run ahead of the "masks left" flag (>= 1).
     history : bool
@@ -623,7 +623,7 @@ def diffusion_generate(
                     graphs[kind][0].replay()
                 else:
                     runner.forward(kind)
-            with ranges("sampling"), timer("sampling"):
+            with ranges("fused step"), timer("sampling"):
                 if graphs is not None and not final:
                     graphs[kind][1].replay()
                 else:
