@@ -17,7 +17,10 @@ _COMMAND_MODULES = ("dinfill.sampler.cli", "dinfill.eval.cli", "dinfill.bench.cl
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
-    parser = argparse.ArgumentParser(prog="dinfill", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(
+        prog="dinfill",
+        description="Fast code infilling with diffusion and AR FIM models: infill, eval, score, bench, sweep, report.",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and decided")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:

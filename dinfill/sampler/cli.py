@@ -42,10 +42,8 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
 
 def sampler_options(args: argparse.Namespace, kind: str) -> dict:
     """The keyword options of ``dinfill.sampler.infill`` for a model of ``kind`` from parsed args."""
-    import torch
-
-    common = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k)
-    common["generator"] = torch.Generator().manual_seed(args.seed)
+    # a seed rather than a generator: each sampler seeds a generator on the model's own device
+    common = dict(temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, seed=args.seed)
     if kind == "diffusion":
         return dict(
             common, steps=args.steps, alg=args.alg, alg_temp=args.alg_temp, length=args.length,
