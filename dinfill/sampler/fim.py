@@ -16,6 +16,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from dinfill.eval.postprocess import RULES, PostProcess, first_line
+
 __all__ = [
     "FimFormat",
     "FimTokens",
@@ -95,7 +97,7 @@ _ALIASES = {
     "starcoder2": "starcoder2",
 }
 
-POSTPROCESS_RULES = ("none", "first_line", "stop_sequences")
+POSTPROCESS_RULES = RULES
 
 
 @dataclass(frozen=True)
@@ -259,17 +261,6 @@ def build_fim_prompts(
     ]
 
 
-def first_line(text: str) -> str:
-    """The ``first_line`` rule: the first line, or the second when ``text`` starts with ``"\\n"`` or ``" \\n"``.
-
-    Lines are split on ``"\\n"`` only; nothing is stripped (exact-match scoring strips afterwards).
-    """
-    lines = text.split("\n")
-    if text.startswith("\n") or text.startswith(" \n"):
-        return lines[1] if len(lines) > 1 else ""
-    return lines[0]
-
-
 def cut_at_stop(text: str, stop_sequences: Sequence[str]) -> tuple[str, bool]:
     """Cut ``text`` before the earliest occurrence of any stop sequence.
 
@@ -291,13 +282,16 @@ def cut_at_stop(text: str, stop_sequences: Sequence[str]) -> tuple[str, bool]:
 def postprocess(text: str, rule: str = "none", stop_sequences: Sequence[str] = ()) -> str:
     """Apply one post-processing rule of docs/sampler-semantics.md section 3 to a generated middle.
 
+    The rules themselves live in :mod:`dinfill.eval.postprocess` (one definition for sampling and scoring);
+    this is the keyword-style entry point.
+
     Parameters
     ----------
     text : str
         The generated middle.
     rule : {"none", "first_line", "stop_sequences"}
-        ``none``: unchanged; ``first_line``: :func:`first_line`; ``stop_sequences``: cut before the
-        first of ``stop_sequences`` (:func:`cut_at_stop`).
+        ``none``: unchanged; ``first_line``: the first line, or the second when ``text`` starts with
+        ``"\\n"`` or ``" \\n"``; ``stop_sequences``: cut before the first of ``stop_sequences``.
     stop_sequences : sequence of str
         Needed (non-empty) by ``stop_sequences``; ignored by the other rules.
 
@@ -308,14 +302,9 @@ def postprocess(text: str, rule: str = "none", stop_sequences: Sequence[str] = (
     """
     if not isinstance(text, str):
         raise ValueError(f"postprocess expects the middle as str, got {type(text).__name__}")
-    if rule == "none":
-        return text
-    if rule == "first_line":
-        return first_line(text)
-    if rule == "stop_sequences":
-        if isinstance(stop_sequences, str):
-            raise ValueError("stop_sequences must be a list of strings, e.g. ['\\ndef ', '\\nclass ']")
-        if not stop_sequences:
-            raise ValueError("rule='stop_sequences' needs at least one stop sequence; pass stop_sequences=[...]")
-        return cut_at_stop(text, stop_sequences)[0]
-    raise ValueError(f"unknown post-processing rule {rule!r}; use one of {POSTPROCESS_RULES}")
+    if isinstance(stop_sequences, str):
+        raise ValueError("stop_sequences must be a list of strings, e.g. ['\\ndef ', '\\nclass ']")
+    if rule == "stop_sequences" and not stop_sequences:
+        raise ValueError("rule='stop_sequences' needs at least one stop sequence; pass stop_sequences=[...]")
+    stops = tuple(stop_sequences) if rule == "stop_sequences" else ()
+    return PostProcess(rule, stops)(text)
