@@ -27,3 +27,13 @@ def shared_dir() -> pathlib.Path:
     if not (path / "tokenizers").is_dir():
         pytest.skip(f"{path}/tokenizers not found: these tests need the shared tokenizer files beside the repo")
     return path
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Run a module on one torch thread (tiny models gain nothing from intra-op threads, and on a shared
+    2-core machine two OpenMP threads spin-wait against other processes), then restore the count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

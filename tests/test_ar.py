@@ -22,14 +22,7 @@ FAMILIES = ("qwen2", "llama", "starcoder2")
 NEW = 20  # new tokens per row in the comparisons
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and on a loaded 2-core box OpenMP's spinning made a
-    48-wide linear 100x slower (7 ms instead of 30 us): run this module single-threaded, then restore."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _hf_generate(ref, rows, max_new, eos=None):

@@ -14,13 +14,7 @@ TOKENIZER = "/work/shared/tokenizers/qwen2.5-coder"
 LIMIT = 96  # the tiny model's position limit, so truncation is cheap to reach
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads; one thread keeps shared CI cores from spin-waiting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
