@@ -292,7 +292,8 @@ def test_dual_larger_refresh_reports_agreement(pair, alg):
     assert stats.tokens_forwarded == 2 * (47 * stats.full_forwards + 13 * stats.window_forwards)
     agreement = float((dual[~fixed] == none[~fixed]).float().mean())
     print(f"dual refresh=4 vs none, alg={alg}: agreement {agreement:.3f}")
-    assert 0.0 <= agreement <= 1.0
+    # dual is approximate, but a stale or misplaced cache scrambles most of the middle: require a majority
+    assert agreement >= 0.5, f"dual refresh=4 agrees with none on only {agreement:.0%} of the middle"
 
 
 def test_benchmark_runs_both_loops(pair):

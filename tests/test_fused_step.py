@@ -269,6 +269,21 @@ def test_inf_and_huge_logits(backend):
     assert x_out[0, positions[0, 1]].item() == V - 1
 
 
+def test_row_without_finite_logit_ranks_last(backend):
+    """A row whose logits are all -inf gets confidence -inf (not NaN), so the other rows still rank right."""
+    V = 111
+    gen = torch.Generator().manual_seed(11)
+    logits = distinct_logits(7, V, torch.float32, gen)
+    logits[2] = float("-inf")
+    x, positions = make_canvas(1, 7, 9, gen, masked=1.0)
+    for confidence in ("prob", "margin", "neg_entropy"):
+        for select, kw in (("topk", {"count": torch.tensor([3])}), ("p2", {"count": torch.tensor([2])})):
+            conf, x_out, conf_ref, x_ref = both(logits, x, positions, select=select, confidence=confidence, **kw)
+            assert conf[2].item() == float("-inf") and not torch.isnan(conf).any()
+            assert torch.equal(x_out, x_ref)
+            assert_conf_close(conf, conf_ref)
+
+
 def test_rows_with_nothing_masked(backend):
     B, M, L, V = 2, 7, 17, 111
     gen = torch.Generator().manual_seed(4)

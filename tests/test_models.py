@@ -243,3 +243,20 @@ def test_triton_attention_backend_equals_torch(monkeypatch):
         outs[backend] = (full[0], full[1, 4:], bidir[0], bidir[1, 4:], step)
     for a, b in zip(outs["torch"], outs["triton"], strict=True):
         _close(b, a)
+
+
+def test_llama_attention_bias_loads(tmp_path):
+    """Llama with attention_bias=True has biases on q/k/v *and* o_proj (as in transformers)."""
+    ref = hf_model("llama", seed=7, attention_bias=True)
+    assert ref.model.layers[0].self_attn.o_proj.bias is not None
+    ours = dinfill.load_model(str(save_checkpoint(ref, tmp_path)), device="cpu")
+    ids = torch.randint(3, 211, (2, 9))
+    _close(ours(ids, causal=True), ref(ids).logits)
+
+
+def test_qwen2_partial_sliding_window_is_refused():
+    cfg = hf_model("qwen2").config.to_dict()
+    with pytest.raises(ValueError, match="max_window_layers"):
+        ModelConfig.from_hf_dict({**cfg, "use_sliding_window": True, "sliding_window": 64, "max_window_layers": 2})
+    full = ModelConfig.from_hf_dict({**cfg, "use_sliding_window": True, "sliding_window": 64, "max_window_layers": 0})
+    assert full.sliding_window == 64

@@ -315,6 +315,8 @@ def _fused_step_row_kernel(
             conf = 1.0 / kept_sum - p_second
         else:
             conf = entropy
+        # no finite logit (max is -inf, sums are 0): confidence -inf, never NaN/inf, so the ranks stay sane
+        conf = tl.where((m1 > float("-inf")) & (conf == conf), conf, float("-inf"))
         sel_key = conf
         if NOISE != 0:
             two = tl.arange(0, 2).to(tl.uint32)
@@ -754,6 +756,7 @@ def fused_step_torch(
     else:
         conf = (probs * torch.log(probs.clamp_min(1e-10))).sum(dim=-1)
 
+    conf = torch.nan_to_num(conf, nan=float("-inf"))  # a row with no finite logit ranks last, never NaN
     pos = positions.to(torch.int64)  # (B, M)
     valid = (pos >= 0) & (pos < L)
     cur = x.gather(1, pos.clamp(0, max(L - 1, 0)))  # (B, M)

@@ -183,6 +183,7 @@ def sample_tokens_ref(
         conf = (probs * torch.log(probs.clamp_min(1e-10))).sum(dim=-1)
     else:
         raise ValueError(f"confidence={confidence!r} is not one of {CONFIDENCES}")
+    conf = torch.nan_to_num(conf, nan=float("-inf"))  # rule: a row with no finite logit has confidence -inf
     return conf, x0
 
 

@@ -69,8 +69,11 @@ class ModelConfig:
 
     @property
     def o_bias(self) -> bool:
-        """Whether the attention output projection has a bias (Starcoder2 with use_bias)."""
-        return self.model_type == "starcoder2" and self.attention_bias
+        """Whether the attention output projection has a bias (Starcoder2 with use_bias, Llama with attention_bias).
+
+        Qwen2 puts biases on q/k/v only, whatever the config says.
+        """
+        return self.model_type in ("starcoder2", "llama") and self.attention_bias
 
     def num_parameters(self) -> int:
         """Parameter count (tied embeddings counted once)."""
@@ -101,7 +104,17 @@ class ModelConfig:
             raise ValueError(f"unsupported RoPE scaling {rope_type!r}; dinfill implements 'default' and 'linear'")
         if model_type == "qwen2":
             attention_bias, mlp_bias, eps = True, False, cfg.get("rms_norm_eps", 1e-6)
-            window = cfg.get("sliding_window") if cfg.get("use_sliding_window") else None
+            window = None
+            if cfg.get("use_sliding_window"):
+                # HF applies Qwen2's window only to layers >= max_window_layers: per-layer windows are not
+                # implemented here, so accept only the case where no layer or every layer has it
+                first = int(cfg.get("max_window_layers", 0))
+                if 0 < first < int(cfg["num_hidden_layers"]):
+                    raise ValueError(
+                        f"Qwen2 sliding window on layers >= {first} only (max_window_layers) is not supported; "
+                        "dinfill applies one window to every layer"
+                    )
+                window = cfg.get("sliding_window") if first == 0 else None
         elif model_type == "llama":
             attention_bias = bool(cfg.get("attention_bias", False))
             mlp_bias, eps, window = bool(cfg.get("mlp_bias", False)), cfg.get("rms_norm_eps", 1e-6), None

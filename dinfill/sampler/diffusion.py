@@ -11,7 +11,9 @@ What the reference loop (Open-dLLM ``_mdm_sample``) spends its time on, and what
   that samples, scores, selects and writes the canvas in place;
 - a Python loop that syncs every step -> a loop with static shapes and no host sync: the variable rows form
   a fixed ``(B, M)`` layout, the per-step fraction is read from a device table by a device step counter,
-  and on CUDA the forward and the sampling of a step are replayed as captured CUDA graphs.
+  and on CUDA the forward and the sampling of a step are replayed as captured CUDA graphs. (This holds on
+  the Triton path, the CUDA default. The torch path of ``fused_step``, used on the CPU or with
+  ``DINFILL_BACKEND=torch``, reads a few values on the host each step and runs without graphs.)
 
 Exactness: with ``cache="none"``, an fp32 model and deterministic settings, the tokens equal the reference
 loop's (tested against a plain loop on transformers' own model). ``cache="dual"`` with ``refresh=1`` runs a
