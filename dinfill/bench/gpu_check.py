@@ -253,7 +253,7 @@ def _pytest(args: list[str], timeout: float, env: dict[str, str], log: Path) -> 
 def phase_kernel_tests(repo: Path, out_dir: Path, timeout: float) -> Outcome:
     """Phase 2: the kernel test files on CUDA."""
     files = sorted(
-        str(p) for p in (repo / "tests").glob("test_*.py") if re.match(r"test_(attention|fused_step)", p.name)
+        str(p) for p in (repo / "tests").glob("test_*.py") if re.match(r"test_(attention|fused_step|ar)", p.name)
     )
     out = Outcome("kernel tests")
     if not files:

@@ -12,6 +12,10 @@ temperature, top-p (nucleus) filter, top-k filter, softmax, argmax or sample. Tw
   caller's ``torch.Generator`` and replays the graph on it, so eager and graph runs give the same
   tokens.
 
+* The filter order is the spec's (top-p, then top-k), which transformers' ``generate`` reverses
+  (top-k, then top-p). With only one of the two set, or at temperature 0, they agree; with both set the
+  kept sets can differ, so a sampled comparison against ``generate`` should set just one of them.
+
 Greedy (``temperature == 0``) is exact argmax of the raw logits, which is what transformers'
 ``generate`` does; filters never change it because top-p and top-k always keep the top-1 token.
 The diffusion sampler uses its fused Triton kernel instead; these helpers are its plain reference
