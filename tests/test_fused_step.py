@@ -269,6 +269,9 @@ def test_inf_and_huge_logits(backend):
     assert x_out[0, positions[0, 1]].item() == V - 1
 
 
+# the interpreter computes with numpy, which warns about the -inf - -inf the kernel masks out afterwards
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
+@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
 def test_row_without_finite_logit_ranks_last(backend):
     """A row whose logits are all -inf gets confidence -inf (not NaN), so the other rows still rank right."""
     V = 111
