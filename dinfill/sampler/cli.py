@@ -37,7 +37,7 @@ def add_sampler_args(p: argparse.ArgumentParser) -> None:
     d.add_argument("--factor", type=float, default=1.0)
     a = p.add_argument_group("autoregressive")
     a.add_argument("--max-new-tokens", type=int, default=128)
-    a.add_argument("--stop", action="append", default=[], help="stop string (repeatable), e.g. --stop '\\n'")
+    a.add_argument("--stop", action="append", default=[], help="stop string (repeatable), e.g. --stop $'\\n' in bash")
 
 
 def sampler_options(args: argparse.Namespace, kind: str) -> dict:
