@@ -126,16 +126,9 @@ def append_records(path: str | os.PathLike, records: Iterable[dict[str, Any]]) -
 
 def read_records(path: str | os.PathLike) -> list[dict[str, Any]]:
     """Parse a results file; a malformed line is an error that names its line number."""
-    out = []
-    with Path(path).open(encoding="utf-8") as f:
-        for no, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{no}: not a JSON line ({err})") from err
-    return out
+    from dinfill.eval.datasets import read_jsonl
+
+    return read_jsonl(path)
 
 
 def _cell(value: Any) -> str:

@@ -251,8 +251,10 @@ def santacoder_file(
         raise _unavailable("SantaCoder-FIM", source, exc) from exc
 
 
-def _read_jsonl(path: Path) -> list[dict]:
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Rows of a JSONL file (gzipped when the name ends in ``.gz``); a bad line is an error naming it."""
     # The published files are gzipped JSONL; a user-made subset may be plain JSONL.
+    path = Path(path)
     opener = gzip.open if path.name.endswith(".gz") else open
     rows = []
     with opener(path, "rt", encoding="utf-8") as handle:
@@ -283,7 +285,7 @@ def load_humaneval(
     """Load HumanEval-Infilling problems in file order (see :func:`humaneval_file` for the sources)."""
     path = humaneval_file(subset, data, data_dir, download)
     problems = []
-    for number, row in enumerate(_read_jsonl(path), 1):
+    for number, row in enumerate(read_jsonl(path), 1):
         _require(row, HUMANEVAL_FIELDS, f"{path}: row {number}")
         problems.append(
             Problem(
@@ -314,7 +316,7 @@ def load_santacoder(
 
         rows = pq.read_table(path).to_pylist()
     else:
-        rows = _read_jsonl(path)
+        rows = read_jsonl(path)
     problems = []
     for number, row in enumerate(rows):
         _require(row, SANTACODER_FIELDS, f"{path}: row {number}")
