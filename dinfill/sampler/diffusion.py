@@ -43,6 +43,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -57,6 +58,17 @@ from dinfill.sampler.canvas import (
     middle_lengths,
     tokenize_rows,
     trim_at_end,
+)
+from dinfill.sampler.graphs import (
+    CaptureMeter,
+    Graph,
+    bucket_batch,
+    bucket_length,
+    bucket_rows,
+    bucket_steps,
+    graph_pool,
+    side_stream,
+    tensor_bytes,
 )
 
 __all__ = [
@@ -111,6 +123,8 @@ class DiffusionStats:
     time_sampling_s: float = 0.0
     time_total_s: float = 0.0
     cuda_graph: bool = False
+    graph_captured: bool = False  # this call built its bucket's graphs (False: replayed pooled ones, or no graphs)
+    graph_bucket: tuple[int, int, int, int] | None = None  # (batch, canvas, rows, window) padded shape, or None
     backend: str = "torch"
     history: list[Tensor] | None = None
 
@@ -119,6 +133,7 @@ class DiffusionStats:
         d = asdict(self)
         d.pop("history")
         d["window"] = list(self.window)
+        d["graph_bucket"] = list(self.graph_bucket) if self.graph_bucket is not None else None
         return d
 
 
@@ -237,21 +252,27 @@ def _prepare_canvas(model, input_ids, attention_mask, lengths, mask_id) -> tuple
 
 
 def _variable_layout(x: Tensor, am: Tensor, mask_id: int) -> tuple[Tensor, Tensor, int]:
-    """Static ``(B, M)`` map of variable columns (masks at the start), ``-1`` padded, and their hidden index.
+    """Static ``(B, Mb)`` map of variable columns (masks at the start), ``-1`` padded, and their hidden index.
 
-    The hidden index applies the logit shift: the row at column ``j`` reads the hidden state of ``j - 1``,
-    or its own when ``j`` is the row's first real column (column 0 of the row alone).
+    ``Mb`` is the row bucket of the largest count ``M`` (:func:`~dinfill.sampler.graphs.bucket_rows`), on every
+    path, so that logits row ``b * Mb + m`` (which keys its random stream) is the same whether or not a call
+    is later padded into a CUDA-graph bucket. The hidden index applies the logit shift: the row at column
+    ``j`` reads the hidden state of ``j - 1``, or its own when ``j`` is the row's first real column.
+    Returns ``(positions, hidden, M)``.
     """
     B, L = x.shape
     var = (x == mask_id) & am  # (B, L)
     n_var = var.sum(1)  # (B,)
     M = int(n_var.max())
+    Mb = bucket_rows(M)
     cols = torch.arange(L, device=x.device).unsqueeze(0).expand(B, L)  # (B, L)
-    order = torch.where(var, cols, cols + L).argsort(dim=1)[:, :M]  # (B, M) variable columns first, ascending
-    valid = torch.arange(M, device=x.device).unsqueeze(0) < n_var.unsqueeze(1)  # (B, M)
-    positions = torch.where(valid, order, -1)  # (B, M)
+    order = torch.where(var, cols, cols + L).argsort(dim=1)[:, :Mb]  # (B, <=Mb) variable columns first, ascending
+    if order.shape[1] < Mb:  # a canvas narrower than the row bucket
+        order = torch.cat([order, order.new_zeros(B, Mb - order.shape[1])], dim=1)
+    valid = torch.arange(Mb, device=x.device).unsqueeze(0) < n_var.unsqueeze(1)  # (B, Mb)
+    positions = torch.where(valid, order, -1)  # (B, Mb)
     first_real = am.to(torch.int8).argmax(dim=1, keepdim=True)  # (B, 1)
-    hidden = torch.maximum(order - 1, first_real)  # (B, M); always >= (first variable column - 1)
+    hidden = torch.maximum(order - 1, first_real)  # (B, Mb); always >= (first variable column - 1)
     lowest = hidden[valid].min()  # padding rows read a column inside every window (their logits are ignored)
     hidden = torch.where(valid, hidden, lowest)
     return positions.contiguous(), hidden.contiguous(), M
@@ -335,36 +356,123 @@ def _fused_step_fn() -> Callable[..., Tensor]:
     return fused_step
 
 
-class _StepRunner:
-    """Static buffers plus the two halves of a step: ``forward(kind)`` and ``sample(kind)``.
+@dataclass(frozen=True)
+class _SamplingSpec:
+    """The sampling settings that change the captured code (part of a graph bucket's key).
 
-    Both halves only read and write tensors allocated here, so on CUDA each can be captured once as a
-    graph and replayed; the eager path calls exactly the same methods.
-    ``kind`` is ``"plain"`` (no cache), ``"full"`` (full forward that rewrites the dual cache) or
-    ``"window"`` (only the window of columns ``[lo, hi)`` against the cached keys/values).
+    Their values (temperature, top-p, top-k, the seed) are loaded into device tensors per call instead.
+    ``threshold``, ``factor`` and ``alg_temp`` are Python floats of :func:`fused_step` and therefore keyed.
     """
 
-    def __init__(self, model, x, am, positions, hidden, fractions, *, mask_id, select, confidence, sampling, window):
-        dev = x.device
-        self.model, self.x, self.am, self.mask_id = model, x, am, mask_id
-        self.select, self.confidence, self.sampling = select, confidence, sampling
-        self.pos_ids = (am.long().cumsum(1) - 1).clamp(min=0)  # (B, L) real RoPE positions per row
-        self.positions, self.hidden = positions, hidden  # (B, M) each
-        self.valid = positions >= 0  # (B, M)
-        self.gather_cols = positions.clamp(min=0)  # (B, M)
-        self.fractions = fractions  # (steps,) fp32
-        self.step_idx = torch.zeros(1, dtype=torch.long, device=dev)  # device step counter
-        self.left_hist = torch.zeros(fractions.shape[0], dtype=torch.long, device=dev)  # masks left after step i
+    sampled: bool
+    top_p: bool
+    top_k: bool
+    needs_rng: bool
+    threshold: float
+    factor: float
+    alg_temp: float
+
+
+class _StepRunner:
+    """Static buffers of one shape plus the two halves of a step: ``forward(kind)`` and ``sample(kind)``.
+
+    Both halves only read and write tensors allocated here, so on CUDA each is captured once as a graph and
+    replayed, across calls: :meth:`load` copies a call's canvas, layout, schedule and sampling values into
+    the buffers (padding the call up to the buffers' shape). The eager path runs the same methods on buffers
+    of the call's exact shape. ``kind`` is ``"plain"`` (no cache), ``"full"`` (full forward that rewrites the
+    dual cache) or ``"window"`` (only the ``W`` window columns against the cached keys/values).
+    """
+
+    def __init__(self, model, B, L, M, W, *, dual, steps_cap, mask_id, select, confidence, spec: _SamplingSpec):
+        dev = model.device
+        as_long = dict(dtype=torch.long, device=dev)
+        self._model = weakref.ref(model)  # the pool must not keep a model alive (its death frees the entry)
+        self.mask_id, self.select, self.confidence = mask_id, select, confidence
+        self.shape = (B, L, M, W)
+        self.x = torch.zeros(B, L, **as_long)  # (B, L) the canvas, updated in place by the sampler
+        self.am = torch.zeros(B, L, dtype=torch.bool, device=dev)  # (B, L) real key columns
+        self.pos_ids = torch.zeros(B, L, **as_long)  # (B, L) real RoPE positions per row
+        self.positions = torch.full((B, M), -1, **as_long)  # (B, M) variable columns, -1 = padding row
+        self.hidden = torch.zeros(B, M, **as_long)  # (B, M) hidden column each row reads (logit shift)
+        self.valid = torch.zeros(B, M, dtype=torch.bool, device=dev)
+        self.gather_cols = torch.zeros(B, M, **as_long)
+        self.hidden_win = torch.zeros(B, M, **as_long)  # (B, M) the same index inside the window
+        self.cols_full = torch.arange(L, device=dev)  # (L,)
+        self.cols_win = torch.arange(W, device=dev)  # (W,) window columns lo + arange(W), loaded per call
+        self.fractions = torch.zeros(steps_cap, dtype=torch.float32, device=dev)  # per-step schedule table
+        self.step_idx = torch.zeros(1, **as_long)  # device step counter
+        self.left_hist = torch.zeros(steps_cap, **as_long)  # masks left after step i
         self.alive = torch.ones((), dtype=torch.bool, device=dev)
+        rows = B * M
+        self.sampling: dict[str, Any] = {
+            "temperature": torch.zeros(rows, dtype=torch.float32, device=dev) if spec.sampled else 0.0,
+            "top_p": torch.ones(rows, dtype=torch.float32, device=dev) if spec.top_p else None,
+            "top_k": torch.zeros(rows, **as_long) if spec.top_k else None,
+            "threshold": spec.threshold,
+            "factor": spec.factor,
+            "alg_temp": spec.alg_temp,
+        }
+        if spec.needs_rng:  # a Philox key and a stream offset that every step advances on the device
+            self.sampling.update(seed=torch.zeros(1, **as_long), offset=torch.zeros(1, **as_long))
+        self.cache = model.new_cache(B, L) if dual else None
         self.logits: dict[str, Tensor] = {}
-        self.cache = None
-        B, L = x.shape
-        self.cols_full = torch.arange(L, device=dev)
-        lo, hi = window
-        self.lo, self.hi = lo, hi
-        self.cols_win = torch.arange(lo, hi, device=dev)
-        self.hidden_win = (hidden - lo).contiguous()  # (B, M) index inside the window
+        self.graphs: dict[str, tuple[Graph, Graph]] | None = None
         self._fused_step = _fused_step_fn()
+
+    @property
+    def model(self):
+        return self._model()
+
+    def buffers(self) -> list[Tensor]:
+        """Every static tensor (for the memory report)."""
+        out = [v for v in vars(self).values() if isinstance(v, Tensor)]
+        out += [t for t in self.sampling.values() if isinstance(t, Tensor)]
+        if self.cache is not None:
+            out += self.cache.k + self.cache.v
+        return out
+
+    def load(self, x, am, positions, hidden, lo: int, fractions: Tensor, values: dict[str, Any]) -> None:
+        """Copy one call into the buffers: real rows and columns first, padding after.
+
+        Padding columns are masked keys holding token 0; padding batch rows are copies of row 0 (so every
+        row stays well formed) with no variable rows, so nothing in them is ever written or counted.
+        """
+        B, L = x.shape
+        Bb, Lb, Mb, W = self.shape
+        self.x[:B, :L].copy_(x)
+        self.x[:B, L:].zero_()
+        self.am[:B, :L].copy_(am)
+        self.am[:B, L:] = False
+        if Bb > B:
+            self.x[B:].copy_(self.x[:1].expand(Bb - B, Lb))
+            self.am[B:].copy_(self.am[:1].expand(Bb - B, Lb))
+        self.pos_ids.copy_((self.am.long().cumsum(1) - 1).clamp(min=0))
+        self.positions.fill_(-1)
+        self.positions[:B].copy_(positions)
+        self.hidden.fill_(lo)
+        self.hidden[:B].copy_(hidden)
+        self.valid.copy_(self.positions >= 0)
+        self.gather_cols.copy_(self.positions.clamp(min=0))
+        self.hidden_win.copy_(self.hidden - lo)
+        self.cols_win.copy_(torch.arange(lo, lo + W, device=x.device))
+        self.fractions.zero_()
+        self.fractions[: fractions.shape[0]].copy_(fractions)
+        self.step_idx.zero_()
+        self.left_hist.zero_()
+        self.alive.fill_(True)
+        for name in ("temperature", "top_p", "top_k"):
+            buf = self.sampling[name]
+            if isinstance(buf, Tensor):
+                value = values[name]
+                per_row = buf.view(Bb, Mb)
+                per_row.fill_(0 if name != "top_p" else 1)  # padding rows: greedy, unfiltered
+                if isinstance(value, Tensor) and value.dim() == 1:  # (B,) one value per sequence
+                    per_row[:B].copy_(value.to(buf.dtype).view(B, 1).expand(B, Mb))
+                else:
+                    per_row[:B].fill_(value)
+        if "seed" in self.sampling:
+            self.sampling["seed"].copy_(values["seed"])
+            self.sampling["offset"].zero_()
 
     def forward(self, kind: str) -> None:
         m = self.model
@@ -375,11 +483,11 @@ class _StepRunner:
                 self.x, causal=False, attention_mask=self.am, position_ids=self.pos_ids, cache=self.cache,
                 cache_pos=self.cols_full, logits_index=self.hidden,
             )  # fmt: skip
-        else:
-            lo, hi = self.lo, self.hi
+        else:  # the window's columns come from a device tensor, so one graph serves every window start
             out = m(
-                self.x[:, lo:hi], causal=False, attention_mask=self.am, position_ids=self.pos_ids[:, lo:hi],
-                cache=self.cache, cache_pos=self.cols_win, logits_index=self.hidden_win,
+                self.x.index_select(1, self.cols_win), causal=False, attention_mask=self.am,
+                position_ids=self.pos_ids.index_select(1, self.cols_win), cache=self.cache, cache_pos=self.cols_win,
+                logits_index=self.hidden_win,
             )  # fmt: skip
         self.logits[kind] = out  # (B, M, V) in the model dtype
 
@@ -405,58 +513,37 @@ class _StepRunner:
         state = [self.x, self.step_idx, self.left_hist, self.alive]
         return state + [t for t in self.sampling.values() if isinstance(t, Tensor)]
 
-    def capture(self, kinds: Sequence[str], emulate: bool = False) -> dict[str, tuple[_Graph, _Graph]]:
+    def capture(self, kinds: Sequence[str], emulate: bool = False) -> int:
         """Warm up (on a side stream on CUDA), capture ``forward``/``sample`` per kind, restore the state.
 
-        ``emulate=True`` runs the same bookkeeping without CUDA: the "graphs" call the methods on replay,
-        which is how the CPU test-suite checks that warm-up and capture leave no trace in the results.
+        Needs a loaded call (the warm-up runs real steps on it). ``emulate=True`` runs the same bookkeeping
+        without CUDA: the "graphs" call the methods on replay. Returns the number of graphs.
         """
         saved = [t.clone() for t in self._mutable()]
-        side = None if emulate else torch.cuda.Stream()
-        if side is not None:
-            side.wait_stream(torch.cuda.current_stream())
-        with contextlib.nullcontext() if side is None else torch.cuda.stream(side):
+        with side_stream(emulate):
             for kind in kinds:
                 for _ in range(2):  # the first call may compile / allocate; the second runs like a replay
                     self.forward(kind)
                     self.step_idx.zero_()  # keep the step counter inside the schedule table
                     self.sample(kind)
-        if side is not None:
-            torch.cuda.current_stream().wait_stream(side)
+        pool = None if emulate else torch.cuda.graph_pool_handle()  # the bucket's graphs share one memory pool
         graphs = {}
         for kind in kinds:
-            # the forward graph's output (self.logits[kind]) lives in its pool; the sample graph reads it
-            g_fwd = _Graph(lambda kind=kind: self.forward(kind), emulate)
-            g_smp = _Graph(lambda kind=kind: self.sample(kind), emulate)
+            # the forward graph's output (self.logits[kind]) lives in the pool; the sample graph reads it
+            g_fwd = Graph(lambda kind=kind: self.forward(kind), emulate=emulate, pool=pool)
+            g_smp = Graph(lambda kind=kind: self.sample(kind), emulate=emulate, pool=pool)
             graphs[kind] = (g_fwd, g_smp)
         for t, s in zip(self._mutable(), saved, strict=True):
             t.copy_(s)
-        return graphs
+        self.graphs = graphs
+        return 2 * len(kinds)
 
 
-class _Graph:
-    """``fn`` captured as a CUDA graph, or (``emulate``) a stand-in that calls ``fn`` at each replay."""
+def _resolve_rng(generator, seed, device: torch.device, needs_rng: bool) -> Tensor | None:
+    """The ``(1,)`` int64 Philox key of a call, drawn on the device (no sync) from the generator or seed.
 
-    def __init__(self, fn: Callable[[], None], emulate: bool):
-        self.fn, self.graph = fn, None
-        if not emulate:
-            self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph):
-                fn()
-
-    def replay(self) -> None:
-        if self.graph is None:
-            self.fn()
-        else:
-            self.graph.replay()
-
-
-def _resolve_rng(generator, seed, device: torch.device, needs_rng: bool, graphs: bool) -> dict[str, Any]:
-    """Keyword arguments that give :func:`fused_step` its randomness.
-
-    Eager: the caller's ``torch.Generator`` (or the global RNG); the fused step draws from it every call.
-    CUDA graphs: a Philox key drawn once from that generator on the device (no sync) plus an offset tensor
-    that every captured step advances, so replays draw fresh numbers and the same seed gives the same run.
+    Every path (eager, emulated, CUDA graphs) samples from this key plus a step offset, so the same seed gives
+    the same tokens on all of them, and a logits row's stream depends only on its row index.
     """
     if generator is not None and seed is not None:
         raise ValueError("pass generator= or seed=, not both")
@@ -468,11 +555,19 @@ def _resolve_rng(generator, seed, device: torch.device, needs_rng: bool, graphs:
     if seed is not None:
         generator = torch.Generator(device=device).manual_seed(int(seed))
     if not needs_rng:
-        return {}
-    if not graphs:
-        return {"generator": generator}
-    key = torch.randint(0, 2**62, (1,), generator=generator, device=device)  # (1,) int64, stays on the device
-    return {"seed": key, "offset": torch.zeros(1, dtype=torch.long, device=device)}
+        return None
+    return torch.randint(0, 2**62, (1,), generator=generator, device=device)  # (1,) int64, stays on the device
+
+
+def _check_value_tensor(name: str, value: Any, B: int, device: torch.device) -> None:
+    """A tensor-valued temperature / top-p / top-k is 0-dim or one value per sequence ``(B,)``."""
+    if isinstance(value, Tensor) and (value.dim() > 1 or (value.dim() == 1 and value.shape[0] != B)):
+        raise ValueError(
+            f"{name} tensor has shape {tuple(value.shape)}; pass a float, a 0-dim tensor or one value per "
+            f"sequence ({B},)"
+        )
+    if isinstance(value, Tensor) and value.device != device:
+        raise ValueError(f"{name} is on {value.device} but the model on {device}; move it to {device}")
 
 
 @torch.no_grad()
@@ -518,7 +613,8 @@ def diffusion_generate(
         ``origin``, ``maskgit_plus``, ``topk_margin``, ``entropy``, ``p2`` (the reference algorithms) or
         ``threshold`` / ``factor`` (Fast-dLLM parallel decoding); see docs/sampler-semantics.md.
     temperature, top_p, top_k : float or Tensor
-        Token sampling: ``temperature == 0`` is greedy; top-p then top-k filtering. Scalars or per-row tensors.
+        Token sampling: ``temperature == 0`` is greedy; top-p then top-k filtering. Scalars, 0-dim tensors
+        or one value per sequence ``(B,)`` (a tensor temperature always samples; its zero rows are greedy).
     alg_temp : float
         Gumbel noise on the top-k selection keys (``maskgit_plus`` family); 0 = deterministic. Ignored by the
         other algorithms, as in the reference.
@@ -526,7 +622,8 @@ def diffusion_generate(
         End of the time schedule ``linspace(1, eps, steps + 1)``.
     generator, seed
         Randomness for sampling, ``origin``'s reveal draws and ``alg_temp``: a ``torch.Generator`` on the model
-        device, or a seed to make one. Same seed, same inputs -> same tokens.
+        device, or a seed to make one (one Philox key is drawn from it per call). Same seed, same inputs ->
+        same tokens, with or without CUDA graphs.
     cache : str
         ``"none"`` (exact) or ``"dual"`` (prefix/suffix K/V cached, only a window of columns recomputed).
     refresh : int
@@ -537,9 +634,11 @@ def diffusion_generate(
         Padded batches: a ``(B, L)`` key mask (one contiguous run of ones per row) or per-row real lengths
         (right padding). Padding is never attended to and never generated.
     cuda_graph : bool or "emulate"
-        On CUDA with the Triton fused step, replay each step's forward and sampling as captured CUDA graphs
-        (ignored elsewhere). ``"emulate"`` runs the graph path's warm-up, capture bookkeeping, seed/offset
-        randomness and replay loop with plain calls instead of graphs, on any device (for tests).
+        On CUDA with the Triton fused step, replay each step's forward and sampling as CUDA graphs kept in
+        the process-wide pool of :mod:`dinfill.sampler.graphs`: the call is padded up to its shape bucket and
+        the first call of a bucket captures (ignored elsewhere). ``"emulate"`` runs the same pool, padding,
+        warm-up, capture bookkeeping and replay loop with plain calls instead of graphs, on any device (for
+        tests).
     nvtx : bool
         Emit NVTX ranges ``step`` / ``forward`` / ``fused step`` for Nsight Systems.
     early_stop_lag : int
@@ -563,46 +662,80 @@ def diffusion_generate(
     )  # fmt: skip
     if isinstance(early_stop_lag, bool) or not isinstance(early_stop_lag, int) or early_stop_lag < 1:
         raise ValueError(f"early_stop_lag must be an int >= 1, got {early_stop_lag!r}")
+    if cuda_graph not in (True, False, "emulate"):
+        raise ValueError(f"cuda_graph must be True, False or 'emulate', got {cuda_graph!r}")
     x, am = _prepare_canvas(model, input_ids, attention_mask, lengths, mask_id)
     dev = x.device
     B, L = x.shape
-    positions, hidden, M = _variable_layout(x, am, mask_id)
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)):
+        _check_value_tensor(name, value, B, dev)
+    positions, hidden, _ = _variable_layout(x, am, mask_id)  # (B, Mb) each
+    Mb = positions.shape[1]
     select, confidence = ALGORITHMS[alg]
 
-    # the window a dual-cache step recomputes: from the column before the first variable one to the last
+    # the window a dual-cache step recomputes: from the column before the first variable one, W columns wide
+    # (the span to the last variable column rounded up to a row bucket, on every path, so that a call padded
+    # into a graph bucket recomputes exactly the real columns the unpadded call does)
     valid_cols = positions[positions >= 0]
     lo, hi = int(hidden.min()), int(valid_cols.max()) + 1
+    W = bucket_rows(hi - lo) if cache == "dual" else 0
     backend = "triton" if use_triton(dev) else "torch"
-    if cuda_graph not in (True, False, "emulate"):
-        raise ValueError(f"cuda_graph must be True, False or 'emulate', got {cuda_graph!r}")
     # graphs need the Triton fused step: the torch path reads seeds and indexes with masks on the host
     emulate = cuda_graph == "emulate"
     use_graphs = emulate or (cuda_graph is True and dev.type == "cuda" and backend == "triton")
     sampled = isinstance(temperature, Tensor) or temperature > 0
-    needs_rng = sampled or alg == "origin" or (alg_temp > 0 and select == "topk")
-    sampling = {
-        "temperature": temperature,
-        "top_p": top_p,
-        "top_k": top_k,
-        "threshold": threshold,
-        "factor": factor,
-        "alg_temp": alg_temp if select == "topk" else 0.0,
-    }
-    sampling.update(_resolve_rng(generator, seed, dev, needs_rng, use_graphs))
-    runner = _StepRunner(
-        model, x, am, positions, hidden, step_fractions(alg, steps, eps, dev), mask_id=mask_id, select=select,
-        confidence=confidence, sampling=sampling, window=(lo, hi),
-    )  # fmt: skip
+    spec = _SamplingSpec(
+        sampled=sampled,
+        top_p=isinstance(top_p, Tensor) or (top_p is not None and top_p < 1),
+        top_k=isinstance(top_k, Tensor) or top_k is not None,
+        needs_rng=sampled or alg == "origin" or (alg_temp > 0 and select == "topk"),
+        threshold=float(threshold),
+        factor=float(factor),
+        alg_temp=float(alg_temp) if select == "topk" else 0.0,
+    )
+    values = {"temperature": temperature, "top_p": top_p, "top_k": top_k,
+              "seed": _resolve_rng(generator, seed, dev, spec.needs_rng)}  # fmt: skip
+    steps_cap = bucket_steps(steps)
     kinds = ["plain"] if cache == "none" else ["full", "window"]
-    if cache == "dual":
-        runner.cache = model.new_cache(B, L)
+    limit = model.config.max_position_embeddings
+    fractions = step_fractions(alg, steps, eps, dev)
+    captured, bucket = False, None
+    if use_graphs:
+        Bb = bucket_batch(B)
+        Lb = bucket_length(max(L, lo + W), limit)
+        Wb = min(W, Lb - lo)
+        bucket = (Bb, Lb, Mb, Wb)
+        key = ("diffusion", "emulate" if emulate else "cuda", backend, str(dev), str(model.dtype),
+               _param_signature(model), bucket, cache, steps_cap, select, confidence, mask_id, spec)  # fmt: skip
+        pool = graph_pool()
+        runner = pool.lookup(model, key)
+        if runner is None:
+            meter = CaptureMeter(dev)
+            runner = _StepRunner(model, Bb, Lb, Mb, Wb, dual=cache == "dual", steps_cap=steps_cap, mask_id=mask_id,
+                                 select=select, confidence=confidence, spec=spec)  # fmt: skip
+            runner.load(x, am, positions, hidden, lo, fractions, values)
+            n_graphs = runner.capture(kinds, emulate=emulate)
+            seconds, reserved = meter.done()
+            static = tensor_bytes(runner.buffers())
+            pool.insert(model, key, runner, static_bytes=static, graph_bytes=None if reserved is None else
+                        max(0, reserved - static), graphs=n_graphs, capture_s=seconds, kind="diffusion",
+                        bucket=bucket)  # fmt: skip
+            captured = True
+        else:
+            runner.load(x, am, positions, hidden, lo, fractions, values)
+    else:
+        runner = _StepRunner(model, B, L, Mb, min(W, L - lo), dual=cache == "dual", steps_cap=steps_cap,
+                             mask_id=mask_id, select=select, confidence=confidence, spec=spec)  # fmt: skip
+        runner.load(x, am, positions, hidden, lo, fractions, values)
+    graphs = runner.graphs if use_graphs else None
+    W_real = min(W, L - lo)
     stats = DiffusionStats(
         alg=alg, cache=cache, refresh=refresh if cache == "dual" else 1, steps=steps, batch_size=B, canvas_len=L,
-        variable_rows=M, window=(lo, hi) if cache == "dual" else (0, L), cuda_graph=use_graphs and not emulate,
+        variable_rows=Mb, window=(lo, lo + W_real) if cache == "dual" else (0, L),
+        cuda_graph=use_graphs and not emulate, graph_captured=captured, graph_bucket=bucket,
     )  # fmt: skip
     stats.backend = backend
     ranges, timer = _Ranges(nvtx, dev), _Timer(dev)
-    graphs = runner.capture(kinds, emulate=emulate) if use_graphs else None
     snapshots: list[Tensor] | None = [] if history else None
 
     # early stop: lagged flag copies on CUDA (no pipeline drain), a direct read on the CPU
@@ -634,13 +767,13 @@ def diffusion_generate(
         stats.forward_passes += 1
         stats.full_forwards += kind != "window"
         stats.window_forwards += kind == "window"
-        stats.tokens_forwarded += B * (hi - lo if kind == "window" else L)
+        stats.tokens_forwarded += B * (W_real if kind == "window" else L)
         if flags is not None:
             flags[i].copy_(runner.alive, non_blocking=True)
             flag_events[i] = torch.cuda.Event()
             flag_events[i].record()
         if snapshots is not None:
-            snapshots.append(x.clone())
+            snapshots.append(runner.x[:B, :L].clone())
 
     times = timer.resolve()
     left = runner.left_hist[: stats.steps_run].tolist()
@@ -650,9 +783,15 @@ def diffusion_generate(
     stats.time_model_s = times.get("model", 0.0)
     stats.time_sampling_s = times.get("sampling", 0.0)
     stats.history = [s.to(input_ids.device) for s in snapshots] if snapshots is not None else None
-    out = x.to(device=input_ids.device, dtype=input_ids.dtype)
+    out = runner.x[:B, :L].to(device=input_ids.device, dtype=input_ids.dtype, copy=True)
     stats.time_total_s = time.perf_counter() - t_start
     return (out, stats) if return_stats else out
+
+
+def _param_signature(model) -> tuple[int, ...]:
+    """Where the model's first and last parameters live: moving or re-allocating them changes the key."""
+    params = list(model.parameters())
+    return (len(params), params[0].data_ptr(), params[-1].data_ptr()) if params else (0,)
 
 
 # --------------------------------------------------------------------------------------------------

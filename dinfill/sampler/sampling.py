@@ -58,7 +58,7 @@ def check_sampling_args(temperature: float, top_p: float | None, top_k: int | No
 
 
 def filter_logits(
-    logits: Tensor, *, temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None
+    logits: Tensor, *, temperature: float | Tensor = 0.0, top_p: float | Tensor | None = None, top_k: int | None = None
 ) -> Tensor:
     """Steps 1-3: temperature, then top-p, then top-k; removed entries become ``-inf``.
 
@@ -66,12 +66,14 @@ def filter_logits(
     ----------
     logits : Tensor
         ``(N, V)`` floating logits (any float dtype; computed in fp32).
-    temperature : float
-        Divides the logits when ``> 0``; ``0`` leaves them as they are.
-    top_p : float, optional
+    temperature : float or Tensor
+        Divides the logits when ``> 0``; ``0`` leaves them as they are. A 0-dim tensor (the CUDA-graph
+        path: the value lives on the device) always divides and must be positive.
+    top_p : float or Tensor, optional
         Keep the smallest prefix of the descending-sorted distribution whose cumulative probability
         reaches ``top_p``: a token is removed when the cumulative probability *before* it already
-        exceeds ``top_p``, so the top-1 token is always kept. ``None`` or ``>= 1`` disables it.
+        exceeds ``top_p``, so the top-1 token is always kept. ``None`` or ``>= 1`` disables it; a 0-dim
+        tensor always filters (a value of 1 keeps everything).
     top_k : int, optional
         Remove tokens whose logit is below the ``k``-th largest (ties with it are kept).
 
@@ -81,9 +83,9 @@ def filter_logits(
         ``(N, V)`` fp32 filtered logits (a new tensor).
     """
     out = logits.float()  # (N, V)
-    if temperature > 0:
-        out = out / temperature
-    if top_p is not None and top_p < 1.0:
+    if isinstance(temperature, Tensor) or temperature > 0:
+        out = out / temperature  # a tensor temperature (0-dim, on the device) is a sampling one: never read here
+    if isinstance(top_p, Tensor) or (top_p is not None and top_p < 1.0):
         sorted_logits, order = torch.sort(out, dim=-1, descending=True)  # (N, V) each
         cum = torch.softmax(sorted_logits, dim=-1).cumsum(dim=-1)  # (N, V) fp32
         drop_sorted = torch.zeros_like(cum, dtype=torch.bool)
@@ -97,7 +99,7 @@ def filter_logits(
 
 
 def sampling_probs(
-    logits: Tensor, *, temperature: float = 0.0, top_p: float | None = None, top_k: int | None = None
+    logits: Tensor, *, temperature: float | Tensor = 0.0, top_p: float | Tensor | None = None, top_k: int | None = None
 ) -> Tensor:
     """Step 4: ``softmax`` of :func:`filter_logits` in fp32, shape ``(N, V)``."""
     return torch.softmax(filter_logits(logits, temperature=temperature, top_p=top_p, top_k=top_k), dim=-1)
@@ -134,8 +136,8 @@ def sample_from_probs(probs: Tensor, noise: Tensor) -> Tensor:
 def sample_tokens(
     logits: Tensor,
     *,
-    temperature: float = 0.0,
-    top_p: float | None = None,
+    temperature: float | Tensor = 0.0,
+    top_p: float | Tensor | None = None,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     noise: Tensor | None = None,
@@ -148,7 +150,7 @@ def sample_tokens(
         ``(N, V)`` logits, any float dtype.
     temperature, top_p, top_k :
         See :func:`filter_logits`; ``temperature == 0`` is greedy (argmax of the raw logits, first
-        index on ties, like ``torch.argmax`` and transformers' ``generate``).
+        index on ties, like ``torch.argmax`` and transformers' ``generate``); a tensor temperature samples.
     generator : torch.Generator, optional
         Source of the sampling noise (on ``logits``' device); ignored when greedy or when ``noise``
         is given.
@@ -162,7 +164,7 @@ def sample_tokens(
     """
     if logits.dim() != 2:
         raise ValueError(f"logits must be (N, V), got shape {tuple(logits.shape)}")
-    if temperature == 0:
+    if not isinstance(temperature, Tensor) and temperature == 0:
         return logits.argmax(dim=-1)  # (N,)
     probs = sampling_probs(logits, temperature=temperature, top_p=top_p, top_k=top_k)  # (N, V) fp32
     if noise is None:
