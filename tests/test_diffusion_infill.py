@@ -146,7 +146,8 @@ def test_infill_bad_input(model, tok, tmp_path):
 def test_dispatch_through_sampler_package(model, tok):
     from dinfill import sampler
 
-    a = sampler.infill(model, tok, ["x = "], ["\n"], length="fixed", middle_tokens=3, steps=2, alg="maskgit_plus")
+    opts = dict(length="fixed", middle_tokens=3, steps=2, alg="maskgit_plus")
+    a = sampler.infill(model, tok, ["x = "], ["\n"], preset="greedy", **opts)  # the dispatcher's default: published
     b = infill(model, tok, ["x = "], ["\n"], length="fixed", middle_tokens=3, steps=2, alg="maskgit_plus")
     assert a == b
     assert sampler.diffusion_generate is diffusion_generate

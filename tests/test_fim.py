@@ -121,20 +121,23 @@ def test_family_detected_from_special_tokens(tokenizers, model_type):
 def test_qwen_ids_match_the_real_tokenizer(tokenizers):
     t = fim_tokens(tokenizers["qwen2"])
     assert (t.prefix_id, t.suffix_id, t.middle_id) == (151659, 151661, 151660)
-    # <|endoftext|>, <|fim_pad|>, <|file_sep|>, <|repo_name|>, <|fim_prefix|> (eos is <|endoftext|>)
-    assert t.stop_ids == (151643, 151662, 151664, 151663, 151659)
+    # eos <|endoftext|>, then <|fim_prefix|> <|fim_middle|> <|fim_suffix|> <|fim_pad|> <|repo_name|> <|file_sep|>
+    # <|im_end|>: the eight ids of Qwen2.5-Coder's own FIM example (examples/Qwen2.5-Coder-fim.py)
+    assert t.stop_ids == (151643, 151659, 151660, 151661, 151662, 151663, 151664, 151645)
     assert t.lead_ids == ()
 
 
 def test_deepseek_and_starcoder2_stop_and_lead_ids(tokenizers):
     ds = fim_tokens(tokenizers["llama"])
     vocab = tokenizers["llama"].get_vocab()
-    assert ds.stop_ids == (vocab[DS_EOS],)
+    # eos and the three FIM sentinels (this tokenizer has no <|EOT|>, so it is skipped)
+    assert ds.stop_ids == (vocab[DS_EOS], vocab[DS_BEGIN], vocab[DS_HOLE], vocab[DS_END])
     assert ds.lead_ids == (vocab[DS_BOS],)  # BOS starts the prompt, as DeepSeek's own examples do
     assert (ds.prefix_id, ds.suffix_id, ds.middle_id) == (vocab[DS_BEGIN], vocab[DS_HOLE], vocab[DS_END])
     sc = fim_tokens(tokenizers["starcoder2"])
     assert (sc.prefix_id, sc.middle_id, sc.suffix_id) == (1, 2, 3)
-    assert sc.stop_ids == (0, 6) and sc.lead_ids == ()
+    # <|endoftext|> <file_sep> (bigcode-evaluation-harness), then the FIM sentinels, <fim_pad>, <repo_name>
+    assert sc.stop_ids == (0, 6, 1, 2, 3, 4, 5) and sc.lead_ids == ()
 
 
 @pytest.mark.parametrize("model_type", ["qwen2", "llama", "starcoder2"])

@@ -105,6 +105,7 @@ class Sampling:
     top_k: int | None = None
     threshold: float = 0.9
     seed: int = 0
+    factor: float = 1.0  # parameter of alg="factor"
 
 
 def _positive_int(name: str, value: Any) -> int:
@@ -315,7 +316,8 @@ def _run_diffusion(model, batches, cfg: BenchConfig, s: Sampling, mask_id: int, 
     def call(i: int, b: _DiffusionBatch):
         return diffusion_generate(
             model, b.input_ids, attention_mask=b.attention_mask, mask_id=mask_id, steps=cfg.steps, alg=cfg.alg,
-            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, threshold=s.threshold, cache=cfg.cache,
+            temperature=s.temperature, top_p=s.top_p, top_k=s.top_k, threshold=s.threshold, factor=s.factor,
+            cache=cfg.cache,
             refresh=cfg.refresh or 1, seed=s.seed + i, nvtx=nvtx, return_stats=True,
         )  # fmt: skip
 

@@ -277,6 +277,14 @@ class Decoder(nn.Module):
         B, T = input_ids.shape
         if T == 0:
             raise ValueError("input_ids has length 0: nothing to run")
+        if input_ids.device.type == "cpu":  # free on the CPU; on CUDA it would sync (the embedding asserts there)
+            lo, hi = int(input_ids.min()), int(input_ids.max())
+            if lo < 0 or hi >= self.config.vocab_size:
+                raise ValueError(
+                    f"input_ids hold token id {hi if hi >= self.config.vocab_size else lo}, outside the model's "
+                    f"vocabulary of {self.config.vocab_size} ids [0, {self.config.vocab_size}); is the tokenizer the "
+                    "model's own?"
+                )
         limit = self.config.max_position_embeddings
         if cache is None and T > limit:
             raise ValueError(f"sequence of {T} tokens exceeds the model's limit of {limit} positions; truncate it")

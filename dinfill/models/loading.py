@@ -6,36 +6,39 @@ and verifies what it downloads). ``random_weights=True`` builds a model offline,
 open-dcoder-0.5B shape for benchmarks.
 
 Whether a checkpoint is a diffusion or an AR model cannot be read from its config (Open-dCoder calls
-itself a plain ``qwen2``), so it comes from :data:`KNOWN_KINDS` (exact hub ids) or an explicit
-``kind=`` override; the decision and its source are stored on the model and logged.
+itself a plain ``qwen2``): :mod:`dinfill.models.kinds` decides from what the checkpoint carries (known hub
+ids, the HF cache path, ``_name_or_path`` in config.json, a mask token in its tokenizer) or an explicit
+``kind=``. The decision and its source are stored on the model; a guess is logged as a warning that says how
+to override it.
+
+Mask tokens: a tokenizer that has Open-dLLM's ``<M>`` without declaring it gets it declared; a new token
+is added only on request (``add_mask_token=True``, for random-weight models). A trained checkpoint with a
+known mask id (Open-dCoder: ``<M>`` = 151665) refuses any other id in :func:`require_mask_token`.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
-import re
 from pathlib import Path
 
 import torch
 
 from dinfill.models.config import BUILTIN_SHAPES, ModelConfig, builtin_config
 from dinfill.models.decoder import Decoder
+from dinfill.models.kinds import (  # noqa: F401  (re-exported: the first version defined them here)
+    KINDS,
+    KNOWN_CHECKPOINTS,
+    KNOWN_KINDS,
+    OPEN_DLLM_MASK_TOKEN,
+    _hub_id_of,
+    detect_kind,
+    known_mask,
+    resolve_kind,
+)
 
 log = logging.getLogger("dinfill")
 
-KINDS = ("diffusion", "ar")
-# Known checkpoints whose kind the config cannot tell (exact hub ids, compared case-insensitively).
-KNOWN_KINDS: dict[str, str] = {
-    "fredzzp/open-dcoder-0.5b": "diffusion",
-    "qwen/qwen2.5-coder-0.5b": "ar",
-    "qwen/qwen2.5-coder-1.5b": "ar",
-    "qwen/qwen2.5-coder-1.5b-instruct": "ar",
-    "deepseek-ai/deepseek-coder-1.3b-base": "ar",
-    "bigcode/starcoder2-3b": "ar",
-}
-_HUB_CACHE_DIR = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
 _DTYPES = {
     "float32": torch.float32,
     "fp32": torch.float32,
@@ -54,32 +57,6 @@ def _resolve_dtype(dtype, device: torch.device) -> torch.dtype:
     if dtype not in _DTYPES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(_DTYPES)}")
     return _DTYPES[dtype]
-
-
-def _hub_id_of(name: str) -> str | None:
-    """The hub id behind a name: itself, a built-in shape's source, or an HF cache snapshot path."""
-    if name.lower() in BUILTIN_SHAPES:
-        return BUILTIN_SHAPES[name.lower()].get("hub_id")
-    m = _HUB_CACHE_DIR.search(str(Path(name).resolve()).replace(os.sep, "/") + "/")
-    if m:
-        return f"{m.group(1)}/{m.group(2)}"
-    if not Path(name).exists() and re.fullmatch(r"[\w.-]+/[\w.-]+", name):
-        return name
-    return None
-
-
-def resolve_kind(name: str, kind: str | None = None) -> tuple[str, str]:
-    """Decide ``"diffusion"`` or ``"ar"`` for ``name``; returns ``(kind, source)``."""
-    if kind is not None:
-        if kind not in KINDS:
-            raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
-        return kind, "override"
-    if name.lower() in BUILTIN_SHAPES:
-        return BUILTIN_SHAPES[name.lower()]["kind"], "built-in shape"
-    hub = _hub_id_of(name)
-    if hub is not None and hub.lower() in KNOWN_KINDS:
-        return KNOWN_KINDS[hub.lower()], f"registry ({hub})"
-    return "ar", "default (not in the registry; pass kind='diffusion' for a diffusion checkpoint)"
 
 
 def _local_dir(name: str) -> Path:
@@ -103,8 +80,9 @@ def _local_dir(name: str) -> Path:
     except Exception as err:  # offline, gated, missing: say what to do
         raise OSError(
             f"could not fetch {hub!r} from the Hugging Face hub ({type(err).__name__}: {err}). Download it on a "
-            f"machine with access (huggingface-cli download {hub}) and pass the local directory, or use "
-            "random_weights=True with a built-in shape for offline benchmarks"
+            f"machine with access (huggingface-cli download {hub}) and pass the local directory (its kind is "
+            "recognised from its config.json and tokenizer; kind= overrides), or use random_weights=True with a "
+            "built-in shape for offline benchmarks"
         ) from err
 
 
@@ -180,23 +158,32 @@ def load_model(
     random_weights : bool
         Build the shape with random weights (offline; needs no weight files).
     kind : {"diffusion", "ar"}, optional
-        Override the registry's decision.
+        Override the detected kind (see :mod:`dinfill.models.kinds`: known hub ids, the HF cache path,
+        ``_name_or_path`` in config.json, a mask token in the tokenizer; otherwise AR, with a warning).
     seed : int
         Seed of the random initialisation.
 
     Returns
     -------
     Decoder
-        In eval mode, with ``kind``, ``kind_source`` and ``name`` set.
+        In eval mode, with ``kind``, ``kind_source`` (why), ``name``, ``checkpoint`` (the known hub id of trained
+        weights, else None) and ``random_weights`` set.
     """
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _resolve_dtype(dtype, device)
-    the_kind, source = resolve_kind(name_or_path, kind)
-    if name_or_path.lower() in BUILTIN_SHAPES:
+    decision = detect_kind(name_or_path, kind)
+    key = name_or_path.lower()
+    if key in BUILTIN_SHAPES:
         config = builtin_config(name_or_path)
         ckpt = None
         if not random_weights:
-            ckpt = _local_dir(BUILTIN_SHAPES[name_or_path.lower()].get("hub_id") or name_or_path)
+            hub = BUILTIN_SHAPES[key].get("hub_id")
+            if hub is None:
+                raise ValueError(
+                    f"{name_or_path!r} is a built-in test shape with no published weights: pass random_weights=True "
+                    "(--random-weights on the command line)"
+                )
+            ckpt = _local_dir(hub)
     else:
         ckpt = _local_dir(name_or_path)
         if not (ckpt / "config.json").exists():
@@ -214,8 +201,16 @@ def load_model(
     else:
         _load_state(model, _weight_files(ckpt))
     model = model.to(dtype).eval().requires_grad_(False)
-    model.kind, model.kind_source, model.name = the_kind, source, name_or_path
-    log.info("loaded %s as a %s model (%s), %s on %s", name_or_path, the_kind, source, dtype, device)
+    model.kind, model.kind_source, model.name = decision.kind, decision.source, name_or_path
+    # trained weights of a known checkpoint: what require_mask_token checks the tokenizer against
+    model.checkpoint = None if random_weights else decision.checkpoint
+    model.random_weights = bool(random_weights)
+    if decision.certain:
+        what = "an AR" if decision.kind == "ar" else "a diffusion"
+        log.info("loaded %s as %s model (%s), %s on %s", name_or_path, what, decision.source, dtype, device)
+    else:  # a guess: say it where users look, with the way to override it
+        what = "an AR" if decision.kind == "ar" else "a diffusion"
+        log.warning("%s: loaded as %s model (%s)", name_or_path, what, decision.source)
     return model
 
 
@@ -231,17 +226,29 @@ def _init_random(model: Decoder, seed: int) -> None:
             p.data.copy_(torch.randn(p.shape, generator=gen) * 0.02)
 
 
-def load_tokenizer(name_or_path: str, add_mask_token: bool = False, mask_token: str = "<|mask|>"):
+def _has_token(tok, token: str) -> bool:
+    tid = tok.convert_tokens_to_ids(token)
+    return tid is not None and not (tid == tok.unk_token_id and token != tok.unk_token)
+
+
+def load_tokenizer(name_or_path: str, add_mask_token: bool = False, mask_token: str = OPEN_DLLM_MASK_TOKEN):
     """Load a tokenizer with transformers' ``AutoTokenizer`` (contract: ``dinfill.load_tokenizer``).
+
+    The mask token: a declared one is kept; a tokenizer that has Open-dLLM's ``<M>`` (or ``mask_token``) in its
+    vocabulary without declaring it gets it declared (no new id); a *new* token is added only with
+    ``add_mask_token=True``. Its embedding is untrained, so that is for random-weight models only: a trained
+    diffusion checkpoint must come with the tokenizer it was trained with (Open-dCoder's ``<M>`` is id 151665;
+    :func:`require_mask_token` refuses any other).
 
     Parameters
     ----------
     name_or_path : str
         Local dir, hub id, or a built-in shape name (resolved to its hub id).
     add_mask_token : bool
-        Add ``mask_token`` as the mask token when the tokenizer has none (random-weight diffusion models).
+        Add ``mask_token`` when the tokenizer has no mask token (random-weight diffusion models).
     mask_token : str
-        The string of the added mask token.
+        The mask token looked for, and added by ``add_mask_token`` (default ``<M>``, as Open-dLLM does: for a
+        Qwen2.5-Coder tokenizer it lands at 151665, Open-dCoder's id).
     """
     from transformers import AutoTokenizer
 
@@ -249,7 +256,10 @@ def load_tokenizer(name_or_path: str, add_mask_token: bool = False, mask_token: 
     if name_or_path.lower() in BUILTIN_SHAPES:
         target = BUILTIN_SHAPES[name_or_path.lower()].get("hub_id")
         if target is None:
-            raise ValueError(f"built-in shape {name_or_path!r} has no tokenizer; pass a tokenizer directory")
+            raise ValueError(
+                f"built-in shape {name_or_path!r} has no tokenizer; pass a tokenizer directory (for the Qwen2-shaped "
+                "test shapes any Qwen2.5-Coder tokenizer works)"
+            )
     try:
         tok = AutoTokenizer.from_pretrained(target)
     except Exception as err:
@@ -257,19 +267,52 @@ def load_tokenizer(name_or_path: str, add_mask_token: bool = False, mask_token: 
             f"could not load a tokenizer from {target!r} ({type(err).__name__}: {err}); pass a local directory "
             "with tokenizer.json / tokenizer_config.json"
         ) from err
-    if add_mask_token and tok.mask_token is None:
+    if tok.mask_token is None and _has_token(tok, mask_token):
+        tok.add_special_tokens({"mask_token": mask_token})  # already in the vocabulary: declares it, adds no id
+        log.info("%s: using %s (id %d) as the mask token", name_or_path, mask_token, tok.mask_token_id)
+    elif tok.mask_token is None and add_mask_token:
         tok.add_special_tokens({"mask_token": mask_token})
+        log.info("%s: added a new mask token %s at id %d (untrained)", name_or_path, mask_token, tok.mask_token_id)
     return tok
 
 
-def require_mask_token(tokenizer, model: Decoder | None = None) -> int:
-    """The mask id of a diffusion model's tokenizer, or a clear error."""
-    mask_id = getattr(tokenizer, "mask_token_id", None)
+def require_mask_token(tokenizer, model: Decoder | None = None, mask_id: int | None = None) -> int:
+    """The mask id to run a diffusion model with, or a clear error.
+
+    Parameters
+    ----------
+    tokenizer : transformers tokenizer
+        Supplies ``mask_token_id`` unless ``mask_id`` is given.
+    model : Decoder, optional
+        Checks the id against its vocabulary and, for the trained weights of a known checkpoint
+        (``model.checkpoint``), against the id it was trained with.
+    mask_id : int, optional
+        An explicit id (checked the same way).
+    """
+    known = known_mask(getattr(model, "checkpoint", None)) if model is not None else None
     if mask_id is None:
+        mask_id = getattr(tokenizer, "mask_token_id", None)
+    if mask_id is None:
+        if known is not None:
+            raise ValueError(
+                f"this tokenizer has no mask token; {model.checkpoint} was trained with {known[0]!r} (id {known[1]}): "
+                "load the checkpoint's own tokenizer (dinfill.load_tokenizer(<checkpoint>))"
+            )
         raise ValueError(
             "this tokenizer has no mask token, which a diffusion model needs; load the model's own tokenizer, "
             "or for random-weight models use dinfill.load_tokenizer(..., add_mask_token=True)"
         )
-    if model is not None and mask_id >= model.config.vocab_size:
-        raise ValueError(f"mask token id {mask_id} is outside the model's vocabulary of {model.config.vocab_size}")
+    if isinstance(mask_id, bool) or not isinstance(mask_id, int):
+        raise TypeError(f"mask_id must be an int token id, got {mask_id!r}")
+    if model is not None and not 0 <= mask_id < model.config.vocab_size:
+        raise ValueError(
+            f"mask token id {mask_id} is outside the model's vocabulary of {model.config.vocab_size}; "
+            "is the tokenizer the model's own?"
+        )
+    if known is not None and mask_id != known[1]:
+        raise ValueError(
+            f"mask id {mask_id} is not the one {model.checkpoint} was trained with ({known[0]!r}, id {known[1]}): an "
+            "untrained mask embedding makes every infill garbage; load the checkpoint's own tokenizer (or one "
+            f"where {known[0]!r} is id {known[1]}) and do not add a mask token"
+        )
     return int(mask_id)

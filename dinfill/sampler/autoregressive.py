@@ -44,7 +44,7 @@ from dinfill.sampler.sampling import check_sampling_args, draw_noise, sample_tok
 
 log = logging.getLogger("dinfill")
 
-__all__ = ["ArOutput", "ar_generate", "infill", "benchmark", "hf_twin"]
+__all__ = ["ArOutput", "ArStats", "ar_generate", "infill", "benchmark", "hf_twin"]
 
 # Decode steps at or above which auto mode captures a CUDA graph: capture costs about three eager
 # steps (one warm-up, one recording, instantiation), so short generations are not worth it.
@@ -86,6 +86,42 @@ class ArOutput:
         for row, n, hit in zip(rows, self.lengths.tolist(), self.stopped.tolist(), strict=True):
             out.append(row[: n - 1] if (strip_stop and hit and n > 0) else row[:n])
         return out
+
+
+@dataclass
+class ArStats:
+    """What one :func:`ar_generate` call of :func:`infill` did (``return_stats=True``).
+
+    Attributes
+    ----------
+    batch_size : int
+        Rows in the call.
+    prompt_tokens : int
+        Padded prompt length ``P`` (the longest prompt).
+    new_tokens : int
+        New tokens generated over all rows, stop tokens included.
+    stopped : int
+        Rows that ended on a stop id or stop string (the rest ran to ``max_new_tokens``).
+    steps : int
+        Decode forward passes after the prefill.
+    cuda_graph : bool
+        Whether the decode steps were replayed from a CUDA graph.
+    time_total_s : float
+        Wall time of the call (host clock; on CUDA it includes the final synchronisation of reading lengths).
+    """
+
+    batch_size: int
+    prompt_tokens: int
+    new_tokens: int
+    stopped: int
+    steps: int
+    cuda_graph: bool
+    time_total_s: float
+
+    @property
+    def forward_passes(self) -> int:
+        """Prefill plus decode steps."""
+        return self.steps + 1
 
 
 # --- input handling ------------------------------------------------------------------------------
@@ -383,6 +419,12 @@ def ar_generate(
     ArOutput
         Padded new tokens, per-row lengths and stop flags.
     """
+    if getattr(model, "kind", None) == "diffusion":  # a diffusion model decoded left to right is garbage
+        raise ValueError(
+            f"ar_generate needs an AR model, but {getattr(model, 'name', 'this model')!r} is a diffusion model "
+            f"({getattr(model, 'kind_source', '?')}); use dinfill.sampler.infill or diffusion_generate, or load it "
+            "with dinfill.load_model(..., kind='ar') if it really is an AR checkpoint"
+        )
     check_sampling_args(temperature, top_p, top_k)
     if isinstance(check_every, bool) or not isinstance(check_every, int) or check_every < 1:
         raise ValueError(f"check_every={check_every!r} must be an int >= 1")
@@ -460,7 +502,8 @@ def infill(
     batch_size: int | None = None,
     check_every: int = 16,
     cuda_graph: bool | None = None,
-) -> list[str]:
+    return_stats: bool = False,
+) -> list[str] | tuple[list[str], list[ArStats]]:
     """Fill the middle between each prefix and suffix with an AR FIM model.
 
     Parameters
@@ -488,14 +531,18 @@ def infill(
         less padding; the order of the returned list is the input order.
     check_every, cuda_graph :
         As in :func:`ar_generate`.
+    return_stats : bool
+        Also return one :class:`ArStats` per :func:`ar_generate` call.
 
     Returns
     -------
-    list of str
-        The middles (special tokens skipped, the stop token excluded).
+    list of str, or (list of str, list of ArStats)
+        The middles (special tokens skipped, the stop token excluded). A prompt longer than the model's
+        positions minus ``max_new_tokens`` loses the start of its prefix (with a warning), as a diffusion canvas does.
     """
     fim = fim_tokens(tokenizer, family, getattr(model.config, "model_type", None))
-    prompts = build_fim_prompts(tokenizer, prefixes, suffixes, fim)
+    room = model.config.max_position_embeddings - max_new_tokens if isinstance(max_new_tokens, int) else None
+    prompts = build_fim_prompts(tokenizer, prefixes, suffixes, fim, max_tokens=room if room and room > 0 else None)
     if generator is None and seed is not None:
         generator = torch.Generator(device=model.device).manual_seed(int(seed))
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
@@ -505,8 +552,10 @@ def infill(
         order.sort(key=lambda i: len(prompts[i]))
     size = batch_size or len(prompts)
     middles: list[str] = [""] * len(prompts)
+    stats: list[ArStats] = []
     for start in range(0, len(order), size):
         chunk = order[start : start + size]
+        t0 = time.perf_counter()
         out = ar_generate(
             model,
             [prompts[i] for i in chunk],
@@ -527,7 +576,14 @@ def infill(
                 ids = ids[:-1]
             text = tokenizer.decode(ids, skip_special_tokens=True)
             middles[i] = cut_at_stop(text, stop_strings)[0] if stop_strings else text
-    return middles
+        stats.append(
+            ArStats(
+                batch_size=len(chunk), prompt_tokens=max(len(prompts[i]) for i in chunk),
+                new_tokens=int(out.lengths.sum()), stopped=int(out.stopped.sum()), steps=out.steps,
+                cuda_graph=out.cuda_graph, time_total_s=time.perf_counter() - t0,
+            )
+        )  # fmt: skip
+    return (middles, stats) if return_stats else middles
 
 
 # --- benchmark against transformers --------------------------------------------------------------

@@ -22,6 +22,7 @@ generated middle is cut at the first end token (eos / pad / mask / any special t
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -160,6 +161,11 @@ def tokenize_rows(
         p_ids = tokenizer(p, add_special_tokens=True)["input_ids"]
         s_ids = tokenizer(s, add_special_tokens=False)["input_ids"]
         rows.append(build_row(p_ids, s_ids, m, mask_id, limit))
+    cut = sum(r.truncated > 0 for r in rows)
+    if cut:  # said, not silent: the published protocol truncates too, but a user should know
+        logging.getLogger("dinfill").warning(
+            "%d of %d canvas(es) exceed %d tokens: their prefixes lose their first tokens", cut, len(rows), limit
+        )
     return rows
 
 

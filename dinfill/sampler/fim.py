@@ -13,10 +13,13 @@ the eval layer imports :func:`postprocess` so that every model's output goes thr
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 
 from dinfill.eval.postprocess import RULES, PostProcess, first_line
+
+log = logging.getLogger("dinfill")
 
 __all__ = [
     "FimFormat",
@@ -59,13 +62,30 @@ class FimFormat:
 
 # Sentinels and stop tokens: docs/sampler-semantics.md section 2 (checked against each family's
 # tokenizer_config.json). DeepSeek's bars are U+FF5C and its "space" is U+2581.
+#
+# Stop tokens end the middle besides the tokenizer's eos; ids are looked up in the tokenizer at run time, and a
+# token the tokenizer lacks is skipped. The rule for every family: once the model emits one of its own
+# sentinels or document separators, the middle is over (whatever follows belongs to another FIM example or
+# another file), and skip_special_tokens would hide the sentinel in the text anyway.
 FIM_FORMATS: dict[str, FimFormat] = {
     "qwen2.5-coder": FimFormat(
         family="qwen2.5-coder",
         prefix="<|fim_prefix|>",
         suffix="<|fim_suffix|>",
         middle="<|fim_middle|>",
-        stop_tokens=("<|endoftext|>", "<|fim_pad|>", "<|file_sep|>", "<|repo_name|>", "<|fim_prefix|>"),
+        # Qwen2.5-Coder's own FIM example (QwenLM/Qwen2.5-Coder, examples/Qwen2.5-Coder-fim.py) passes
+        # eos_token_id=[151659..151664, 151645, 151643]: every FIM / repo sentinel, <|im_end|> and
+        # <|endoftext|>. Instruct checkpoints (the published 1.5B run) end turns with <|im_end|>.
+        stop_tokens=(
+            "<|endoftext|>",
+            "<|fim_prefix|>",
+            "<|fim_middle|>",
+            "<|fim_suffix|>",
+            "<|fim_pad|>",
+            "<|repo_name|>",
+            "<|file_sep|>",
+            "<|im_end|>",
+        ),
         model_types=("qwen2",),
     ),
     "deepseek-coder": FimFormat(
@@ -73,7 +93,16 @@ FIM_FORMATS: dict[str, FimFormat] = {
         prefix="<\uff5cfim\u2581begin\uff5c>",
         suffix="<\uff5cfim\u2581hole\uff5c>",
         middle="<\uff5cfim\u2581end\uff5c>",
-        stop_tokens=("<\uff5cend\u2581of\u2581sentence\uff5c>",),
+        # DeepSeek-Coder's README insertion example stops on eos only (<｜end▁of▁sentence｜>, 32014); editor
+        # integrations also stop on the three FIM sentinels, which can only start a new FIM example. <|EOT|>
+        # ends a turn of the instruct variants (its tokenizer has it; a base tokenizer without it skips it).
+        stop_tokens=(
+            "<\uff5cend\u2581of\u2581sentence\uff5c>",
+            "<\uff5cfim\u2581begin\uff5c>",
+            "<\uff5cfim\u2581hole\uff5c>",
+            "<\uff5cfim\u2581end\uff5c>",
+            "<|EOT|>",
+        ),
         model_types=("llama",),
     ),
     "starcoder2": FimFormat(
@@ -81,7 +110,18 @@ FIM_FORMATS: dict[str, FimFormat] = {
         prefix="<fim_prefix>",
         suffix="<fim_suffix>",
         middle="<fim_middle>",
-        stop_tokens=("<|endoftext|>", "<file_sep>"),
+        # bigcode-evaluation-harness's StarCoder FIM task stops on <|endoftext|> and <file_sep> (eos, and the
+        # start of the next file in repository-level training data); the FIM sentinels, <fim_pad> and
+        # <repo_name> end the middle for the same reason as Qwen's (their ids 1-5 come from the tokenizer).
+        stop_tokens=(
+            "<|endoftext|>",
+            "<file_sep>",
+            "<fim_prefix>",
+            "<fim_middle>",
+            "<fim_suffix>",
+            "<fim_pad>",
+            "<repo_name>",
+        ),
         model_types=("starcoder2",),
     ),
 }
@@ -233,14 +273,28 @@ def fim_tokens(tokenizer, family: str | None = None, model_type: str | None = No
 
 
 def build_fim_prompts(
-    tokenizer, prefixes: Sequence[str], suffixes: Sequence[str], tokens: FimTokens
+    tokenizer,
+    prefixes: Sequence[str],
+    suffixes: Sequence[str],
+    tokens: FimTokens,
+    max_tokens: int | None = None,
 ) -> list[list[int]]:
     """Token ids of ``[lead] <prefix> P <suffix> S <middle>`` for each pair (``tokens`` from :func:`fim_tokens`).
+
+    Parameters
+    ----------
+    tokenizer, prefixes, suffixes, tokens
+        As named; one suffix per prefix.
+    max_tokens : int, optional
+        The longest prompt allowed (the model's limit minus the new tokens). A longer prompt loses the start
+        of its prefix, as a diffusion canvas does (the code nearest the hole is kept), and a warning says how
+        many prompts were cut.
 
     Raises
     ------
     ValueError
-        When the lists differ in length, are empty, or hold something other than strings.
+        When the lists differ in length, are empty, hold something other than strings, or when a prompt
+        without any prefix still exceeds ``max_tokens``.
     """
     if isinstance(prefixes, str) or isinstance(suffixes, str):
         raise ValueError("prefixes and suffixes must be lists of strings; wrap a single pair as [prefix], [suffix]")
@@ -255,10 +309,30 @@ def build_fim_prompts(
     pre = tokenizer(prefixes, add_special_tokens=False)["input_ids"]
     suf = tokenizer(suffixes, add_special_tokens=False)["input_ids"]
     lead = list(tokens.lead_ids)
-    return [
-        lead + [tokens.prefix_id] + list(p) + [tokens.suffix_id] + list(s) + [tokens.middle_id]
-        for p, s in zip(pre, suf, strict=True)
-    ]
+    prompts, cut = [], 0
+    for i, (p, s) in enumerate(zip(pre, suf, strict=True)):
+        p = list(p)
+        if max_tokens is not None:
+            fixed = len(lead) + 3 + len(s)  # lead, three sentinels, the suffix
+            if fixed > max_tokens:
+                raise ValueError(
+                    f"pair {i}: the suffix alone ({len(s)} tokens) plus the FIM sentinels exceed the prompt limit "
+                    f"of {max_tokens} tokens (the model's positions minus max_new_tokens); shorten the suffix or "
+                    "lower max_new_tokens"
+                )
+            if fixed + len(p) > max_tokens:
+                p = p[len(p) - (max_tokens - fixed) :]  # keep the end of the prefix, next to the hole
+                cut += 1
+        prompts.append(lead + [tokens.prefix_id] + p + [tokens.suffix_id] + list(s) + [tokens.middle_id])
+    if cut:
+        log.warning(
+            "%d of %d FIM prompt(s) exceed %d tokens (the model's positions minus max_new_tokens): their prefixes "
+            "lose their first tokens",
+            cut,
+            len(prompts),
+            max_tokens,
+        )
+    return prompts
 
 
 def cut_at_stop(text: str, stop_sequences: Sequence[str]) -> tuple[str, bool]:
