@@ -1,15 +1,21 @@
 """Sandbox tests: hostile programs run in one batch with normal ones; each gets the right typed result.
 
 The batch runs once per module (CPU limit 1 s to keep it quick; the mechanism is the same as with
-the default 3 s). Every hostile program, if the sandbox let it get away with its trick, would go
-on to run checks that pass, so "not passed" really means the trick was caught.
+the default 3 s). Every hostile program that tries to escape or cheat would, if the sandbox let it,
+go on to checks that pass; every program that tries to *forge* a verdict goes on to checks that
+fail. So "not passed" really means the trick was caught. The numbered cases of issue 14 are named
+``case<N>_...``; tests that need root (namespaces, uid drop) skip with the reason elsewhere.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import random
+import secrets
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import textwrap
@@ -17,11 +23,14 @@ import time
 
 import pytest
 
+from dinfill.eval._sandbox_server import TMP_MOUNTS
 from dinfill.eval.execution import (
     STATUSES,
     ExecResult,
     Sandbox,
     SandboxConfig,
+    SandboxUnavailable,
+    _parse_report,
     _uid_has_live_processes,
     available_cores,
     run_programs,
@@ -30,6 +39,8 @@ from dinfill.eval.execution import (
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox needs Linux")
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="uid drop and namespaces need root (CI runs as root)")
+# Tests that only need programs to run say so: weaker isolation where this is not root.
+WEAK_OK = not ROOT
 
 CHECKS = textwrap.dedent(
     """
@@ -56,20 +67,125 @@ def hostile(code: str) -> str:
     return textwrap.dedent(code) + "\n" + CHECKS
 
 
+def forger(code: str) -> str:
+    """``code`` at module level, then checks that fail: only a forged report could make this pass."""
+    return textwrap.dedent(code) + "\n" + CHECKS.replace("a + b", "a - b")
+
+
+def _world_writable_dirs() -> list[str]:
+    """World-writable directories of this machine (a shallow walk of the usual places), plus / and /etc."""
+    found = {*TMP_MOUNTS, "/", "/etc", os.path.expanduser("~")}
+    for top in ("/tmp", "/var", "/run", "/dev", "/home", "/opt", "/srv", "/mnt", "/media"):
+        for folder, subdirs, _ in os.walk(top):
+            if folder.count("/") - top.count("/") >= 2 or folder.startswith(("/dev/pts", "/proc", "/sys")):
+                subdirs[:] = []
+            try:
+                if os.stat(folder).st_mode & 0o002:
+                    found.add(folder)
+            except OSError:
+                continue
+    return sorted(f for f in found if os.path.isdir(f))
+
+
 @pytest.fixture(scope="module")
 def places():
-    """Files of 'the user' (home and working directory) and a world-writable folder for a daemon's heartbeat."""
+    """Files of 'the user' (home and working directory), and every place a program might try to write to."""
     base = tempfile.mkdtemp(prefix="dinfill-test-user-")
     home, work = os.path.join(base, "home"), os.path.join(base, "work")
     for folder in (home, work):
         os.makedirs(folder)
         with open(os.path.join(folder, "precious.txt"), "w") as handle:
             handle.write("keep me")
-    beat_dir = tempfile.mkdtemp(prefix="dinfill-test-beat-")
-    os.chmod(beat_dir, 0o1777)  # the daemon runs as an unprivileged uid
-    yield {"home": home, "work": work, "beat": os.path.join(beat_dir, "beat")}
+    shared = tempfile.mkdtemp(prefix="dinfill-test-shared-")
+    os.chmod(shared, 0o1777)  # a world-writable folder of the host: the programs must not reach it either
+    marker = f"dinfill-escape-{secrets.token_hex(6)}"
+    yield {"home": home, "work": work, "writable": [*_world_writable_dirs(), shared], "marker": marker}
     shutil.rmtree(base, ignore_errors=True)
-    shutil.rmtree(beat_dir, ignore_errors=True)
+    shutil.rmtree(shared, ignore_errors=True)
+
+
+SHM_PROGRAM = """
+    import ctypes
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.shmat.restype = ctypes.c_void_p
+    ids = []
+    for _ in range(4):
+        shmid = libc.shmget(0, 48 << 20, 0o1600)  # IPC_PRIVATE, IPC_CREAT | 0600, never IPC_RMID-ed
+        address = libc.shmat(shmid, None, 0)
+        ctypes.memset(address, 1, 48 << 20)  # touched: 192 MiB really allocated
+        ids.append(shmid)
+    print("segments", ids)
+"""
+
+FD_SWAP_WITH_FLUSH_HOOK = """
+    import os, sys
+    real = os.dup(3)
+    r, w = os.pipe()
+    os.dup2(w, 3)
+
+    class Hook:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def write(self, text):
+            return self.inner.write(text)
+
+        def flush(self):
+            os.set_blocking(r, False)
+            try:
+                data = os.read(r, 65536)
+            except BlockingIOError:
+                data = b""
+            os.write(real, data.replace(b"failed", b"passed"))
+            self.inner.flush()
+
+    sys.stdout = Hook(sys.stdout)
+"""
+
+MAIN_RESULT_FD_WITH_STDERR_HOOK = """
+    import __main__, os, sys
+    real = os.dup(3)
+    r, w = os.pipe()
+    __main__._RESULT_FD = w
+
+    class Hook:
+        def __init__(self, inner):
+            self.inner = inner
+
+        def write(self, text):
+            return self.inner.write(text)
+
+        def flush(self):
+            os.set_blocking(r, False)
+            try:
+                data = os.read(r, 65536)
+            except BlockingIOError:
+                data = b""
+            os.write(real, data.replace(b"failed", b"passed"))
+
+    sys.stderr = Hook(sys.stderr)
+"""
+
+# A thread keeps swapping fd 3 between the real channel and its own pipe and relays whatever lands in
+# its pipe with "failed" turned into "passed": whatever the race gives it, it never holds a pass token.
+TOCTOU_RELAY = """
+    import os, threading
+    real = os.dup(3)
+    r, w = os.pipe()
+    os.set_blocking(r, False)
+
+    def relay():
+        while True:
+            os.dup2(w, 3)
+            try:
+                data = os.read(r, 65536)
+                os.write(real, data.replace(b"failed", b"passed"))
+            except BlockingIOError:
+                pass
+            os.dup2(real, 3)
+
+    threading.Thread(target=relay, daemon=True).start()
+"""
 
 
 def hostile_programs(places: dict) -> dict[str, str]:
@@ -90,6 +206,16 @@ def hostile_programs(places: dict) -> dict[str, str]:
         shutil.rmtree(os.path.expanduser("~"), ignore_errors=True)  # HOME is the sandbox's own folder
         for name in os.listdir("."):
             os.remove(name)
+    """
+    write_everywhere = f"""
+        import os
+        for folder in {places["writable"]!r} + [os.getcwd(), os.path.expanduser("~")]:
+            try:
+                with open(os.path.join(folder, {places["marker"]!r}), "w") as handle:
+                    handle.write("escaped")
+                print("wrote", folder)
+            except OSError as exc:
+                print("denied", folder, exc.errno)
     """
     return {
         "infinite_loop": hostile("while True:\n    pass"),
@@ -125,20 +251,18 @@ def hostile_programs(places: dict) -> dict[str, str]:
         "close_stdout": hostile("import os\nos.close(1)\nos.close(2)"),
         "change_directory": hostile("import os\nos.chdir('/')\nos.chdir('..')"),
         "daemon": hostile(
-            f"""
+            """
             import os, time
             if os.fork() == 0:
                 os.setsid()
                 if os.fork() == 0:
-                    for _ in range(400):
-                        with open({places["beat"]!r}, "a") as beat:
+                    print("daemon", os.getpid(), flush=True)
+                    while True:
+                        with open("/tmp/beat", "a") as beat:
                             beat.write("x")
                         time.sleep(0.02)
-                    os._exit(0)
                 os._exit(0)
-            for _ in range(200):
-                if os.path.exists({places["beat"]!r}):
-                    break
+            while not os.path.exists("/tmp/beat"):
                 time.sleep(0.01)
             """
         ),
@@ -150,6 +274,87 @@ def hostile_programs(places: dict) -> dict[str, str]:
             """
         ),
         "child_finishes_for_parent": hostile("import os\nif os.fork():\n    os._exit(0)"),
+        # -- issue 14 --------------------------------------------------------------------------
+        "case1_rebind_builtins_repr": forger(
+            """
+            import builtins
+            r = builtins.repr
+            builtins.repr = lambda o: r({**o, "status": "passed"} if type(o) is dict and "token" in o else o)
+            """
+        ),
+        "case2_fd_swap_flush_hook": forger(FD_SWAP_WITH_FLUSH_HOOK),
+        "case2_main_result_fd_stderr_hook": forger(MAIN_RESULT_FD_WITH_STDERR_HOOK),
+        "case3_unhashable_report": hostile('import os\nos.write(3, b"{[]: 1}\\n")'),
+        "case3_non_ascii_token": hostile("import os\nos.write(3, \"\\u00e9\\u00e9 ''\\n\".encode())\nos._exit(0)"),
+        "case4_deep_tree": forger('import os\nfor _ in range(5000):\n    os.mkdir("d")\n    os.chdir("d")'),
+        "case5_sysv_shm": forger(SHM_PROGRAM),
+        "case7_proc_view": hostile(
+            """
+            import os, time
+            if os.fork() == 0:
+                time.sleep(0.5)
+                os._exit(0)
+            for pid in sorted(int(p) for p in os.listdir("/proc") if p.isdigit()):
+                try:
+                    command = open(f"/proc/{pid}/cmdline", "rb").read().replace(b"\\0", b" ")
+                except OSError as exc:
+                    command = repr(exc).encode()
+                print(pid, command.decode(errors="replace"))
+            """
+        ),
+        "case8_write_everywhere": hostile(write_everywhere),
+        # -- our own ---------------------------------------------------------------------------
+        "toctou_relay_thread": forger(TOCTOU_RELAY),
+        "atexit_and_finalizers_on_failure": forger(
+            """
+            import atexit, os
+            atexit.register(os.write, 3, b"forged by atexit\\n")
+
+            class Finalizer:
+                def __del__(self):
+                    os.write(3, b"forged by a finalizer\\n")
+
+            keep = Finalizer()
+            cycle = [Finalizer()]
+            cycle.append(cycle)
+            del cycle
+            """
+        ),
+        "atexit_and_finalizers_on_pass": hostile(
+            """
+            import atexit, os
+            atexit.register(os.write, 3, b"spoiled by atexit\\n")
+
+            class Finalizer:
+                def __del__(self):
+                    os.write(3, b"spoiled by a finalizer\\n")
+
+            keep = Finalizer()
+            """
+        ),
+        "exception_str_writes_report": textwrap.dedent(
+            """
+            import os
+
+            class Loud(Exception):
+                def __str__(self):
+                    os.write(3, b"forged by __str__\\n")
+                    return "loud"
+
+            raise Loud()
+            """
+        ),
+        "kill_the_reaper": hostile("import os, signal\nos.kill(1, signal.SIGKILL)"),
+        "tmp_filler": hostile(
+            """
+            import os
+            block = b"x" * (1 << 20)
+            for i in range(100000):
+                with open(f"/tmp/fill-{i}", "wb") as handle:
+                    handle.write(block)
+            """
+        ),
+        "no_new_privs": hostile("print(open('/proc/self/status').read().split('NoNewPrivs:')[1].split()[0])"),
     }
 
 
@@ -163,11 +368,8 @@ EXPECTED = {
     "os_exit_0": {"crashed"},
     "raise_systemexit": {"failed"},
     "kill_parent": {"failed"},
-    "kill_evaluator_by_pid": {
-        "failed",
-        "crashed",
-    },  # crashed if our pid happens to be the program's own in its namespace
-    "kill_everything": {"failed", "crashed"},
+    "kill_evaluator_by_pid": {"failed"},  # that pid does not exist in the program's pid namespace
+    "kill_everything": {"failed"},  # nobody to kill: kill(-1) spares the caller, and the reaper is pid 1
     "delete_and_overwrite_files": {"passed"},
     "flood_stdout": {"passed"},
     "read_stdin": {"failed"},
@@ -176,9 +378,39 @@ EXPECTED = {
     "daemon": {"passed"},
     "forge_result": {"crashed"},
     "child_finishes_for_parent": {"crashed"},
+    # Issue 14: 1-2 never passed; 3 crashed (the run goes on); 4 keeps its own verdict, the tree vanishes
+    # with the private tmpfs; 5, 7 and 8 are checked on the host below.
+    "case1_rebind_builtins_repr": {"failed"},
+    "case2_fd_swap_flush_hook": {"crashed"},  # the report went nowhere: fd 3 was not the channel any more
+    "case2_main_result_fd_stderr_hook": {"failed"},
+    "case3_unhashable_report": {"crashed"},
+    "case3_non_ascii_token": {"crashed"},
+    "case4_deep_tree": {"failed"},
+    "case5_sysv_shm": {"failed"},
+    "case7_proc_view": {"passed"},
+    "case8_write_everywhere": {"passed"},
+    "toctou_relay_thread": {"failed", "crashed"},
+    "atexit_and_finalizers_on_failure": {"failed"},  # crashed would mean atexit or a finalizer ran
+    "atexit_and_finalizers_on_pass": {"passed"},
+    "exception_str_writes_report": {"crashed"},
+    "kill_the_reaper": {"failed"},
+    "tmp_filler": {"failed"},
+    "no_new_privs": {"passed"},
 }
 
 CONFIG = SandboxConfig(cpu_seconds=1.0, max_output_bytes=4096)
+
+
+def _shm_kib() -> int:
+    with open("/proc/meminfo") as handle:
+        return next(int(line.split()[1]) for line in handle if line.startswith("Shmem:"))
+
+
+def _host_segments(uids: list[int]) -> list[str]:
+    with open("/proc/sysvipc/shm") as handle:
+        rows = [line.split() for line in handle.read().splitlines()[1:]]
+    # Columns: key shmid perms size cpid lpid nattch uid gid cuid cgid ...
+    return [" ".join(row) for row in rows if int(row[7]) in uids or int(row[9]) in uids]
 
 
 @pytest.fixture(scope="module")
@@ -191,14 +423,27 @@ def batch(places):
     for i, (name, text) in enumerate(programs.items()):
         names += [name, f"normal_pass_{i}", f"normal_fail_{i}"]
         texts += [text, normal(i, True), normal(i, False)]
+    shm_before = _shm_kib()
     with Sandbox(CONFIG) as box:
         uids = [server.uid for server in box._servers]
         start = time.monotonic()
         results = box.run_many(texts)
         elapsed = time.monotonic() - start
         # After the batch the same slots still work: a fresh directory and a clean state every time.
-        after = box.run_many(["import os\nprint(os.getcwd(), sorted(os.listdir('.')))\n" + CHECKS])
-    return {"results": dict(zip(names, results, strict=True)), "uids": uids, "elapsed": elapsed, "after": after[0]}
+        after = box.run_many(["import os\nprint(os.getcwd(), sorted(os.listdir('.')), os.listdir('/tmp'))\n" + CHECKS])
+        scope = box.memory_scope
+    # The IPC namespaces are freed by a kernel worker shortly after their last process.
+    deadline = time.monotonic() + 5
+    while _shm_kib() - shm_before > 96 * 1024 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return {
+        "results": dict(zip(names, results, strict=True)),
+        "uids": uids,
+        "elapsed": elapsed,
+        "after": after[0],
+        "shm_growth_kib": _shm_kib() - shm_before,
+        "memory_scope": scope,
+    }
 
 
 @pytest.mark.parametrize("name", sorted(EXPECTED))
@@ -223,7 +468,7 @@ def test_exit_before_checks_is_explained(batch):
     assert "SystemExit(0)" in results["sys_exit_0"].detail
     assert "SystemExit(None)" in results["raise_systemexit"].detail
     assert "before confirming" in results["os_exit_0"].detail
-    assert "before confirming" in results["forge_result"].detail
+    assert "without this program's token" in results["forge_result"].detail
 
 
 def test_limits_are_what_stopped_them(batch):
@@ -242,6 +487,54 @@ def test_output_is_capped_but_drained(batch):
     assert len(flood.stderr.encode()) == CONFIG.max_output_bytes
 
 
+def test_forgeries_are_failures_with_their_own_error(batch):
+    # Cases 1-2: the program's real error is what the report says (the trick changed nothing) ...
+    results = batch["results"]
+    for name in ("case1_rebind_builtins_repr", "case2_main_result_fd_stderr_hook", "atexit_and_finalizers_on_failure"):
+        assert "AssertionError" in results[name].detail, (name, results[name])
+    # ... or no report reached the channel at all, when the program had put its own pipe on fd 3.
+    assert "before confirming" in results["case2_fd_swap_flush_hook"].detail
+    for name in ("case3_unhashable_report", "case3_non_ascii_token", "exception_str_writes_report"):
+        assert "only the harness may write" in results[name].detail, (name, results[name])
+
+
+@needs_root
+def test_case5_no_shared_memory_outlives_the_program(batch):
+    shm = batch["results"]["case5_sysv_shm"]
+    segments = shm.stdout.split("segments")[1]
+    assert segments.count(",") == 3 and "-1" not in segments, shm.stdout  # 4 segments were really made
+    assert _host_segments(batch["uids"]) == []
+    # 192 MiB were touched in the segments; an IPC namespace that outlived the program would keep them.
+    assert batch["shm_growth_kib"] < 96 * 1024
+
+
+@needs_root
+def test_case7_program_sees_only_its_own_processes(batch):
+    lines = batch["results"]["case7_proc_view"].stdout.strip().splitlines()
+    pids = [int(line.split()[0]) for line in lines]
+    assert pids == [1, 2, 3], lines  # the reaper, the program, its child
+    assert "_sandbox_server.py" in lines[0] and "pytest" not in "".join(lines)
+
+
+@needs_root
+def test_case8_nothing_written_reaches_the_host(batch, places):
+    stdout = batch["results"]["case8_write_everywhere"].stdout
+    # The private places accept writes (programs may use /tmp); the rest of the file system is read-only.
+    for folder in TMP_MOUNTS:
+        if os.path.isdir(folder):
+            assert f"wrote {folder}\n" in stdout, stdout
+    assert "denied /etc 30" in stdout  # EROFS
+    for folder in places["writable"]:
+        assert not os.path.exists(os.path.join(folder, places["marker"])), folder
+    assert not os.path.exists("/tmp/beat") and not os.path.exists("/tmp/fill-0")
+
+
+@needs_root
+def test_no_new_privs_and_deep_tree(batch):
+    assert batch["results"]["no_new_privs"].stdout.strip() == "1"  # setuid binaries gain nothing
+    assert "AssertionError" in batch["results"]["case4_deep_tree"].detail
+
+
 @needs_root
 def test_user_files_survive(batch, places):
     for folder in ("home", "work"):
@@ -254,19 +547,14 @@ def test_user_files_survive(batch, places):
 @needs_root
 def test_cannot_signal_the_evaluator(batch):
     assert "PermissionError" in batch["results"]["kill_parent"].detail
-    by_pid = batch["results"]["kill_evaluator_by_pid"]
-    # The evaluator's pid is either not visible from the program's pid namespace or not signalable.
-    if by_pid.status == "failed":
-        assert any(e in by_pid.detail for e in ("ProcessLookupError", "PermissionError"))
+    assert "PermissionError" in batch["results"]["kill_the_reaper"].detail
+    assert "ProcessLookupError" in batch["results"]["kill_evaluator_by_pid"].detail
     assert os.getpid() > 0  # and this process, the evaluator, is still running the tests
 
 
 @needs_root
-def test_daemon_is_killed_and_nothing_is_left(batch, places):
-    assert os.path.getsize(places["beat"]) > 0  # the daemon did start
-    size = os.path.getsize(places["beat"])
-    time.sleep(0.3)
-    assert os.path.getsize(places["beat"]) == size
+def test_daemon_is_killed_and_nothing_is_left(batch):
+    assert "daemon" in batch["results"]["daemon"].stdout  # the daemon did start
     for uid in batch["uids"]:
         assert not _uid_has_live_processes(uid)
 
@@ -288,21 +576,97 @@ def test_programs_run_unprivileged_without_network():
     assert result.passed, result
     uid, gid, groups = result.stdout.split("\n")[0].split(" ", 2)
     assert int(uid) != 0 and int(gid) != 0 and groups == "[]"
-    if result.network_isolated:
-        assert "no network" in result.stdout
+    assert result.network_isolated and "no network" in result.stdout
 
 
 def test_fresh_directory_after_hostile_batch(batch):
     after = batch["after"]
     assert after.passed, after
-    cwd, listing = after.stdout.split(" ", 1)
-    assert os.path.basename(cwd).startswith("dinfill-sandbox-") and listing.strip() == "[]"
-    assert not os.path.exists(cwd)  # removed afterwards
+    assert after.stdout.strip() == "/tmp/work [] ['work']"  # a new private /tmp, nothing left from before
+    assert not os.path.exists("/tmp/work")  # never on the host
+
+
+@needs_root
+def test_case6_memory_cap_covers_the_whole_program():
+    cap = 256 * 1024**2
+    # Six children of 64 MiB each: every process is far below the per-process limit, together they are not.
+    program = hostile(
+        """
+        import os, time
+        for _ in range(6):
+            if os.fork() == 0:
+                block = b"x" * (64 << 20)
+                time.sleep(30)
+                os._exit(0)
+        time.sleep(1.5)
+        """
+    )
+    config = SandboxConfig(cpu_seconds=1, memory_bytes=cap)
+    with Sandbox(config, jobs=1) as box:
+        result, control = box.run_many([program, normal(0)])
+        scope = box.memory_scope
+    if scope == "per-process":
+        pytest.skip("no writable memory cgroup (v2 or v1) on this machine: the cap is per process here")
+    assert result.status == "oom" and "memory cap of 256 MiB" in result.detail, result
+    assert control.passed
+
+
+@needs_root
+def test_case9_a_row_ends_within_its_wall_limit_plus_a_bounded_cleanup():
+    storm = hostile(
+        """
+        import os
+        for _ in range(15):
+            if os.fork() == 0:
+                break
+        me, n = os.getpid(), 0
+        while True:
+            try:
+                open(f"/tmp/f-{me}-{n}", "w").close()
+                os.mkdir(f"d-{me}-{n}")
+            except OSError:
+                pass
+            n += 1
+        """
+    )
+    config = SandboxConfig(cpu_seconds=1, wall_seconds=2)
+    with Sandbox(config, jobs=1) as box:
+        box.run(normal(0))  # the slot is started outside the measured time
+        start = time.monotonic()
+        result = box.run(storm)
+        elapsed = time.monotonic() - start
+    assert result.status == "timeout", result
+    assert elapsed < config.wall_limit + 2.0, elapsed  # the teardown of its tmpfs is not a walk
+
+
+def test_report_parser_is_total():
+    tokens = {status: secrets.token_hex(16) for status in ("passed", "failed", "oom")}
+    good = f"{tokens['failed']} 'AssertionError'\n".encode()
+    assert _parse_report(good, False, tokens) == ("failed", "AssertionError")
+    assert _parse_report(b"", False, tokens) == (None, "")
+    hostile_inputs = [
+        b"{[]: 1}\n",
+        "\u00e9 ''\n".encode(),
+        b"\xff\xfe\n",
+        good + good,
+        good[:-1],
+        f"{tokens['passed']} ".encode() + b"[" * 100000 + b"\n",
+        f"{tokens['passed']} 12\n".encode(),
+        f"{tokens['passed']} {{[]: 1}}\n".encode(),
+        f"{tokens['passed']}\n".encode(),
+    ]
+    rng = random.Random(0)
+    hostile_inputs += [bytes(rng.randrange(256) for _ in range(rng.randrange(1, 60))) + b"\n" for _ in range(200)]
+    for data in hostile_inputs:
+        status, detail = _parse_report(data, False, tokens)
+        assert status == "crashed" and detail, data[:40]
+    assert _parse_report(good, True, tokens)[0] == "crashed"  # more than the cap arrived
 
 
 def test_never_more_programs_than_jobs():
     sleeper = "import time\nprint(time.monotonic())\ntime.sleep(0.3)\nprint(time.monotonic())  # {}"
-    results = run_programs([sleeper.format(i) for i in range(6)], jobs=2)
+    config = SandboxConfig(allow_weaker_isolation=WEAK_OK)
+    results = run_programs([sleeper.format(i) for i in range(6)], config=config, jobs=2)
     spans = [tuple(map(float, r.stdout.split())) for r in results]
     # CLOCK_MONOTONIC is system-wide, so the spans of different processes can be compared.
     overlap = max(sum(start <= t < end for start, end in spans) for t, _ in spans)
@@ -312,14 +676,14 @@ def test_never_more_programs_than_jobs():
 def test_identical_programs_run_once_and_random_is_fresh():
     same = "import random\nprint(random.random())"
     other = "import random\nprint(random.random())  # other"
-    results = run_programs([same, other, same, same], jobs=2)
+    results = run_programs([same, other, same, same], SandboxConfig(allow_weaker_isolation=WEAK_OK), jobs=2)
     assert all(r.passed for r in results)
     assert results[0].stdout == results[2].stdout == results[3].stdout
     assert results[0].stdout != results[1].stdout  # the fork server does not hand out one random state
 
 
 def test_memo_reuses_results_across_calls():
-    with Sandbox(jobs=1, memo=True) as box:
+    with Sandbox(SandboxConfig(allow_weaker_isolation=WEAK_OK), jobs=1, memo=True) as box:
         first = box.run_many(["import random\nprint(random.random())"])
         second = box.run_many(["import random\nprint(random.random())"])
     assert first[0].stdout == second[0].stdout
@@ -328,13 +692,25 @@ def test_memo_reuses_results_across_calls():
 @pytest.mark.parametrize(
     "config",
     [
-        SandboxConfig(cpu_seconds=1, pid_namespace=False),
-        SandboxConfig(cpu_seconds=1, pid_namespace=False, drop_privileges=False, isolate_network=False),
+        SandboxConfig(cpu_seconds=1, pid_namespace=False, private_filesystem=False),
+        SandboxConfig(
+            cpu_seconds=1,
+            pid_namespace=False,
+            private_filesystem=False,
+            drop_privileges=False,
+            isolate_network=False,
+            ipc_namespace=False,
+        ),
     ],
     ids=["no-pid-namespace", "no-privilege-drop"],
 )
-def test_fallback_cleanup_kills_daemons(config, places):
-    beat = places["beat"] + "-fallback-" + str(config.drop_privileges)
+def test_fallback_cleanup_kills_daemons_and_removes_deep_trees(config):
+    # Explicitly switched-off features are not a refusal; the daemon can reach the host here, by design.
+    if not ROOT:
+        config = dataclasses.replace(config, allow_weaker_isolation=True)
+    folder = tempfile.mkdtemp(prefix="dinfill-test-beat-")  # directly in /tmp: the daemon's uid must reach it
+    os.chmod(folder, 0o1777)
+    beat = os.path.join(folder, "beat")
     daemon = hostile(
         f"""
         import os, time
@@ -351,22 +727,72 @@ def test_fallback_cleanup_kills_daemons(config, places):
             time.sleep(0.01)
         """
     )
-    results = run_programs([daemon, normal(100), normal(101, False)], config=config, jobs=1)
-    assert [r.status for r in results] == ["passed", "passed", "failed"]
+    deep = forger('import os\nprint(os.getcwd())\nfor _ in range(5000):\n    os.mkdir("d")\n    os.chdir("d")')
+    results = run_programs([daemon, normal(100), normal(101, False), deep], config=config, jobs=1)
+    assert [r.status for r in results] == ["passed", "passed", "failed", "failed"], results
     size = os.path.getsize(beat)
     time.sleep(0.3)
     assert os.path.getsize(beat) == size
+    shutil.rmtree(folder)
+    # Without a private tmpfs the working directory is a host folder: removed, however deep (case 4).
+    workdir = results[3].stdout.strip()
+    assert os.path.basename(workdir).startswith("dinfill-sandbox-") and not os.path.exists(workdir)
+
+
+@needs_root
+@pytest.mark.skipif(shutil.which("setpriv") is None, reason="needs util-linux setpriv to drop CAP_SYS_ADMIN")
+def test_refuses_missing_isolation_unless_weaker_is_allowed(tmp_path):
+    # A root evaluator without CAP_SYS_ADMIN (a default container) cannot make namespaces: say so, refuse.
+    script = textwrap.dedent(
+        """
+        import sys
+        from dinfill.eval.execution import Sandbox, SandboxConfig, SandboxUnavailable
+        config = SandboxConfig(cpu_seconds=1, drop_privileges=False)
+        try:
+            with Sandbox(config, jobs=1) as box:
+                box.self_check()
+            print("ran")
+        except SandboxUnavailable as exc:
+            print("refused:", exc)
+        weak = SandboxConfig(cpu_seconds=1, drop_privileges=False, allow_weaker_isolation=True)
+        with Sandbox(weak, jobs=1) as box:
+            (result,) = box.run_many(["import os\\nprint(len(os.listdir('/proc')) > 10)\\n"])
+        print("weak:", result.status, result.network_isolated, result.stdout.strip())
+        """
+    )
+    done = subprocess.run(
+        ["setpriv", "--bounding-set=-sys_admin", "--inh-caps=-sys_admin", sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(os.path.abspath(__file__)))},
+    )
+    assert done.returncode == 0, done.stderr
+    refused, weak = done.stdout.strip().splitlines()
+    assert refused.startswith("refused:") and "--allow-weak-sandbox" in refused
+    for feature in ("pid namespace", "IPC namespace", "read-only root", "network namespace"):
+        assert feature in refused, (feature, refused)
+    assert weak == "weak: passed False True"  # it ran, without network isolation and with the host's /proc
+
+
+def test_non_root_is_refused_without_opt_in():
+    if ROOT:
+        pytest.skip("checks the refusal a non-root evaluator gets; this one is root (see the setpriv test)")
+    with pytest.raises(SandboxUnavailable, match="allow-weak-sandbox"):
+        Sandbox(jobs=1)
 
 
 def test_self_check_and_config_validation():
-    with Sandbox(jobs=1) as box:
+    with Sandbox(SandboxConfig(allow_weaker_isolation=WEAK_OK), jobs=1) as box:
         box.self_check()
         assert box.jobs == 1
-    assert Sandbox(jobs=10_000).jobs == available_cores()
+    assert Sandbox(SandboxConfig(allow_weaker_isolation=WEAK_OK), jobs=10_000).jobs == available_cores()
     with pytest.raises(ValueError, match="cpu_seconds"):
         SandboxConfig(cpu_seconds=0)
     with pytest.raises(ValueError, match="memory_bytes"):
         SandboxConfig(memory_bytes=1024)
+    with pytest.raises(ValueError, match="tmp_bytes"):
+        SandboxConfig(tmp_bytes=10)
     with pytest.raises(ValueError, match="jobs"):
         Sandbox(jobs=0)
     with pytest.raises(RuntimeError, match="closed"):
@@ -375,12 +801,13 @@ def test_self_check_and_config_validation():
 
 def test_broken_interpreter_fails_closed():
     with pytest.raises(RuntimeError, match="could not start|set-up|self-check"):
-        with Sandbox(SandboxConfig(python="/nonexistent/python"), jobs=1) as box:
+        config = SandboxConfig(python="/nonexistent/python", allow_weaker_isolation=WEAK_OK)
+        with Sandbox(config, jobs=1) as box:
             box.self_check()
 
 
 def test_syntax_error_and_result_dict():
-    (result,) = run_programs(["def broken(:\n    pass\n"], jobs=1)
+    (result,) = run_programs(["def broken(:\n    pass\n"], SandboxConfig(allow_weaker_isolation=WEAK_OK), jobs=1)
     assert result.status == "failed" and "SyntaxError" in result.detail
     data = result.to_dict()
     assert data["status"] == "failed" and "stdout" not in data
@@ -388,5 +815,6 @@ def test_syntax_error_and_result_dict():
 
 
 def test_signal_death_is_a_crash():
-    (result,) = run_programs(["import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n" + CHECKS], jobs=1)
+    program = "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n" + CHECKS
+    (result,) = run_programs([program], SandboxConfig(allow_weaker_isolation=WEAK_OK), jobs=1)
     assert result.status == "crashed" and signal.Signals.SIGSEGV.name in result.detail

@@ -1,62 +1,94 @@
 """Execution sandbox: run untrusted, model-written programs and say, with a typed result, whether they passed.
 
 Why this exists: HumanEval-Infill is scored by running what a model wrote, and model output can
-loop forever, fork, allocate without bound, delete files, or call ``sys.exit(0)`` before the
-checks (which a naive harness counts as a pass). Each program gets a fresh process, and the
-evaluator believes only a confirmation that the process writes after ``exec`` returned.
+loop forever, fork, allocate without bound, fill the disk, delete files, or call ``sys.exit(0)``
+before the checks (which a naive harness counts as a pass). Each program gets a fresh, isolated
+process, and the evaluator believes only a report that the process writes after ``exec`` returned.
 
 How a program runs: each parallel slot has a small fork server (``_sandbox_server.py``, started
-once per slot with ``python -I``) that forks a fresh process per program. That process gets a
-new session, a new pid namespace whose pid 1 is a reaper, resource limits, an unprivileged uid
-of its own, ``/dev/null`` as stdin, a scrubbed environment and a fresh temporary directory as cwd
-and HOME, and runs the program with ``exec`` in a fresh global namespace (``{}``: ``__name__`` is
-not ``"__main__"``, as in the human-eval harness whose published counts we reproduce). Only the
-original process, after ``exec`` returned, writes ``passed`` with a random per-program token on a
-result pipe. The evaluator drains stdout and stderr with caps, enforces the wall clock, kills the
-process group and removes the directory. Forking from a server spares each program an interpreter
-start-up with its imports (30-60 ms on a 2-core CI machine; the namespace set-up of the slot is
-paid once), which matters when a re-scoring runs thousands of programs.
+once per slot with ``python -I -B -u``) that forks a fresh process per program. That process gets a
+new session, a new pid namespace whose pid 1 is a reaper, new mount and IPC namespaces, the slot's
+memory cgroup, resource limits, ``no_new_privs``, an unprivileged uid of its own, ``/dev/null`` as
+stdin and a scrubbed environment, and runs the program with ``exec`` in a fresh global namespace
+(``__name__`` is not ``"__main__"``, as in the human-eval harness whose published counts we
+reproduce). The evaluator drains stdout, stderr and the two report pipes with caps, enforces the
+wall clock, kills the process group and has the server reap it. Forking from a server spares each
+program an interpreter start-up with its imports (30-60 ms on a 2-core CI machine; the namespaces
+cost about 1.5 ms per program), which matters when a re-scoring runs thousands of programs.
 
-Covered
--------
+Covered (full isolation: Linux >= 5.12, root or CAP_SYS_ADMIN, a cgroup memory controller)
+-----------------------------------------------------------------------------------------
+- verdicts: only the program's original process, after ``exec`` returned, writes ``passed``: one
+  line on fd 3 with the per-program random token of that status (passed, failed and oom each have
+  their own, so intercepting a ``failed`` report gives nothing that forges ``passed``), checked with
+  ``hmac.compare_digest`` on bytes. The report is built from references bound before the program
+  ran (rebinding ``builtins.repr``, ``os.write``, ``__main__`` globals changes nothing), the identity
+  of fd 3 (st_dev, st_ino) is checked before writing (a pipe ``dup2``-ed over it gets nothing), and
+  nothing of the program runs after its report: stdout is unbuffered (no flush), the garbage
+  collector is off and the program's namespace stays referenced (no finalizers), the process
+  leaves with ``os._exit`` (no atexit). The evaluator accepts exactly one well-formed line; anything
+  else on the channel (garbage, a second line, an unknown or non-ASCII token, an unhashable
+  literal, more than 16 KiB) makes the row ``crashed``. ``sys.exit(0)``, ``raise SystemExit``,
+  ``os._exit(0)``, a killed process, a closed channel, a forked child finishing the checks for a
+  parent that exited: none is a pass;
+- no row can stop the run: every failure while starting, watching, parsing, reaping or cleaning up
+  a program becomes that row's ``crashed`` result with the reason (a dead fork server is restarted);
+  reaping waits at most ``REAP_TIMEOUT`` seconds; what a program wrote disappears with its tmpfs
+  (a 5000-deep tree or 16384 files cost one unmount, not a walk);
 - fresh process per program, own session and process group; stdin is ``/dev/null`` and
-  ``sys.stdin`` is closed; environment scrubbed (PATH, HOME = TMPDIR = a fresh 0700 temp dir, C.UTF-8);
+  ``sys.stdin`` is closed; environment scrubbed (PATH, HOME = TMPDIR = cwd = ``/tmp/work``, C.UTF-8);
 - CPU time: ``RLIMIT_CPU`` (default 3 s, so results do not depend on machine load), plus a looser
   wall clock (default ``3 * cpu + 1`` s) for programs that sleep; timeouts kill the whole group;
 - never more programs at once than cores (:func:`available_cores`); identical programs run once;
-- memory: ``RLIMIT_AS`` (default 2 GiB) on by default, so a huge allocation is ``MemoryError`` -> ``oom``;
+- memory: ``RLIMIT_AS`` per process (default 2 GiB: a huge allocation is ``MemoryError`` -> ``oom``)
+  and the same cap for the program as a whole (all its processes, its tmpfs files and shared
+  memory) through a memory cgroup per slot: cgroup v2 where the evaluator's cgroup can have a child
+  with the memory controller, else cgroup v1's memory controller; an OOM kill in it is ``oom``
+  (:attr:`Sandbox.memory_scope` says which applies);
 - processes: ``RLIMIT_NPROC`` (default 16) for the slot's uid stops fork bombs; every slot has its
   own uid, so one slot's fork bomb cannot starve another; when the program ends, the reaper (pid 1
   of its pid namespace) exits and the kernel kills everything the program left, daemons that
-  ``setsid`` and double-fork included; without a pid namespace the fork server, a child subreaper
-  (``PR_SET_CHILD_SUBREAPER``), inherits every orphan and kills it;
+  ``setsid`` and double-fork included; ``/proc`` is a fresh instance of that pid namespace, so the
+  program sees only its own processes (and the reaper), not the host's;
+- files: every mount is read-only for the program except private tmpfs on ``/tmp``, ``/var/tmp``,
+  ``/dev/shm`` and ``/run/lock`` (``tmp_bytes`` each, at most 16384 inodes) that disappear with it;
+  ``RLIMIT_FSIZE`` caps files, ``RLIMIT_NOFILE`` descriptors;
+- IPC: a private IPC namespace per program: SysV shared memory, semaphores and message queues die
+  with it (POSIX shared memory lives in its private ``/dev/shm``);
 - output: stdout and stderr are drained continuously (a flood cannot block the child) and only the
-  first ``max_output_bytes`` of each are kept; ``RLIMIT_FSIZE`` caps files, ``RLIMIT_NOFILE`` descriptors;
+  first ``max_output_bytes`` of each are kept;
 - privileges: as root, programs run as unused uids (no passwd entry, no process, ``flock``-ed per
-  evaluator) with no supplementary groups: they cannot signal the evaluator or the fork server,
-  nor read, delete or overwrite the user's files (in 0700 directories) or another slot's directory;
-  a 0700 home that holds the interpreter (pyenv in /root) is covered by an empty tmpfs in a private
-  mount namespace and only the interpreter's directories are bound back;
-- network: an empty network namespace (``unshare(CLONE_NEWNET)``) when the kernel allows it (root or
-  CAP_SYS_ADMIN); every result says whether it was isolated;
-- pass confirmation: ``sys.exit(0)``, ``raise SystemExit``, ``os._exit(0)``, a killed child, a child
-  that closed the result pipe, a process the program forked finishing the checks for a parent that
-  exited: none counts as passed. Typed results: passed / failed / timeout / oom / crashed, with the
-  first lines of the error.
+  evaluator) with no supplementary groups and ``no_new_privs`` (setuid binaries gain nothing): they
+  cannot signal the evaluator or the fork server, nor read, delete or overwrite the user's files
+  (in 0700 directories); a 0700 home that holds the interpreter (pyenv in /root) is covered by an
+  empty tmpfs and only the interpreter's directories are bound back;
+- network: an empty network namespace (``unshare(CLONE_NEWNET)``); every result says whether it was isolated.
+
+Where the machine cannot provide a requested feature (not root, a container without
+CAP_SYS_ADMIN, a kernel before 5.12), the sandbox refuses to start and says what is missing and
+why, unless weaker isolation is allowed explicitly (``SandboxConfig(allow_weaker_isolation=True)``,
+``--allow-weak-sandbox`` on the command line). The memory cap is the exception: without a usable
+cgroup it falls back to the per-process limit, so a program can use ``memory_bytes * max_processes``.
 
 Not covered
 -----------
-- a program that deliberately reads the harness's memory (frames, ``gc``, ``/proc/self/mem``) can find
-  the token and forge a pass: the token defeats accidents and naive tricks, not an adversary that
-  targets this harness. Use a VM or gVisor for adversarial code;
-- not root, or ``drop_privileges=False``: programs run as the evaluator's user and could signal it or
-  touch its files; ``RLIMIT_NPROC`` then counts all the user's processes, so it is set to their
-  current count plus a margin;
-- no network namespace (containers without CAP_SYS_ADMIN): the network is reachable (each result
-  says so); no pid namespace: leftovers are still killed, by the subreaper, once the program ends;
-- world-readable files (the dataset, ``/etc``) stay readable; files written to world-writable places
-  outside the temp dir (``/tmp``, ``/dev/shm``) are not removed; no seccomp filter and no cgroup (CPU
-  is bounded per process by rlimits, so a fork bomb's 16 processes can use 16 x the CPU limit);
+- code in the same interpreter as the checks can always lie about its own result: that is the
+  design of the benchmark (the checks run inside the program). A program that targets this harness
+  (reads the tokens out of its own memory through frames, ``gc`` or ``/proc/self/mem``, or rewrites
+  ``check``) can forge a pass. The sandbox's job is that nothing *else* can: no accident, no
+  generic trick, no other program, and that no program can change another row's verdict. Use a VM
+  or gVisor for adversarial code;
+- the program's own threads run until ``os._exit``, and its code may run while its error text is
+  formatted (an exception's ``__str__``): both can turn its row into ``crashed``, never into a pass;
+- with weaker isolation (only when allowed): without a mount namespace the cwd is a temporary
+  directory removed afterwards (depth-safe, bounded; a leftover makes the row ``crashed`` and is
+  retried at :meth:`Sandbox.close`), files written to world-writable places outside it persist and
+  the host's ``/proc`` is visible; without an IPC namespace SysV segments outlive the program;
+  not root: programs run as the evaluator's user and could signal it or touch its files, and
+  ``RLIMIT_NPROC`` counts all the user's processes; no network namespace: the network is reachable
+  (each result says so); no pid namespace: leftovers are killed by the subreaper when the program ends;
+- world-readable files (the dataset, ``/etc``) stay readable; no seccomp filter; CPU is bounded per
+  process by rlimits, so a fork bomb's 16 processes can use 16 x the CPU limit within the wall clock;
 - programs of one slot share the fork server's interpreter state as it was at start-up (its hash seed
   and imported standard-library modules; ``random`` is never imported there, so it is seeded per program).
 
@@ -66,13 +98,14 @@ threads): all privileged set-up happens in the fork server, a single-threaded pr
 
 from __future__ import annotations
 
+import dataclasses
 import fcntl
+import hmac
 import os
 import pwd
 import queue
 import secrets
 import selectors
-import shutil
 import signal
 import socket
 import subprocess
@@ -88,6 +121,19 @@ from dinfill.eval import _sandbox_server as _wire
 
 STATUSES = ("passed", "failed", "timeout", "oom", "crashed")
 _SERVER = os.path.abspath(_wire.__file__)
+# Seconds the fork server may take to reap a program once it was killed (the kernel tears down its
+# namespaces meanwhile); past it the row is crashed and the server replaced.
+REAP_TIMEOUT = 10.0
+# The result channel carries one short line; more than this is not a report.
+_REPORT_CAP = 16384
+# Isolation features a SandboxConfig can ask for, with how a refusal names them.
+_FEATURES = {
+    "drop_privileges": "an unprivileged uid per slot",
+    "pid_namespace": "a pid namespace per program",
+    "isolate_network": "an empty network namespace",
+    "ipc_namespace": "an IPC namespace per program",
+    "private_filesystem": "a read-only root with a private /tmp, /var/tmp, /dev/shm, /run/lock and /proc",
+}
 
 
 def available_cores() -> int:
@@ -111,7 +157,8 @@ class SandboxConfig:
     wall_seconds : float or None
         Wall-clock bound; ``None`` means ``3 * cpu_seconds + 1`` (looser, for sleeping programs).
     memory_bytes : int or None
-        ``RLIMIT_AS``; ``None`` switches the memory limit off (not recommended).
+        ``RLIMIT_AS`` per process, and the memory cgroup cap of the whole program where a cgroup is
+        available; ``None`` switches both off (not recommended).
     max_processes : int
         ``RLIMIT_NPROC`` for the slot uid (fork bombs).
     max_output_bytes : int
@@ -120,13 +167,23 @@ class SandboxConfig:
         ``RLIMIT_FSIZE``: the largest file a program may write.
     max_open_files : int
         ``RLIMIT_NOFILE``.
+    tmp_bytes : int
+        Size of each private tmpfs (``/tmp``, ``/var/tmp``, ``/dev/shm``, ``/run/lock``).
     isolate_network : bool
-        Run programs in an empty network namespace when the kernel allows it.
+        Run programs in an empty network namespace.
     pid_namespace : bool
         Run each program as pid 2 of a new pid namespace whose pid 1 is a reaper, so that everything
         the program started dies with it; without it the fork server (a subreaper) kills leftovers.
+    ipc_namespace : bool
+        A private IPC namespace per program (SysV shared memory dies with it).
+    private_filesystem : bool
+        A mount namespace per program: every mount read-only, private size-capped tmpfs for the
+        writable places, a fresh ``/proc`` (with ``pid_namespace``).
     drop_privileges : bool
         When running as root, run programs as dedicated unprivileged uids (strongly recommended).
+    allow_weaker_isolation : bool
+        Run even when the machine cannot provide a feature asked for above (not root, no namespaces);
+        off by default, so that a sandbox never silently isolates less than it says.
     uid_range : tuple of int
         Half-open range searched for free uids (no passwd entry, no process, not locked).
     python : str
@@ -140,9 +197,13 @@ class SandboxConfig:
     max_output_bytes: int = 64 * 1024
     max_file_bytes: int = 64 * 1024**2
     max_open_files: int = 256
+    tmp_bytes: int = 64 * 1024**2
     isolate_network: bool = True
     pid_namespace: bool = True
+    ipc_namespace: bool = True
+    private_filesystem: bool = True
     drop_privileges: bool = True
+    allow_weaker_isolation: bool = False
     uid_range: tuple[int, int] = (61000, 65000)
     python: str = field(default_factory=lambda: sys.executable)
 
@@ -155,6 +216,8 @@ class SandboxConfig:
             raise ValueError(f"memory_bytes={self.memory_bytes}: below 64 MiB the interpreter cannot run")
         if self.max_processes < 1 or self.max_output_bytes < 0 or self.max_open_files < 16:
             raise ValueError("max_processes >= 1, max_output_bytes >= 0 and max_open_files >= 16 are required")
+        if self.tmp_bytes < 1024**2:
+            raise ValueError(f"tmp_bytes={self.tmp_bytes}: give each private tmpfs at least 1 MiB")
 
     @property
     def cpu_limit(self) -> int:
@@ -165,6 +228,10 @@ class SandboxConfig:
     def wall_limit(self) -> float:
         """The wall-clock bound in seconds that applies."""
         return self.wall_seconds if self.wall_seconds is not None else 3.0 * self.cpu_seconds + 1.0
+
+    def requested(self) -> list[str]:
+        """The isolation features this configuration asks for (keys of the refusal messages)."""
+        return [name for name in _FEATURES if getattr(self, name)]
 
 
 @dataclass(frozen=True)
@@ -209,6 +276,10 @@ class ExecResult:
         if not output:
             del data["stdout"], data["stderr"]
         return data
+
+
+class SandboxUnavailable(RuntimeError):
+    """The machine cannot isolate programs as configured; the message says what is missing and the fix."""
 
 
 # -- processes seen through /proc --------------------------------------------------------------
@@ -263,36 +334,182 @@ def _lock_dir() -> str:
     return path
 
 
-class _Server:
-    """One slot: its uid (None when privileges are not dropped), uid lock and fork server."""
+# -- memory cgroups ----------------------------------------------------------------------------
+def _cgroup_parents() -> list[tuple[int, str]]:
+    """(version, directory of this process's own cgroup) for cgroup v2, then v1's memory hierarchy."""
+    mounts: dict[int, tuple[str, str]] = {}
+    try:
+        with open("/proc/self/mountinfo", encoding="utf-8") as handle:
+            for line in handle:
+                left, _, right = line.partition(" - ")
+                fields, kind = left.split(), right.split()
+                if len(fields) < 5 or len(kind) < 3:
+                    continue
+                if kind[0] == "cgroup2":
+                    mounts.setdefault(2, (fields[4], fields[3]))
+                elif kind[0] == "cgroup" and "memory" in kind[2].split(","):
+                    mounts.setdefault(1, (fields[4], fields[3]))
+        paths: dict[int, str] = {}
+        with open("/proc/self/cgroup", encoding="utf-8") as handle:
+            for line in handle:
+                hierarchy, controllers, path = line.rstrip("\n").split(":", 2)
+                if hierarchy == "0" and not controllers:
+                    paths[2] = path
+                elif "memory" in controllers.split(","):
+                    paths[1] = path
+    except (OSError, ValueError):
+        return []
+    found = []
+    for version in (2, 1):
+        if version in mounts and version in paths:
+            mountpoint, root = mounts[version]
+            path = paths[version]
+            # A mount of a sub-tree (containers) shows the cgroup paths below its root.
+            if root != "/" and (path == root or path.startswith(root + "/")):
+                path = path[len(root) :]
+            found.append((version, os.path.join(mountpoint, path.lstrip("/"))))
+    return found
 
-    def __init__(self, sandbox: Sandbox, uid: int | None, lock_fd: int | None) -> None:
-        self.sandbox, self.uid, self.lock_fd = sandbox, uid, lock_fd
+
+class _MemoryCgroup:
+    """A memory cgroup for one slot: its cap covers everything a program starts, its tmpfs files and shared memory."""
+
+    def __init__(self, path: str, version: int) -> None:
+        self.path, self.version = path, version
+        self.procs = os.path.join(path, "cgroup.procs")
+
+    @classmethod
+    def create(cls, name: str, limit: int) -> tuple[_MemoryCgroup | None, str]:
+        """A child of this process's cgroup with ``limit`` bytes, or (None, why not)."""
+        reasons = []
+        for version, parent in _cgroup_parents():
+            _remove_stale_cgroups(parent)
+            path = os.path.join(parent, name)
+            try:
+                os.makedirs(path, exist_ok=True)
+            except OSError as exc:
+                reasons.append(f"cgroup v{version}: cannot create {path} ({exc.strerror})")
+                continue
+            try:
+                if version == 2:
+                    if not os.path.exists(os.path.join(path, "memory.max")):
+                        # Fails (EBUSY) when the parent holds processes itself: v2's no-internal-process rule.
+                        _write(os.path.join(parent, "cgroup.subtree_control"), "+memory")
+                    _write(os.path.join(path, "memory.max"), str(limit))
+                    _write(os.path.join(path, "memory.swap.max"), "0", optional=True)
+                    # Kill the whole program at the cap, not just one of its processes.
+                    _write(os.path.join(path, "memory.oom.group"), "1", optional=True)
+                else:
+                    _write(os.path.join(path, "memory.limit_in_bytes"), str(limit))
+                    _write(os.path.join(path, "memory.memsw.limit_in_bytes"), str(limit), optional=True)
+                group = cls(path, version)
+                if group.oom_kills() is None:
+                    raise OSError(f"{path} does not count OOM kills (kernel before 4.13)")
+                return group, ""
+            except OSError as exc:
+                reasons.append(f"cgroup v{version} at {parent}: {exc}")
+                _rmdir_quietly(path)
+        return None, "; ".join(reasons) or "no cgroup file system with a memory controller is mounted"
+
+    def oom_kills(self) -> int | None:
+        """How many processes the kernel killed in this cgroup for going over its cap so far."""
+        name = "memory.events" if self.version == 2 else "memory.oom_control"
+        try:
+            with open(os.path.join(self.path, name), encoding="ascii") as handle:
+                for line in handle:
+                    key, _, value = line.partition(" ")
+                    if key == "oom_kill":
+                        return int(value)
+        except (OSError, ValueError):
+            pass
+        return None
+
+    def remove(self) -> None:
+        """Remove the cgroup (its processes are gone; the kernel may need a moment to let go)."""
+        for _ in range(50):
+            try:
+                os.rmdir(self.path)
+                return
+            except FileNotFoundError:
+                return
+            except OSError:
+                time.sleep(0.02)
+
+
+def _write(path: str, text: str, optional: bool = False) -> None:
+    try:
+        with open(path, "w", encoding="ascii") as handle:
+            handle.write(text)
+    except FileNotFoundError:
+        if not optional:
+            raise
+    except OSError as exc:
+        if not optional:
+            raise OSError(exc.errno, f"writing {text!r} to {path}: {exc.strerror}") from exc
+
+
+def _rmdir_quietly(path: str) -> None:
+    try:
+        os.rmdir(path)
+    except OSError:
+        pass
+
+
+def _remove_stale_cgroups(parent: str) -> None:
+    """Remove the slot cgroups of evaluators that died without cleaning up (their name holds the pid)."""
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith("dinfill-sandbox-")]
+    except OSError:
+        return
+    for name in names:
+        try:
+            os.kill(int(name.split("-")[2]), 0)
+        except ProcessLookupError:
+            _rmdir_quietly(os.path.join(parent, name))
+        except (ValueError, IndexError, PermissionError):
+            continue
+
+
+# -- one slot ----------------------------------------------------------------------------------
+class _Server:
+    """One slot: its uid (None when privileges are not dropped), uid lock, memory cgroup and fork server."""
+
+    def __init__(self, sandbox: Sandbox, index: int, uid: int | None, lock_fd: int | None) -> None:
+        self.sandbox, self.index, self.uid, self.lock_fd = sandbox, index, uid, lock_fd
         self.proc: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
         self.home: str | None = None
+        self.cgroup: _MemoryCgroup | None = None
         self.network_isolated = False
+        self.private_filesystem = False
 
     def setup_message(self) -> dict:
-        cfg, root = self.sandbox.config, os.geteuid() == 0
+        cfg, features = self.sandbox.config, self.sandbox.features
         # With its own uid a slot may have max_processes; without, the user's existing ones count too.
         nproc = cfg.max_processes if self.uid is not None else self.sandbox.nproc_base + cfg.max_processes
         return {
             "uid": self.uid,
             "gid": self.uid,
-            # Namespaces need root (CAP_SYS_ADMIN); without it the server does not even try.
-            "isolate_network": cfg.isolate_network and root,
-            "pid_namespace": cfg.pid_namespace and root,
+            "isolate_network": "isolate_network" in features,
+            "pid_namespace": "pid_namespace" in features,
+            "ipc_namespace": "ipc_namespace" in features,
+            "private_filesystem": "private_filesystem" in features,
+            "cgroup_procs": self.cgroup.procs if self.cgroup else None,
             "cpu_seconds": cfg.cpu_seconds,
             "memory_bytes": cfg.memory_bytes,
             "max_file_bytes": cfg.max_file_bytes,
             "max_open_files": cfg.max_open_files,
             "max_processes": nproc,
+            "tmp_bytes": cfg.tmp_bytes,
+            "tmp_inodes": 16384,
             "keep_paths": [tempfile.gettempdir()],
         }
 
     def start(self) -> None:
-        """Start the fork server and let it build the namespaces its programs share."""
+        """Start the fork server, let it build the namespaces its programs share and probe the rest."""
+        cfg = self.sandbox.config
+        if cfg.memory_bytes is not None and self.sandbox.memory_scope != "per-process":
+            self.cgroup, _ = _MemoryCgroup.create(f"dinfill-sandbox-{os.getpid()}-{self.index}", cfg.memory_bytes)
         # A unix socket, because the pipes of each program travel to the server as file descriptors.
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.home = tempfile.mkdtemp(prefix="dinfill-sandbox-server-")
@@ -300,7 +517,8 @@ class _Server:
         try:
             with open(log, "wb") as log_file:
                 self.proc = subprocess.Popen(
-                    [self.sandbox.config.python, "-I", "-B", _SERVER, str(theirs.fileno())],
+                    # -u: the programs' stdout is unbuffered, so nothing needs flushing after a report.
+                    [cfg.python, "-I", "-B", "-u", _SERVER, str(theirs.fileno())],
                     stdin=subprocess.DEVNULL,
                     stdout=subprocess.DEVNULL,
                     stderr=log_file,  # only the server's own errors land here, never a program's output
@@ -312,8 +530,8 @@ class _Server:
                 )
         except OSError as exc:
             ours.close()
-            self.stop()  # removes the folder made above
-            raise RuntimeError(f"could not start the sandbox server with {self.sandbox.config.python}: {exc}") from exc
+            self.stop()  # removes the folder and cgroup made above
+            raise RuntimeError(f"could not start the sandbox server with {cfg.python}: {exc}") from exc
         finally:
             theirs.close()
         self.sock = ours
@@ -330,6 +548,21 @@ class _Server:
             self.stop()
             raise RuntimeError(f"sandbox set-up failed: {state['error']}")
         self.network_isolated = bool(state["network_isolated"])
+        errors = dict(state["isolation_errors"])
+        if "isolate_network" in self.sandbox.features and not self.network_isolated:
+            errors["isolate_network"] = "unshare(CLONE_NEWNET) failed"
+        if "cgroup_procs" in errors:  # the cap falls back to the per-process limit (see the module docstring)
+            self.cgroup.remove()
+            self.cgroup = None
+            del errors["cgroup_procs"]
+        self.private_filesystem = "private_filesystem" in self.sandbox.features and "private_filesystem" not in errors
+        if errors:
+            missing = {name: reason for name, reason in errors.items() if name in _FEATURES}
+            if not cfg.allow_weaker_isolation:
+                self.stop()
+                raise SandboxUnavailable(_refusal(missing))
+        if self.sandbox.memory_scope is None:  # decided by the first slot that started
+            self.sandbox.memory_scope = f"cgroup{self.cgroup.version}" if self.cgroup else "per-process"
 
     def stop(self) -> None:
         # Closing the socket is the stop request: the server kills what is left and exits.
@@ -344,15 +577,28 @@ class _Server:
                 self.proc.wait()
             self.proc = None
         if self.home is not None:
-            shutil.rmtree(self.home, ignore_errors=True)
+            _wire.remove_tree(self.home)
             self.home = None
+        if self.cgroup is not None:
+            self.cgroup.remove()
+            self.cgroup = None
 
-    def request(self, message: tuple, fds: tuple = ()) -> tuple:
+    def request(self, message: tuple, fds: tuple = (), timeout: float | None = None) -> tuple:
         if self.sock is None:
             self.start()
+        self.sock.settimeout(timeout)
         _wire.send_message(self.sock, message, fds)
         reply, _ = _wire.recv_message(self.sock)
         return reply
+
+
+def _refusal(missing: dict[str, str]) -> str:
+    items = "; ".join(f"{_FEATURES.get(name, name)} ({reason})" for name, reason in missing.items())
+    return (
+        f"the sandbox cannot provide {items}. Run as root on Linux >= 5.12 (CI does), or accept weaker "
+        "isolation explicitly: SandboxConfig(allow_weaker_isolation=True), or --allow-weak-sandbox on the "
+        "command line (dinfill.eval.execution lists what is then not covered)"
+    )
 
 
 class Sandbox:
@@ -374,6 +620,12 @@ class Sandbox:
         Remember every result for the sandbox's lifetime, so a program seen in an earlier
         :meth:`run_many` call is not run again (re-scoring several files that share completions).
         Off by default: a program whose outcome is random would keep its first outcome.
+
+    Raises
+    ------
+    SandboxUnavailable
+        When an isolation feature asked for cannot be provided and weaker isolation is not allowed
+        (here for what needs root; :meth:`run` and :meth:`self_check` for what the first fork server finds).
     """
 
     def __init__(self, config: SandboxConfig | None = None, jobs: int | None = None, memo: bool = False) -> None:
@@ -382,12 +634,22 @@ class Sandbox:
             raise ValueError(f"jobs={jobs}: need at least 1 program at a time")
         # More programs than cores would make CPU-bound programs slow on the wall clock and flaky.
         self.jobs = min(jobs or available_cores(), available_cores())
-        self.privileged = os.geteuid() == 0 and self.config.drop_privileges
+        root = os.geteuid() == 0
+        self.privileged = root and self.config.drop_privileges
+        # Namespaces need root (CAP_SYS_ADMIN); without it they are not even tried.
+        self.features = [name for name in self.config.requested() if root]
+        #: Where the memory cap applies: "cgroup2" or "cgroup1" (the whole program) or "per-process";
+        #: None until the first slot started.
+        self.memory_scope: str | None = None if self.config.memory_bytes is not None else "per-process"
         self.nproc_base = 0
         self._free: queue.Queue[_Server] = queue.Queue()
         self._servers: list[_Server] = []
+        self._leftovers: list[str] = []
         self._closed = False
         self._memo: dict[str, ExecResult] | None = {} if memo else None
+        if not root and self.config.requested() and not self.config.allow_weaker_isolation:
+            reason = f"needs root or CAP_SYS_ADMIN; this evaluator runs as uid {os.geteuid()}"
+            raise SandboxUnavailable(_refusal(dict.fromkeys(self.config.requested(), reason)))
         try:
             self._reserve()
         except BaseException:
@@ -400,7 +662,7 @@ class Sandbox:
             mine = [pid for pid in _pids() if (_proc_status(pid) or (-1, ""))[0] == os.getuid()]
             self.nproc_base = sum(map(_thread_count, mine)) + 64
             for _ in range(self.jobs):
-                self._add(_Server(self, None, None))
+                self._add(None, None)
             return
         lock_dir = _lock_dir()
         # A uid is usable when nobody has it: no account, no process, no other evaluator holding its lock.
@@ -425,25 +687,28 @@ class Sandbox:
             if _uid_has_live_processes(uid):  # appeared since the scan: not ours to touch
                 os.close(fd)
                 continue
-            self._add(_Server(self, uid, fd))
+            self._add(uid, fd)
         if len(self._servers) < self.jobs:
             raise RuntimeError(
                 f"found only {len(self._servers)} free uids in {self.config.uid_range} for {self.jobs} sandbox "
                 "slots; pass SandboxConfig(uid_range=...) with a range of unused uids"
             )
 
-    def _add(self, server: _Server) -> None:
+    def _add(self, uid: int | None, lock_fd: int | None) -> None:
+        server = _Server(self, len(self._servers), uid, lock_fd)
         self._servers.append(server)
         self._free.put(server)
 
     def close(self) -> None:
-        """Stop the fork servers and release the uid locks; the sandbox cannot run programs afterwards."""
+        """Stop the fork servers, release the uid locks, remove what is left; no program can run afterwards."""
         self._closed = True
         for server in self._servers:
             server.stop()
             if server.lock_fd is not None:
                 os.close(server.lock_fd)
                 server.lock_fd = None
+        # Working directories whose removal timed out during the run (weaker isolation only).
+        self._leftovers = [path for path in self._leftovers if not _wire.remove_tree(path, timeout=300)]
 
     def __enter__(self) -> Sandbox:
         return self
@@ -459,11 +724,18 @@ class Sandbox:
 
     # -- public API ------------------------------------------------------------------------
     def run(self, program: str) -> ExecResult:
-        """Run one program in a free slot (blocks until one is free) and return its typed result."""
+        """Run one program in a free slot (blocks until one is free) and return its typed result.
+
+        Never raises for what a program does or for a failure of its slot: those are ``crashed``
+        results. Raises only when the sandbox is closed or its slot cannot start at all
+        (:class:`SandboxUnavailable`, a broken interpreter).
+        """
         if self._closed:
             raise RuntimeError("this Sandbox is closed; create a new one")
         server = self._free.get()
         try:
+            if server.sock is None:
+                server.start()  # set-up errors propagate: no program can run on this machine
             return self._execute(program, server)
         finally:
             self._free.put(server)
@@ -513,35 +785,46 @@ class Sandbox:
 
     # -- one program -----------------------------------------------------------------------
     def _execute(self, program: str, server: _Server) -> ExecResult:
-        # Created here (as root) and handed to the slot's uid: the program's cwd, HOME and TMPDIR.
-        workdir = tempfile.mkdtemp(prefix="dinfill-sandbox-")
+        workdir = None
         try:
-            if server.uid is not None:
-                os.chown(workdir, server.uid, server.uid)
-            os.chmod(workdir, 0o700)
-            return self._run_in(program, server, workdir)
-        finally:
-            shutil.rmtree(workdir, ignore_errors=True)
+            if not server.private_filesystem:
+                # Weaker isolation: created here (as root) and handed to the slot's uid as cwd, HOME and TMPDIR.
+                workdir = tempfile.mkdtemp(prefix="dinfill-sandbox-")
+                if server.uid is not None:
+                    os.chown(workdir, server.uid, server.uid)
+                os.chmod(workdir, 0o700)
+            result = self._run_in(program, server, workdir)
+        except Exception as exc:  # noqa: BLE001 - no program and no slot failure may stop the run
+            server.stop()  # restarted on the next request
+            result = ExecResult("crashed", f"sandbox error: {type(exc).__name__}: {exc}")
+        if workdir is not None and not _wire.remove_tree(workdir, timeout=10.0):
+            self._leftovers.append(workdir)  # retried at close()
+            why = f"its working directory {workdir} could not be removed within 10 s"
+            result = dataclasses.replace(result, status="crashed", detail=f"{why}; {result.status}: {result.detail}")
+        return result
 
-    def _run_in(self, program: str, server: _Server, workdir: str) -> ExecResult:
+    def _run_in(self, program: str, server: _Server, workdir: str | None) -> ExecResult:
         cfg = self.config
-        token = secrets.token_hex(16)
+        # One secret per status: a program that reads its own "failed" report cannot turn it into "passed".
+        tokens = {status: secrets.token_hex(16) for status in ("passed", "failed", "oom")}
+        home = workdir or _wire.WORKDIR
         env = {
             "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "HOME": workdir,
-            "TMPDIR": workdir,
+            "HOME": home,
+            "TMPDIR": home,
             "LANG": "C.UTF-8",
             "LC_ALL": "C.UTF-8",
             "OMP_NUM_THREADS": "1",
         }
-        job = {"program": program, "token": token, "cwd": workdir, "env": env}
+        job = {"program": program, "tokens": tokens, "cwd": workdir, "env": env}
+        oom_before = server.cgroup.oom_kills() if server.cgroup else None
         # The server gets the write ends; once it has forked, ours are closed so EOF means "all writers gone".
-        pipes = [os.pipe() for _ in range(3)]  # stdout, stderr, result
+        pipes = [os.pipe() for _ in range(4)]  # stdout, stderr, report, harness
         # The wall clock starts before the fork, so it bounds everything the program costs.
         start = time.monotonic()
         try:
             try:
-                reply = server.request(("run", job), fds=tuple(w for _, w in pipes))
+                reply = server.request(("run", job), fds=tuple(w for _, w in pipes), timeout=REAP_TIMEOUT)
             finally:
                 for _, w in pipes:
                     os.close(w)
@@ -553,13 +836,15 @@ class Sandbox:
             return ExecResult("crashed", f"sandbox server failed: {exc!r}")
         watch = _Watch(reply[1], [r for r, _ in pipes], cfg.max_output_bytes)
         try:
-            return self._watch(watch, server, token, start)
-        except (OSError, EOFError) as exc:
+            return self._watch(watch, server, tokens, start, oom_before)
+        except Exception as exc:  # noqa: BLE001 - reaping or parsing trouble is this row's crash, not the run's
             server.stop()
             watch.close(deadline=time.monotonic() + 1.0)
-            return ExecResult("crashed", f"sandbox server failed: {exc!r}")
+            return ExecResult("crashed", f"sandbox server failed: {type(exc).__name__}: {exc}")
 
-    def _watch(self, watch: _Watch, server: _Server, token: str, start: float) -> ExecResult:
+    def _watch(
+        self, watch: _Watch, server: _Server, tokens: dict[str, str], start: float, oom_before: int | None
+    ) -> ExecResult:
         cfg, pid = self.config, watch.pid
         timed_out = watch.wait(start + cfg.wall_limit)
         wall = time.monotonic() - start
@@ -568,30 +853,43 @@ class Sandbox:
             os.killpg(pid, signal.SIGKILL)
         except (ProcessLookupError, PermissionError):
             pass
-        # What is already in the pipes now is everything the program itself wrote.
-        watch.pump_available()
-        ended = watch.record(token, "exit")
         # The server reaps the program, then kills and reaps whatever it left (it is their subreaper).
-        _, status, cpu, _orphans = server.request(("reap", pid))
+        _, status, cpu, _orphans = server.request(("reap", pid), timeout=REAP_TIMEOUT)
+        # Every writer is dead now: read what is left.
         watch.close(deadline=time.monotonic() + 2.0)
         returncode = os.waitstatus_to_exitcode(status)
-        if ended is not None:  # the reaper saw how the program itself ended
-            returncode, cpu = os.waitstatus_to_exitcode(int(ended["wait_status"])), float(ended["cpu"])
-        return self._classify(watch, token, returncode, timed_out, cpu, wall, server.network_isolated)
+        harness = _parse_harness(bytes(watch.buffers[3]))
+        if "exit" in harness:  # the reaper saw how the program itself ended
+            returncode, cpu = os.waitstatus_to_exitcode(harness["exit"][0]), harness["exit"][1]
+        oom_after = server.cgroup.oom_kills() if server.cgroup else None
+        oom_killed = oom_before is not None and oom_after is not None and oom_after > oom_before
+        common = dict(
+            returncode=returncode,
+            cpu_s=cpu,
+            wall_s=wall,
+            stdout=watch.text(1),
+            stderr=watch.text(2),
+            network_isolated=server.network_isolated,
+        )
+        return self._classify(watch, tokens, harness, timed_out, oom_killed, common)
 
     def _classify(
-        self, watch: _Watch, token: str, returncode: int, timed_out: bool, cpu: float, wall: float, network: bool
+        self, watch: _Watch, tokens: dict, harness: dict, timed_out: bool, oom_killed: bool, common: dict
     ) -> ExecResult:
-        cfg = self.config
-        # The program's own report: only its original process writes one, and only with the token.
-        record = watch.record(token, "passed", "failed", "oom", "setup")
-        stdout, stderr = watch.text(1), watch.text(2)
-        common = dict(returncode=returncode, cpu_s=cpu, wall_s=wall, stdout=stdout, stderr=stderr)
-        common["network_isolated"] = network
-        if record is not None and record["status"] != "setup":
-            return ExecResult(record["status"], str(record.get("detail", "")), **common)
-        if record is not None:
-            return ExecResult("crashed", f"sandbox set-up failed: {record.get('detail')}", **common)
+        cfg, returncode, cpu = self.config, common["returncode"], common["cpu_s"]
+        if "setup" in harness:
+            return ExecResult("crashed", f"sandbox set-up failed: {harness['setup']}", **common)
+        if "error" in harness:
+            return ExecResult("crashed", f"unreadable harness record: {harness['error']}", **common)
+        if oom_killed:
+            cap = f"{cfg.memory_bytes / 1024**2:g} MiB"
+            return ExecResult("oom", f"the program as a whole went over the memory cap of {cap}", **common)
+        # The program's own report: exactly one line with the token of one status, or nothing.
+        status, detail = _parse_report(bytes(watch.buffers[2]), watch.overflow[2], tokens)
+        if status == "crashed":
+            return ExecResult("crashed", f"{detail}; only the harness may write to the result channel", **common)
+        if status is not None:
+            return ExecResult(status, detail, **common)
         if timed_out:
             return ExecResult("timeout", f"wall-clock limit of {cfg.wall_limit:g} s exceeded", **common)
         # SIGXCPU comes only from RLIMIT_CPU; SIGKILL is its hard limit when the CPU time is there.
@@ -602,17 +900,64 @@ class Sandbox:
             why = f"killed by {name} before confirming that the checks passed"
         else:
             why = f"exited with status {returncode} before confirming that the checks passed"
-        tail = "\n".join(stderr.strip().splitlines()[-5:])
+        tail = "\n".join(common["stderr"].strip().splitlines()[-5:])
         return ExecResult("crashed", why + (f"\n{tail}" if tail else ""), **common)
 
 
+def _parse_report(data: bytes, overflowed: bool, tokens: dict[str, str]) -> tuple[str | None, str]:
+    """(status, detail) of the program's report; (None, "") when there is none; ("crashed", why) when malformed.
+
+    Total: whatever bytes arrive, this returns (a program controls them, so nothing here may raise).
+    """
+    if not data:
+        return None, ""
+    if overflowed:
+        return "crashed", f"more than {_REPORT_CAP} bytes on the result channel"
+    first = data.split(b"\n", 1)[0][:80]
+    if data.count(b"\n") != 1 or not data.endswith(b"\n"):
+        return "crashed", f"expected one report line on the result channel, got {first!r}..."
+    token, _, rest = data[:-1].partition(b" ")
+    # Compared as bytes: a non-ASCII token is simply wrong, never an exception.
+    matches = [status for status, secret in tokens.items() if hmac.compare_digest(token, secret.encode())]
+    if not matches:
+        return "crashed", f"a report without this program's token: {first!r}"
+    try:
+        detail = literal_eval(rest.decode("ascii"))
+    except Exception:  # noqa: BLE001 - any malformed detail (SyntaxError, MemoryError, ...) is a crash
+        detail = None
+    if not isinstance(detail, str):
+        return "crashed", f"a report with a malformed detail: {rest[:80]!r}"
+    return matches[0], detail
+
+
+def _parse_harness(data: bytes) -> dict:
+    """The records on fd 4 (written by the harness only): ``setup`` failure text and/or ``exit`` (status, cpu)."""
+    found: dict = {}
+    try:
+        for line in data.decode("ascii").splitlines():
+            kind, _, rest = line.partition(" ")
+            if kind == "setup":
+                found["setup"] = literal_eval(rest)
+            elif kind == "exit":
+                status, cpu = rest.split()
+                found["exit"] = (int(status), float(cpu))
+            else:
+                raise ValueError(f"unknown record {line[:80]!r}")
+    except Exception as exc:  # noqa: BLE001 - never raise while classifying a row
+        found["error"] = f"{type(exc).__name__}: {exc}"
+    return found
+
+
 class _Watch:
-    """Drains a program's stdout, stderr and result pipes until it exits or its time is up."""
+    """Drains a program's stdout, stderr, report and harness pipes until it exits or its time is up."""
 
     def __init__(self, pid: int, read_fds: list[int], cap: int) -> None:
-        self.pid, self.cap = pid, cap
+        self.pid = pid
         self.fds = read_fds
-        self.buffers = [bytearray(), bytearray(), bytearray()]
+        self.buffers = [bytearray() for _ in read_fds]
+        # stdout and stderr keep the configured head; the report channel a fixed cap (reports are short).
+        self.caps = [cap, cap, _REPORT_CAP, _REPORT_CAP]
+        self.overflow = [False for _ in read_fds]
         self.sel = selectors.DefaultSelector()
         for index, fd in enumerate(read_fds):
             os.set_blocking(fd, False)
@@ -644,9 +989,9 @@ class _Watch:
                 self.open_reads -= 1
                 continue
             got += len(chunk)
-            buf = self.buffers[key.data]
-            # The result pipe gets a fixed cap: reports are small and a program may flood fd 3.
-            limit = 16384 if key.data == 2 else self.cap
+            buf, limit = self.buffers[key.data], self.caps[key.data]
+            if len(buf) + len(chunk) > limit:
+                self.overflow[key.data] = True
             if len(buf) < limit:
                 buf.extend(chunk[: limit - len(buf)])
         return got
@@ -667,12 +1012,6 @@ class _Watch:
                 self.exited = status is None or status[1] in "ZX"
         return False
 
-    def pump_available(self) -> None:
-        """Read whatever the pipes hold right now, without waiting."""
-        for _ in range(256):
-            if not self._pump(0):
-                return
-
     def close(self, deadline: float) -> None:
         """Read what is left (every writer is dead by now), then close the pipes."""
         while self.open_reads and time.monotonic() < deadline:
@@ -680,26 +1019,11 @@ class _Watch:
         self.sel.close()
         for fd in self.fds if self.pidfd is None else (*self.fds, self.pidfd):
             os.close(fd)
+        self.fds, self.pidfd = [], None
 
     def text(self, stream: int) -> str:
         """Captured head of stdout (1) or stderr (2)."""
         return self.buffers[stream - 1].decode("utf-8", "replace")
-
-    def record(self, token: str, *statuses: str) -> dict | None:
-        """The first report on the result pipe that has this program's token and one of ``statuses``."""
-        # literal_eval, not eval: the result pipe is writable by the program too.
-        for line in bytes(self.buffers[2]).split(b"\n"):
-            try:
-                record = literal_eval(line.decode("utf-8", "replace"))
-            except (ValueError, SyntaxError, MemoryError, RecursionError):
-                continue
-            if (
-                isinstance(record, dict)
-                and secrets.compare_digest(str(record.get("token", "")), token)
-                and record.get("status") in statuses
-            ):
-                return record
-        return None
 
 
 def run_programs(
