@@ -25,6 +25,11 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name in _COMMAND_MODULES:
         importlib.import_module(name).register(sub)
+    # -v after the subcommand too; SUPPRESS keeps a -v given before it when the subcommand has none
+    for command in sub.choices.values():
+        command.add_argument(
+            "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="log what is loaded and decided"
+        )
     return parser
 
 

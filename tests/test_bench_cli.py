@@ -80,23 +80,40 @@ def test_results_default_path_from_environment(tmp_path, monkeypatch):
     assert rec["config"]["batch"] == 1 and rec["workload"]["problems"] == 1  # the CPU defaults
 
 
+def _run(argv: list[str]) -> int:
+    """``main(argv)``, with argparse's own exit (a bad choice) returned as its exit code."""
+    try:
+        return main(argv)
+    except SystemExit as exit_:
+        return exit_.code
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
-        (["--steps", "0"], "steps must be an int >= 1"),
+        (["--steps", "0"], "steps (--steps) must be an integer >= 1, got 0"),
+        (["--steps", "4", "0"], "steps (--steps) must be an integer >= 1, got 0"),  # every value of an axis
         (["--batch", "0"], "batch size must be an int >= 1"),
-        (["--alg", "bogus"], "unknown alg 'bogus'"),
-        (["--cache", "triple"], "unknown cache mode 'triple'"),
-        (["--length", "psychic"], "middle-length mode 'psychic'"),
+        (["--alg", "bogus"], "argument --alg: invalid choice: 'bogus'"),
+        (["--cache", "triple"], "argument --cache: invalid choice: 'triple'"),
+        (["--length", "psychic"], "argument --length: invalid choice: 'psychic'"),
         (["--problems", "0"], "--problems must be >= 1"),
-        (["--top-p", "1.5"], "--top-p must lie in (0, 1]"),
-        (["--refresh", "0"], "--refresh must be >= 1"),
+        (["--top-p", "1.5"], "top_p (--top-p) must lie in (0, 1] (1 turns it off), got 1.5"),
+        (["--refresh", "0"], "refresh (--refresh) must be an integer >= 1"),
+        (["--factor", "0"], "factor (--factor) must be > 0"),
+        (["--max-new-tokens", "8"], "unrecognized arguments: --max-new-tokens"),  # bench times fixed middles
     ],
 )
 def test_bad_options_are_clear_errors(extra, message, capsys):
     argv = ["bench", "--model", "tiny-llama", "--kind", "diffusion", "--random-weights", "--no-results", *extra]
-    assert main(argv) == 2
-    assert message in capsys.readouterr().err
+    assert _run(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "pass None" not in err
+
+
+def test_option_of_the_other_kind_is_an_error(capsys):
+    assert _run(["bench", "--model", "tiny-llama", "--random-weights", "--no-results", "--steps", "4"]) == 2
+    assert "--steps applies to diffusion models only, and this is an AR model" in capsys.readouterr().err
 
 
 def test_unknown_model_is_a_clear_error(capsys):
@@ -120,13 +137,28 @@ def test_sweep_random_weights_is_speed_only(tmp_path, capsys):
         "--alg", "p2", "threshold", "--problems", "2", "--batch-size", "2", "--lengths", "synthetic", "--out", str(out),
     ]  # fmt: skip
     assert main(argv) == 0
-    assert "quality is meaningless" in capsys.readouterr().err
+    shown = capsys.readouterr()
+    assert "quality is meaningless" in shown.err
+    # every file with its folder, the PNG included
+    assert f"# wrote {out / 'sweep.csv'}, {out / 'sweep.jsonl'}, {out / 'quality_vs_speed.png'}" in shown.out
     rows = list(csv.DictReader((out / "sweep.csv").open(encoding="utf-8")))
     assert {(r["steps"], r["alg"]) for r in rows} == {("2", "p2"), ("4", "p2"), ("2", "threshold"), ("4", "threshold")}
     assert all(r["quality"] == "" and r["quality_measured"] == "False" and float(r["problems_per_s"]) > 0 for r in rows)
     records = _records(out / "sweep.jsonl")
     assert len(records) == 4 and all(ENV_KEYS <= set(r["env"]) for r in records)
     assert (out / "quality_vs_speed.png").read_bytes()[:8] == PNG_MAGIC
+
+
+def test_sweep_speed_points_are_labelled_with_the_batch_timed(tmp_path, capsys):
+    out = tmp_path / "sweep"
+    argv = [
+        "sweep", "--model", "tiny-llama", "--kind", "diffusion", "--random-weights", "--steps", "2", "--problems", "1",
+        "--batch-size", "16", "--lengths", "synthetic", "--out", str(out), "--no-plot",
+    ]  # fmt: skip
+    assert main(argv) == 0
+    assert "batches of 1, not 16" in capsys.readouterr().err
+    (row,) = list(csv.DictReader((out / "sweep.csv").open(encoding="utf-8")))
+    assert row["batch"] == "1" and row["label"].startswith("diffusion-B1-")
 
 
 def test_sweep_measures_quality_through_the_eval_layer(tmp_path, shared_dir, capsys):

@@ -18,6 +18,7 @@ import dinfill.sampler
 from dinfill.eval import cli
 from dinfill.eval.runner import FunctionGenerator, RunSpec, run_eval
 from dinfill.eval.tasks import get_task
+from dinfill.sampler.settings import SamplerSettings
 
 REPO = Path(__file__).resolve().parents[1]
 FAKES = REPO / "tests" / "eval_fixtures" / "fakes.py"
@@ -128,8 +129,8 @@ def test_sampler_settings_defaults_and_overrides():
     assert diffusion["steps"] == 64 and diffusion["alg"] == "p2" and diffusion["length"] == "oracle"
     assert diffusion["top_p"] == 0.95 and diffusion["temperature"] == 0.6
     ar = cli.sampler_settings(parser.parse_args([*base, "--temperature", "0"]), "ar")
-    assert ar == {"temperature": 0.0, "top_p": None, "top_k": None, "max_new_tokens": 512}
-    with pytest.raises(ValueError, match=r"\['steps'\] do not apply to a ar model"):
+    assert ar == {"temperature": 0.0, "top_p": None, "top_k": None, "stop": [], "max_new_tokens": 512}
+    with pytest.raises(ValueError, match="--steps applies to diffusion models only, and this is an AR model"):
         cli.sampler_settings(parser.parse_args([*base, "--steps", "8"]), "ar")
 
 
@@ -167,22 +168,14 @@ def test_model_generator_calls_the_sampler_api(monkeypatch, kind):
     generator = cli.build_model_generator(args, local_rank=0)
     assert generator.kind == kind
     assert calls["load_model"][0] == "hub/model" and calls["load_model"][1]["kind"] == kind
-    assert calls["load_tokenizer"] == ("hub/model", kind == "diffusion")
+    assert calls["load_tokenizer"] == ("hub/model", False)  # trained weights: never a new, untrained mask token
     assert generator(["p1", "p2"], ["s1", "s2"], ["m1", "m2"], seed=7) == ["p1|s1", "p2|s2"]
     options = calls["infill"]
     assert isinstance(options.pop("generator"), torch.Generator)
-    if kind == "diffusion":
-        assert options.pop("middles") == ["m1", "m2"]  # oracle length needs the canonical middles
-        assert options == {
-            "steps": 64,
-            "alg": "p2",
-            "temperature": 0.6,
-            "top_p": 0.95,
-            "length": "oracle",
-            "cache": "none",
-        }
-    else:
-        assert options == {"temperature": 0.6, "max_new_tokens": 512}
+    assert options.pop("middles") == ["m1", "m2"]  # oracle length needs the canonical middles
+    # every option of the kind, at the published setting (dinfill.sampler.settings)
+    assert options == SamplerSettings.preset("published", kind).for_kind(kind)
+    assert options["temperature"] == 0.6 and options.get("steps", options.get("max_new_tokens")) in (64, 512)
 
 
 def test_load_generator_forms(tmp_path):

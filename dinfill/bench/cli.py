@@ -22,34 +22,29 @@ GPU_DEFAULTS = {"batch": [1, 32], "steps": [64], "problems": 64, "warmup": True}
 CPU_DEFAULTS = {"batch": [1], "steps": [4], "problems": 1, "warmup": False}  # nothing compiles on the CPU path
 
 
-def _add_common(p: argparse.ArgumentParser) -> None:
+# options of the sampler settings that the timed loops of dinfill.bench.throughput do not take: bench times
+# every problem's own middle length (random weights never stop early), with the default schedule
+BENCH_EXCLUDED = ("alg_temp", "eps", "max_new_tokens", "stop")
+SWEEP_AXES = ("steps", "alg", "cache", "length")
+
+
+def _add_common(p: argparse.ArgumentParser, *, axes: tuple[str, ...], exclude: tuple[str, ...] = ()) -> None:
     from dinfill.sampler.cli import add_model_args
+    from dinfill.sampler.settings import add_sampler_arguments
 
     add_model_args(p)
     g = p.add_argument_group("workload")
     g.add_argument(
-        "--problems", type=int, help="problems per configuration (default: GPU 64, CPU 1; sweep quality runs: all)"
-    )
+        "--problems", "--limit", dest="problems", type=int,
+        help="problems per configuration (default: GPU 64, CPU 1; sweep quality runs: all)",
+    )  # fmt: skip
     g.add_argument("--lengths", choices=("auto", "humaneval", "synthetic"), default="auto",
-                   help="problem lengths (auto: HumanEval-Infill under DINFILL_DATA_DIR if present)")  # fmt: skip
+                   help="problem lengths (default auto: HumanEval-Infill in DINFILL_DATA_DIR if there)")  # fmt: skip
     g.add_argument("--data-dir", help="benchmark data directory (default: $DINFILL_DATA_DIR)")
     g.add_argument("--mask-id", type=int, help="diffusion mask id (default: the tokenizer's, else vocab_size - 1)")
-    s = p.add_argument_group("sampling")
-    s.add_argument("--temperature", type=float, default=0.6, help="0 = greedy (default 0.6, as published)")
-    s.add_argument("--top-p", type=float, default=0.95, help="nucleus mass (default 0.95, as published; 1 = off)")
-    s.add_argument("--top-k", type=int)
-    s.add_argument("--threshold", type=float, default=0.9, help="confidence bound of alg=threshold")
-    s.add_argument("--seed", type=int, default=0)
-    d = p.add_argument_group("diffusion sweep axes (several values each)")
-    d.add_argument("--steps", type=int, nargs="+", help="diffusion steps (default: GPU 64, CPU 4)")
-    d.add_argument(
-        "--alg",
-        nargs="+",
-        default=["p2"],
-        help="origin maskgit_plus topk_margin entropy p2 threshold factor",
-    )
-    d.add_argument("--length", nargs="+", default=["oracle"], help="middle length: oracle fixed adaptive")
-    d.add_argument("--middle-tokens", type=int, default=32, help="middle length of fixed/adaptive canvases")
+    g.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    steps = "diffusion steps; several values sweep over them (default: GPU 64, CPU 4; sweep: GPU 8-128, CPU 4 8)"
+    add_sampler_arguments(p, axes=axes, exclude=exclude, help_overrides={"steps": steps})
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -59,15 +54,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="throughput of diffusion / AR infilling (random weights work offline)",
         description="End-to-end infilling throughput, optionally against the reference loop on the same inputs.",
     )
-    _add_common(p)
-    p.add_argument("--batch", type=int, nargs="+", help="batch sizes (default: GPU 1 32, CPU 1)")
+    _add_common(p, axes=SWEEP_AXES, exclude=BENCH_EXCLUDED)
+    p.add_argument("--batch", "--batch-size", dest="batch", type=int, nargs="+",
+                   help="batch sizes (default: GPU 1 32, CPU 1)")  # fmt: skip
     p.add_argument(
         "--results", help="results JSONL to append to (default: $DINFILL_BENCH_RESULTS, bench/results.jsonl)"
     )
     p.add_argument("--no-results", action="store_true", help="do not write a results file")
     p.add_argument("--plot", metavar="DIR", help="write PNG plots into DIR")
-    p.add_argument("--cache", nargs="+", default=["none"], help="diffusion cache modes: none dual")
-    p.add_argument("--refresh", type=int, default=8, help="dual cache: steps between full refreshes")
     p.add_argument("--vs", choices=("none", "reference"), default="none",
                    help="also run the baseline on the same inputs: the reference loop (diffusion) or "
                         "transformers' generate (AR), and print the ratio")  # fmt: skip
@@ -85,7 +79,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
         help="diffusion steps x alg x middle length -> quality (eval layer) and speed",
         description="Quality against throughput over steps, algorithms and middle-length modes.",
     )
-    _add_common(q)
+    _add_common(q, axes=("steps", "alg", "length"))
     add_sweep_args(q)
     q.set_defaults(func=sweep_command)
 
@@ -139,20 +133,35 @@ def mask_id_for(args: argparse.Namespace, model, tok) -> int | None:
     return mask
 
 
-def check_common(args: argparse.Namespace) -> None:
-    """Validate the options shared by bench and sweep before anything is loaded."""
+def check_common(args: argparse.Namespace):
+    """Validate the options shared by bench and sweep before anything is loaded.
+
+    Returns
+    -------
+    (kind, settings)
+        The model's kind (decided from small files only) and the validated sampler settings.
+    """
+    from dinfill.sampler.cli import prepare
+
     if args.problems is not None and args.problems < 1:
         raise ValueError(f"--problems must be >= 1, got {args.problems}")
-    if args.temperature < 0:
-        raise ValueError(f"--temperature must be >= 0, got {args.temperature}")
-    if not 0 < args.top_p <= 1:
-        raise ValueError(f"--top-p must lie in (0, 1], got {args.top_p}")
-    if args.top_k is not None and args.top_k < 1:
-        raise ValueError(f"--top-k must be >= 1, got {args.top_k}")
+    kind, _, settings = prepare(args)
     if getattr(args, "plot", None):
         from dinfill.bench.plots import require_matplotlib
 
         require_matplotlib()
+    return kind, settings
+
+
+def sampling_of(settings, kind: str, seed: int):
+    """The :class:`dinfill.bench.throughput.Sampling` of validated settings."""
+    from dinfill.bench.throughput import Sampling
+
+    opts = settings.for_kind(kind)
+    return Sampling(
+        temperature=opts["temperature"], top_p=opts["top_p"], top_k=opts["top_k"], threshold=settings.threshold,
+        factor=settings.factor, seed=seed,
+    )  # fmt: skip
 
 
 BENCH_TABLE = [
@@ -193,24 +202,23 @@ def table_row(record: dict[str, Any]) -> dict[str, Any]:
 
 def bench_command(args: argparse.Namespace) -> int:
     """Handler of ``dinfill bench``; returns the exit code."""
-    from dinfill.bench import report, roofline, throughput
-    from dinfill.bench.workload import draw_workload
-    from dinfill.models import resolve_kind
+    from dinfill.sampler.settings import axis_values
 
-    if args.refresh < 1:
-        raise ValueError(f"--refresh must be >= 1, got {args.refresh}")
+    kind, settings = check_common(args)  # every option checked before torch or the model is loaded
     if args.nvtx:
         from dinfill.bench.profiling import nvtx_available
 
         if not nvtx_available():
             raise ValueError("--nvtx needs a CUDA build of torch or the nvtx package (pip install nvtx)")
-    check_common(args)
+    from dinfill.bench import report, roofline, throughput
+    from dinfill.bench.workload import draw_workload
+
     device = resolve_device(args)
-    kind, _ = resolve_kind(args.model, args.kind)
     filled = apply_defaults(args, device, ("batch", "problems", "warmup") + (("steps",) if kind == "diffusion" else ()))
+    axes = axis_values(args, settings)
     configs = throughput.expand_configs(
-        kind, batches=args.batch, steps=args.steps or [1], algs=args.alg, caches=args.cache, lengths=args.length,
-        middle_tokens=args.middle_tokens, refresh=args.refresh,
+        kind, batches=args.batch, steps=axes["steps"], algs=axes["alg"], caches=axes["cache"], lengths=axes["length"],
+        middle_tokens=settings.middle_tokens, refresh=settings.refresh,
     )  # fmt: skip
     if filled:
         shown = ", ".join(f"{k}={v}" for k, v in filled.items())
@@ -222,10 +230,7 @@ def bench_command(args: argparse.Namespace) -> int:
     env = report.environment(model.device)
     peaks = roofline.device_peaks(env["device"]) if model.device.type == "cuda" else None
     ceilings = None if args.no_ceilings else roofline.measure_ceilings(model.device)
-    sampling = throughput.Sampling(
-        temperature=args.temperature, top_p=None if args.top_p >= 1 else args.top_p, top_k=args.top_k,
-        threshold=args.threshold, seed=args.seed,
-    )  # fmt: skip
+    sampling = sampling_of(settings, kind, args.seed)
     summary = workload.summary()
     print(
         f"# {args.model} ({model.kind}, {str(model.dtype).replace('torch.', '')}, "

@@ -22,9 +22,11 @@ import csv
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from dinfill.bench.throughput import BenchConfig
+if TYPE_CHECKING:  # throughput imports torch; `dinfill --help` must not
+    from dinfill.bench.throughput import BenchConfig
+    from dinfill.sampler.settings import SamplerSettings
 
 __all__ = ["add_sweep_args", "sweep_command", "TimedGenerator", "CSV_FIELDS"]
 
@@ -40,15 +42,15 @@ def add_sweep_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sweep")
     g.add_argument("--task", choices=TASK_CHOICES, default="humaneval-infill", help="benchmark for the quality side")
     g.add_argument("--subset", help="task subset (HumanEval variant or SantaCoder language)")
-    g.add_argument("--batch-size", type=int, default=16, help="problems per generator call")
-    g.add_argument("--cache", choices=("none", "dual"), default="none", help="diffusion cache mode of every point")
-    g.add_argument("--refresh", type=int, default=8, help="dual cache: steps between full refreshes")
+    g.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=16,
+                   help="problems per generator call (default 16)")  # fmt: skip
     g.add_argument("--quality", choices=("auto", "on", "off"), default="auto",
-                   help="measure quality through the eval layer (auto: not with random weights)")  # fmt: skip
+                   help="measure quality through the eval layer (default auto: not with random weights)")  # fmt: skip
     g.add_argument("--execute", action=argparse.BooleanOptionalAction, default=None,
                    help="run programs in the sandbox (default: the task's, on for humaneval-infill)")  # fmt: skip
     g.add_argument("--no-download", action="store_true", help="never download the dataset")
-    g.add_argument("--out", default="sweep-results", help="output folder (CSV, JSONL, plot, eval run folders)")
+    g.add_argument("--out", default="sweep-results",
+                   help="output folder: CSV, JSONL, plot, eval run folders (default sweep-results)")  # fmt: skip
     g.add_argument("--no-plot", action="store_true", help="skip the PNG")
 
 
@@ -60,8 +62,8 @@ class TimedGenerator:
     its quality numbers.
     """
 
-    def __init__(self, model, tokenizer, options: dict[str, Any]):
-        self.model, self.tokenizer, self.options = model, tokenizer, dict(options)
+    def __init__(self, model, tokenizer, settings: SamplerSettings, batch_size: int):
+        self.model, self.tokenizer, self.settings, self.batch_size = model, tokenizer, settings, batch_size
         self.kind = model.kind
         self.seconds = 0.0
         self.problems = self.tokens = self.forwards = self.calls = 0
@@ -72,28 +74,25 @@ class TimedGenerator:
         from dinfill.sampler import infill
 
         dev = self.model.device
-        options = dict(self.options)
-        options["generator"] = torch.Generator(device=dev).manual_seed(seed)
-        if self.kind == "diffusion":
-            options["return_stats"] = True
-            if options.get("length") == "oracle":
-                options["middles"] = middles
+        generator = torch.Generator(device=dev).manual_seed(seed)
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         t0 = time.perf_counter()
-        out = infill(self.model, self.tokenizer, prefixes, suffixes, **options)
+        texts, stats = infill(
+            self.model, self.tokenizer, prefixes, suffixes, middles=middles, settings=self.settings,
+            generator=generator, batch_size=self.batch_size, return_stats=True,
+        )  # fmt: skip
         if dev.type == "cuda":
             torch.cuda.synchronize(dev)
         self.seconds += time.perf_counter() - t0
         self.calls += 1
         self.problems += len(prefixes)
         if self.kind == "diffusion":
-            texts, stats = out
             self.tokens += sum(sum(st.revealed_per_step) + st.masks_left for st in stats)
-            self.forwards += sum(st.forward_passes for st in stats)
-            return texts
-        self.tokens += sum(len(self.tokenizer(t, add_special_tokens=False)["input_ids"]) for t in out)
-        return out
+        else:  # new tokens the AR loop generated, stop tokens included
+            self.tokens += sum(st.new_tokens for st in stats)
+        self.forwards += sum(st.forward_passes for st in stats)
+        return texts
 
 
 def _quality_of(summary: dict, task: str) -> tuple[float | None, str]:
@@ -104,27 +103,22 @@ def _quality_of(summary: dict, task: str) -> tuple[float | None, str]:
     return value, metric
 
 
-def _sampler_options(args: argparse.Namespace, cfg: BenchConfig, kind: str) -> dict[str, Any]:
-    common = {"temperature": args.temperature, "top_p": None if args.top_p >= 1 else args.top_p, "top_k": args.top_k}
+def _point_settings(settings: SamplerSettings, cfg: BenchConfig, kind: str) -> SamplerSettings:
+    """The settings of one sweep point: the command's settings with the point's axes."""
     if kind == "ar":
-        # AR generates until a stop token (the published runs allowed 512 new tokens)
-        return {**common, "max_new_tokens": 512, "batch_size": args.batch_size}
-    return {
-        **common, "steps": cfg.steps, "alg": cfg.alg, "length": cfg.length, "middle_tokens": cfg.middle_tokens,
-        "cache": args.cache, "refresh": args.refresh, "threshold": args.threshold, "batch_size": args.batch_size,
-    }  # fmt: skip
+        return settings
+    return settings.replace(steps=cfg.steps, alg=cfg.alg, length=cfg.length)
 
 
-def _quality_point(args, model, tok, task, cfg: BenchConfig, out: Path) -> dict[str, Any]:
+def _quality_point(args, settings, model, tok, task, cfg: BenchConfig, out: Path) -> dict[str, Any]:
     """Run one sweep point through the eval layer; returns its row (quality + speed)."""
     from dinfill.eval.runner import RunSpec, run_eval
 
-    options = _sampler_options(args, cfg, model.kind)
-    gen = TimedGenerator(model, tok, options)
+    point = _point_settings(settings, cfg, model.kind)
+    gen = TimedGenerator(model, tok, point, args.batch_size)
     execute = task.executes_by_default if args.execute is None else args.execute
     spec = RunSpec(
-        task=task, model=args.model, kind=model.kind,
-        sampler={k: v for k, v in options.items() if k != "batch_size"}, seeds=[args.seed],
+        task=task, model=args.model, kind=model.kind, sampler=point.for_kind(model.kind), seeds=[args.seed],
         batch_size=args.batch_size, limit=args.problems, execute=execute,
     )  # fmt: skip
     summary = run_eval(spec, gen, out / "runs" / cfg.label(), progress=False)
@@ -141,13 +135,11 @@ def _quality_point(args, model, tok, task, cfg: BenchConfig, out: Path) -> dict[
     return row
 
 
-def _speed_point(args, model, workload, cfg: BenchConfig, mask_id) -> dict[str, Any]:
+def _speed_point(args, settings, model, workload, cfg: BenchConfig, mask_id) -> dict[str, Any]:
     from dinfill.bench import throughput
+    from dinfill.bench.cli import sampling_of
 
-    sampling = throughput.Sampling(
-        temperature=args.temperature, top_p=None if args.top_p >= 1 else args.top_p, top_k=args.top_k,
-        threshold=args.threshold, seed=args.seed,
-    )  # fmt: skip
+    sampling = sampling_of(settings, model.kind, args.seed)
     rec = throughput.run_config(model, workload, cfg, sampling, mask_id=mask_id, warmup=model.device.type == "cuda")
     m = rec["metrics"]
     return {
@@ -159,29 +151,41 @@ def _speed_point(args, model, workload, cfg: BenchConfig, mask_id) -> dict[str, 
 
 def sweep_command(args: argparse.Namespace) -> int:
     """Handler of ``dinfill sweep``; returns the exit code."""
-    from dinfill.bench import report, throughput
-    from dinfill.bench.cli import apply_defaults, check_common, load_for_bench, mask_id_for, resolve_device
-    from dinfill.models import resolve_kind
+    from dinfill.bench.cli import BENCH_EXCLUDED, apply_defaults, check_common, load_for_bench, mask_id_for
+    from dinfill.sampler.settings import axis_values, given_sampler_options
 
-    check_common(args)
+    kind, settings = check_common(args)  # every sampler option checked before torch or the model is loaded
     if args.batch_size < 1:
         raise ValueError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.refresh < 1:
-        raise ValueError(f"--refresh must be >= 1, got {args.refresh}")
     if not args.no_plot:
         from dinfill.bench.plots import require_matplotlib
 
         require_matplotlib()
+    measure_quality = args.quality == "on" or (args.quality == "auto" and not args.random_weights)
+    unused = [name for name in given_sampler_options(args) if name in BENCH_EXCLUDED]
+    if unused and not measure_quality:
+        flags = ", ".join("--" + n.replace("_", "-") for n in unused)
+        raise ValueError(
+            f"{flags}: a speed-only sweep times dinfill bench's loop, which does not take them; drop them or pass "
+            "--quality on"
+        )
+    from dinfill.bench import report, throughput
+    from dinfill.bench.cli import resolve_device
+
     device = resolve_device(args)
     if args.steps is None:
         args.steps = [8, 16, 32, 64, 128] if device.startswith("cuda") else [4, 8]
-    measure_quality = args.quality == "on" or (args.quality == "auto" and not args.random_weights)
+    batch = args.batch_size
     if not measure_quality:  # quality runs default to the whole benchmark (--problems limits them)
         apply_defaults(args, device, ("problems",))
-    kind, _ = resolve_kind(args.model, args.kind)
+        if batch > args.problems:  # the speed side times batches of the workload: never more than it holds
+            print(f"# speed only: {args.problems} problem(s), so batches of {args.problems}, not {batch}",
+                  file=sys.stderr)  # fmt: skip
+            batch = args.problems
+    axes = axis_values(args, settings)
     configs = throughput.expand_configs(
-        kind, batches=[args.batch_size], steps=args.steps, algs=args.alg, caches=[args.cache], lengths=args.length,
-        middle_tokens=args.middle_tokens, refresh=args.refresh,
+        kind, batches=[batch], steps=axes["steps"], algs=axes["alg"], caches=[settings.cache], lengths=axes["length"],
+        middle_tokens=settings.middle_tokens, refresh=settings.refresh,
     )  # fmt: skip
     if args.random_weights:
         what = "measuring it anyway (--quality on), to exercise the pipeline" if measure_quality else "speed only"
@@ -207,9 +211,9 @@ def sweep_command(args: argparse.Namespace) -> int:
     rows, records = [], []
     for cfg in configs:
         if measure_quality:
-            point = _quality_point(args, model, tok, task, cfg, out)
+            point = _quality_point(args, settings, model, tok, task, cfg, out)
         else:
-            point = _speed_point(args, model, workload, cfg, mask_id)
+            point = _speed_point(args, settings, model, workload, cfg, mask_id)
         summary = point.pop("summary", None)
         row = {**cfg.__dict__, "label": cfg.label(), **point, "device": env["device"]}
         rows.append(row)
@@ -223,6 +227,7 @@ def sweep_command(args: argparse.Namespace) -> int:
         writer = csv.DictWriter(f, fieldnames=CSV_FIELDS, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
+    written = [out / "sweep.csv", out / "sweep.jsonl"]
     if not args.no_plot:
         from dinfill.bench.plots import plot_quality_vs_speed
 
@@ -232,9 +237,9 @@ def sweep_command(args: argparse.Namespace) -> int:
             title = f"{args.model} on {env['device']}\nrandom weights: speed only"
         for r in rows:
             r[metric] = r["quality"]
-        plot_quality_vs_speed(rows, out / "quality_vs_speed.png", metric=metric, title=title)
+        written.append(plot_quality_vs_speed(rows, out / "quality_vs_speed.png", metric=metric, title=title))
     cols = [("label", "point"), ("quality", "quality"), ("problems_per_s", "prob/s"), ("tokens_per_s", "tok/s"),
             ("forward_passes", "fwd/call")]  # fmt: skip
     print(report.text_table(rows, cols))
-    print(f"# wrote {out / 'sweep.csv'}, {out / 'sweep.jsonl'}" + ("" if args.no_plot else ", quality_vs_speed.png"))
+    print("# wrote " + ", ".join(str(p) for p in written))
     return 0

@@ -22,22 +22,12 @@ from dinfill.eval.datasets import DatasetUnavailable
 from dinfill.eval.postprocess import RULES, PostProcess
 from dinfill.eval.records import RecordsError
 from dinfill.eval.tasks import TASKS, get_task
+from dinfill.sampler.settings import SamplerSettings, add_sampler_arguments, settings_from_args
 
-# Defaults of the published runs: Open-dCoder 64 steps, p2, T=0.6, top_p=0.95, oracle middle length;
-# AR baselines T=0.6 with 512 new tokens.
-DIFFUSION_DEFAULTS = {
-    "steps": 64,
-    "alg": "p2",
-    "temperature": 0.6,
-    "top_p": 0.95,
-    "top_k": None,
-    "alg_temp": None,
-    "length": "oracle",
-    "middle_tokens": None,
-    "cache": "none",
-    "refresh": None,
-}
-AR_DEFAULTS = {"temperature": 0.6, "top_p": None, "top_k": None, "max_new_tokens": 512}
+# Defaults of the published runs (dinfill.sampler.settings, the "published" preset): Open-dCoder 64 steps, p2,
+# T=0.6, top_p=0.95, oracle middle length; AR baselines T=0.6 with 512 new tokens.
+DIFFUSION_DEFAULTS = SamplerSettings.preset("published", "diffusion").for_kind("diffusion")
+AR_DEFAULTS = SamplerSettings.preset("published", "ar").for_kind("ar")
 EXEC_WARNING = (
     "warning: executing untrusted model-written code in the dinfill sandbox (see dinfill.eval.execution for what "
     "it does and does not cover); pass --no-execute to skip execution"
@@ -66,12 +56,13 @@ def _add_data_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--no-download", action="store_true", help="never download; fail if no local copy exists")
 
 
-def _add_scoring_options(parser: argparse.ArgumentParser) -> None:
+def _add_scoring_options(parser: argparse.ArgumentParser, stop: bool = True) -> None:
     group = parser.add_argument_group("scoring")
     group.add_argument("--postprocess", choices=RULES, default=None, help="rule applied to each middle before scoring")
-    group.add_argument(
-        "--stop", action="append", default=[], help="stop string for --postprocess stop_sequences (repeatable)"
-    )
+    if stop:  # `eval` has --stop among its sampler options: the same stop strings, also used while generating
+        group.add_argument(
+            "--stop", action="append", default=[], help="stop string: the middle is cut before it (repeatable)"
+        )
     group.add_argument(
         "--execute",
         # Tri-state: None means the task decides (HumanEval must execute to score at all).
@@ -103,29 +94,18 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--seed", nargs="+", type=int, default=[0], help="one run per seed (default 0)")
     ev.add_argument("--samples", type=int, default=1, help="samples per problem and seed (pass@k)")
     # Part of the run identity: the batches fix the seeds, so a resume must keep it.
-    ev.add_argument("--batch-size", type=int, default=16, help="holes per generator call")
-    ev.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    ev.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=16,
+                    help="holes per generator call (default 16)")  # fmt: skip
+    ev.add_argument("--limit", "--problems", dest="limit", type=int, default=None, help="only the first N problems")
     ev.add_argument("--device", default=None, help="model device (default: cuda:LOCAL_RANK if available, else cpu)")
-    ev.add_argument("--dtype", choices=("bfloat16", "float16", "float32"), default=None)
+    ev.add_argument("--dtype", choices=("bf16", "bfloat16", "fp16", "float16", "fp32", "float32"), metavar="DTYPE",
+                    help="bf16|bfloat16, fp16|float16, fp32|float32 (default: bf16 on CUDA, fp32 on CPU)")  # fmt: skip
     ev.add_argument("--random-weights", action="store_true", help="built-in shape with random weights (smoke tests)")
     ev.add_argument("--tokenizer", default=None, help="tokenizer name or folder (default: --model)")
-    # None everywhere: "not given", so the defaults of the model's kind apply (see sampler_settings).
-    sampler = ev.add_argument_group("sampler (defaults: the published settings of the model's kind)")
-    sampler.add_argument("--steps", type=int, default=None)
-    sampler.add_argument("--alg", default=None, help="origin maskgit_plus topk_margin entropy p2 threshold factor")
-    sampler.add_argument("--temperature", type=float, default=None)
-    sampler.add_argument("--top-p", type=float, default=None)
-    sampler.add_argument("--top-k", type=int, default=None)
-    sampler.add_argument("--alg-temp", type=float, default=None)
-    sampler.add_argument(
-        "--length", choices=("oracle", "fixed", "adaptive"), default=None, help="diffusion middle length"
-    )
-    sampler.add_argument("--middle-tokens", type=int, default=None, help="middle length for --length fixed/adaptive")
-    sampler.add_argument("--cache", choices=("none", "dual"), default=None)
-    sampler.add_argument("--refresh", type=int, default=None)
-    sampler.add_argument("--max-new-tokens", type=int, default=None, help="AR budget (default 512)")
+    # the sampler options every subcommand shares (dinfill.sampler.settings): unset = the published setting
+    add_sampler_arguments(ev)
     _add_data_options(ev)
-    _add_scoring_options(ev)
+    _add_scoring_options(ev, stop=False)
     ev.set_defaults(func=cmd_eval)
 
     sc = subparsers.add_parser(
@@ -178,7 +158,7 @@ def _postprocess(args: argparse.Namespace, default: PostProcess) -> PostProcess:
         if args.stop:
             return PostProcess("stop_sequences", tuple(args.stop))
         return default
-    return PostProcess(args.postprocess, tuple(args.stop))
+    return PostProcess(args.postprocess, tuple(args.stop or ()))
 
 
 def _sandbox_config(args: argparse.Namespace):
@@ -221,19 +201,12 @@ def load_generator(spec: str, kind: str | None):
 
 
 def sampler_settings(args: argparse.Namespace, kind: str) -> dict:
-    """The sampler options of a run: the kind's published defaults, overridden by the flags given."""
-    defaults = DIFFUSION_DEFAULTS if kind == "diffusion" else AR_DEFAULTS
-    settings = dict(defaults)
-    for name in defaults:
-        value = getattr(args, name, None)
-        if value is not None:
-            settings[name] = value
-    # A flag of the other kind (say --steps for an AR model) is an error, not silently ignored.
-    given = [name for name in {**DIFFUSION_DEFAULTS, **AR_DEFAULTS} if getattr(args, name, None) is not None]
-    foreign = [name for name in given if name not in defaults]
-    if foreign:
-        raise ValueError(f"option(s) {foreign} do not apply to a {kind} model")
-    return settings
+    """The sampler options of a run (its record's ``sampler``): the preset of the kind, then the flags given.
+
+    Everything is validated here (a flag of the other kind, say ``--steps`` for an AR model, is an error), so
+    :func:`cmd_eval` calls this before it loads a model or writes anything.
+    """
+    return settings_from_args(args, kind).for_kind(kind)
 
 
 class ModelGenerator:
@@ -251,16 +224,17 @@ class ModelGenerator:
         device = next(self.model.parameters()).device if hasattr(self.model, "parameters") else torch.device("cpu")
         # One generator per batch, seeded by the runner: the batch's middles do not depend on what ran before.
         generator = torch.Generator(device=device).manual_seed(seed)
-        # Unset options are left to the sampler's own defaults rather than passed as None.
-        options = {k: v for k, v in self.settings.items() if v is not None}
-        # The oracle length mode (the published setting) needs the canonical middle of each hole.
-        if self.kind == "diffusion" and options.get("length") == "oracle":
-            options["middles"] = middles
-        return infill(self.model, self.tokenizer, prefixes, suffixes, generator=generator, **options)
+        # The oracle length mode (the published setting) reads the canonical middles; other modes ignore them.
+        return infill(
+            self.model, self.tokenizer, prefixes, suffixes, middles=middles, generator=generator, **self.settings
+        )
 
 
-def build_model_generator(args: argparse.Namespace, local_rank: int) -> ModelGenerator:
-    """Load the model and tokenizer named by ``--model`` (imports torch and the runtime only here)."""
+def build_model_generator(args: argparse.Namespace, local_rank: int, settings: dict | None = None) -> ModelGenerator:
+    """Load the model and tokenizer named by ``--model`` (imports torch and the runtime only here).
+
+    ``settings``: the validated :func:`sampler_settings` (computed here when not given).
+    """
     import torch
 
     import dinfill
@@ -269,13 +243,15 @@ def build_model_generator(args: argparse.Namespace, local_rank: int) -> ModelGen
     device = args.device or (f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu")
     options = {"device": device, "random_weights": args.random_weights}
     if args.dtype:
-        options["dtype"] = getattr(torch, args.dtype)
+        options["dtype"] = args.dtype  # every spelling (bf16, bfloat16...) is load_model's
     if args.kind:
         options["kind"] = args.kind
     model = dinfill.load_model(args.model, **options)
-    # Only the diffusion sampler needs a mask token in the vocabulary.
-    tokenizer = dinfill.load_tokenizer(args.tokenizer or args.model, add_mask_token=model.kind == "diffusion")
-    return ModelGenerator(model, tokenizer, sampler_settings(args, model.kind))
+    # A new (untrained) mask token only for random weights; trained checkpoints bring theirs (Open-dCoder: <M>).
+    tokenizer = dinfill.load_tokenizer(
+        args.tokenizer or args.model, add_mask_token=bool(args.random_weights) and model.kind == "diffusion"
+    )
+    return ModelGenerator(model, tokenizer, settings if settings is not None else sampler_settings(args, model.kind))
 
 
 def _decide_execute(args: argparse.Namespace, task) -> bool:
@@ -304,8 +280,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
             settings = sampler_settings(args, generator.kind)
             model_name = args.model or args.generator
         else:
-            generator = build_model_generator(args, ctx.local_rank)
-            settings, model_name = generator.settings, args.model
+            from dinfill.models.kinds import detect_kind
+
+            # the kind from small files only, so that every option is checked before the weights are read
+            settings = sampler_settings(args, detect_kind(args.model, args.kind).kind)
+            generator = build_model_generator(args, ctx.local_rank, settings)
+            model_name = args.model
         summaries = []
         for name in args.task:
             task = _task(args, name)
