@@ -32,6 +32,7 @@ from __future__ import annotations
 import logging
 import numbers
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -40,15 +41,24 @@ import torch
 from torch import Tensor
 
 from dinfill.sampler.fim import build_fim_prompts, cut_at_stop, fim_tokens
+from dinfill.sampler.graphs import (
+    CaptureMeter,
+    Graph,
+    bucket_batch,
+    bucket_length,
+    graph_pool,
+    side_stream,
+    tensor_bytes,
+)
 from dinfill.sampler.sampling import check_sampling_args, draw_noise, sample_tokens
 
 log = logging.getLogger("dinfill")
 
 __all__ = ["ArOutput", "ArStats", "ar_generate", "infill", "benchmark", "hf_twin"]
 
-# Decode steps at or above which auto mode captures a CUDA graph: capture costs about three eager
-# steps (one warm-up, one recording, instantiation), so short generations are not worth it.
-_GRAPH_MIN_STEPS = 16
+# Steps the host may run ahead of the "all rows done" flag on CUDA: the queue stays this deep, and at most
+# this many - 1 no-op steps run after the last row finished.
+_EXIT_LAG = 4
 
 
 @dataclass
@@ -69,8 +79,14 @@ class ArOutput:
     steps : int
         Forward passes run after the prefill (early exit makes it less than ``max_new_tokens - 1``).
     cuda_graph : bool
-        Whether the decode steps were replayed from a CUDA graph (``False`` when off, on the CPU, or when
-        capture failed: a failed capture is logged, and this flag lets benchmarks and tests see it).
+        Whether the decode steps were replayed from a CUDA graph (``False`` when off, on the CPU, when
+        emulated, or when capture failed: a failed capture is logged, and this flag lets benchmarks and tests
+        see it).
+    graph_captured : bool
+        Whether this call captured graphs (the first call of a bucket, or of a new prompt width in it);
+        ``False`` when it replayed pooled ones or ran eagerly.
+    graph_bucket : tuple of int, optional
+        ``(batch, prompt, cache)`` padded shape of a pooled (graph or emulated) call, else ``None``.
     """
 
     tokens: Tensor
@@ -78,6 +94,8 @@ class ArOutput:
     stopped: Tensor
     steps: int
     cuda_graph: bool = False
+    graph_captured: bool = False
+    graph_bucket: tuple[int, int, int] | None = None
 
     def tolist(self, strip_stop: bool = False) -> list[list[int]]:
         """The rows as lists of ids; ``strip_stop=True`` drops the final stop token of stopped rows."""
@@ -214,93 +232,159 @@ def _validate(model, rows: list[list[int]], max_new_tokens: int) -> int:
 # --- the decode loop -----------------------------------------------------------------------------
 
 
-class _Decode:
-    """Static buffers and the in-place decode step of one :func:`ar_generate` call.
+@dataclass(frozen=True)
+class _ArSpec:
+    """The sampling settings that change the captured code (part of a graph bucket's key)."""
 
-    Everything :meth:`step` reads or writes is allocated once here, so a CUDA graph captured from it
-    can be replayed on the same memory.
+    sampled: bool
+    top_p: bool
+    top_k: int | None
+
+
+class _Decode:
+    """Static buffers and the in-place prefill / decode step of :func:`ar_generate` for one shape.
+
+    Shape: ``B`` rows, a KV cache of ``C`` columns, ``S`` stop-id slots. Everything :meth:`prefill` and
+    :meth:`step` read or write is allocated here, so CUDA graphs captured from them replay on the same
+    memory across calls: :meth:`load` copies a call in (left-padded prompts of a prompt width ``P``, the
+    stop ids, the pad id, the sampling values), padding rows beyond the call's batch are copies of its first
+    row marked done from the start (they write the pad id and are never counted). The eager path uses the
+    same class at the call's exact shape.
     """
 
-    def __init__(self, model, rows, P, max_new, stop_ids, pad_id, sampling, generator):
+    def __init__(self, model, B: int, C: int, S: int, spec: _ArSpec):
         dev = model.device
-        B, V = len(rows), model.config.vocab_size
-        self.model, self.P, self.B = model, P, B
-        self.temperature, self.top_p, self.top_k = sampling
-        self.generator, self.pad_id = generator, pad_id
-        self.cache = model.new_cache(B, P + max_new - 1)
-        L = self.cache.max_len
-        ids = torch.full((B, P), pad_id, dtype=torch.long)
-        lens = torch.tensor([len(r) for r in rows], dtype=torch.long)
+        as_long = dict(dtype=torch.long, device=dev)
+        self._model = weakref.ref(model)  # the pool must not keep a model alive (its death frees the entry)
+        self.B, self.C, self.spec = B, C, spec
+        self.cache = model.new_cache(B, C)
+        self.mask = torch.zeros(B, C, dtype=torch.bool, device=dev)  # (B, C) real key columns
+        self.cur = torch.zeros(B, 1, **as_long)  # (B, 1) token fed this step
+        self.pos = torch.zeros(B, 1, **as_long)  # (B, 1) its RoPE position
+        self.col = torch.zeros(1, **as_long)  # (1,) its cache column
+        self.out_col = torch.zeros(1, **as_long)  # (1,) the output column the next token goes to
+        self.out = torch.zeros(B, C, **as_long)  # (B, C) new tokens (C >= max_new_tokens)
+        self.lengths = torch.zeros(B, **as_long)
+        self.done = torch.zeros(B, dtype=torch.bool, device=dev)
+        self.all_done = torch.zeros((), dtype=torch.bool, device=dev)  # the early-exit flag the host reads
+        self.stop = torch.full((S,), -1, **as_long)  # (S,) stop ids, -1 = unused slot
+        self.pad = torch.zeros((), **as_long)
+        self.row0 = torch.zeros(B, 1, **as_long)  # (B, 1) decode steps have one query: logits row 0
+        self.temperature = torch.zeros((), dtype=torch.float32, device=dev) if spec.sampled else 0.0
+        self.top_p = torch.ones((), dtype=torch.float32, device=dev) if spec.top_p else None
+        self.noise = None
+        if spec.sampled:
+            self.noise = torch.ones(B, model.config.vocab_size, dtype=torch.float32, device=dev)  # (B, V) Exp(1)
+        self.prompts: dict[int, dict[str, Tensor]] = {}  # prompt width P -> its static prefill inputs
+        self.graphs: dict[Any, Graph] = {}  # "step" and ("prefill", P)
+        self.P = 0
+        self.rows = 0  # real rows of the loaded call
+        self.stopped_by_string = torch.zeros(B, dtype=torch.bool)  # host-side: set by the stop-string check
+
+    @property
+    def model(self):
+        return self._model()
+
+    def buffers(self) -> list[Tensor]:
+        """Every static tensor (for the memory report)."""
+        out = [v for v in vars(self).values() if isinstance(v, Tensor)]
+        out += [t for p in self.prompts.values() for t in p.values()]
+        return out + self.cache.k + self.cache.v
+
+    def _prompt(self, P: int) -> dict[str, Tensor]:
+        if P not in self.prompts:
+            dev = self.mask.device
+            self.prompts[P] = {
+                "ids": torch.zeros(self.B, P, dtype=torch.long, device=dev),  # (B, P) left-padded prompts
+                "pos": torch.zeros(self.B, P, dtype=torch.long, device=dev),  # (B, P) per-row RoPE positions
+                "cols": torch.arange(P, device=dev),  # (P,) cache columns
+                "last": torch.full((self.B, 1), P - 1, dtype=torch.long, device=dev),  # (B, 1) logits row
+            }
+        return self.prompts[P]
+
+    def load(self, rows: list[list[int]], P: int, stops: list[int], pad_id: int, temperature: float, top_p) -> None:
+        """Copy one call into the buffers (``P`` >= the longest prompt; ``len(stops)`` <= the stop slots)."""
+        n = len(rows)
+        ids = torch.full((self.B, P), pad_id, dtype=torch.long)
+        lens = torch.ones(self.B, dtype=torch.long)
         for b, r in enumerate(rows):
             ids[b, P - len(r) :] = torch.tensor(r, dtype=torch.long)  # left padding
-        self.prompt = ids.to(dev)  # (B, P)
-        self.mask = torch.zeros(B, L, dtype=torch.bool, device=dev)  # (B, L) real key columns
-        self.mask[:, :P] = torch.arange(P, device=dev) >= (P - lens.to(dev)).view(B, 1)
-        self.cur = torch.zeros(B, 1, dtype=torch.long, device=dev)  # (B, 1) token fed this step
-        self.pos = lens.to(dev).view(B, 1).clone()  # (B, 1) its RoPE position
-        self.col = torch.full((1,), P, dtype=torch.long, device=dev)  # (1,) its cache column
-        self.out = torch.full((B, max_new), pad_id, dtype=torch.long, device=dev)  # (B, max_new)
-        self.lengths = torch.zeros(B, dtype=torch.long, device=dev)
-        self.done = torch.zeros(B, dtype=torch.bool, device=dev)
-        self.stop = torch.tensor(stop_ids, dtype=torch.long, device=dev)  # (S,)
-        self.last = torch.zeros(B, 1, dtype=torch.long, device=dev)  # (B, 1) logits row: the only one
-        self.stopped_by_string = torch.zeros(B, dtype=torch.bool)  # host-side: set by the stop-string check
-        self.noise = None
-        if self.temperature > 0:
-            self.noise = torch.empty(B, V, dtype=torch.float32, device=dev)  # (B, V) Exp(1)
+            lens[b] = len(r)
+        ids[n:], lens[n:] = ids[0], lens[0]  # padding rows: copies of row 0
+        dev = self.mask.device
+        lens = lens.to(dev)
+        prompt = self._prompt(P)
+        prompt["ids"].copy_(ids)
+        self.mask.zero_()
+        self.mask[:, :P] = torch.arange(P, device=dev) >= (P - lens).view(-1, 1)
+        prompt["pos"].copy_((self.mask[:, :P].long().cumsum(dim=1) - 1).clamp(min=0))
+        self.P, self.rows = P, n
+        self.cur.zero_()
+        self.pos.copy_(lens.view(-1, 1))
+        self.col.fill_(P)
+        self.out_col.zero_()
+        self.out.fill_(pad_id)
+        self.lengths.zero_()
+        self.done.zero_()
+        self.done[n:] = True  # padding rows are finished before they start
+        self.all_done.fill_(False)
+        self.stop.fill_(-1)
+        if stops:
+            self.stop[: len(stops)].copy_(torch.tensor(stops, dtype=torch.long))
+        self.pad.fill_(pad_id)
+        if isinstance(self.temperature, Tensor):
+            self.temperature.fill_(temperature)
+        if isinstance(self.top_p, Tensor):
+            self.top_p.fill_(top_p)
+        self.stopped_by_string.zero_()
 
-    def draw(self) -> None:
-        """Fill the sampling noise for the next token (outside any graph, with the user's generator)."""
+    def draw(self, generator: torch.Generator | None) -> None:
+        """Fill the real rows' sampling noise for the next token (outside any graph, with the user's generator).
+
+        Only the call's own rows are drawn, with the call's own shape, so the numbers a row gets do not depend
+        on the bucket it was padded into.
+        """
         if self.noise is not None:
-            draw_noise(self.noise.shape, device=self.noise.device, generator=self.generator, out=self.noise)
+            draw_noise((self.rows, self.noise.shape[1]), device=self.noise.device, generator=generator,
+                       out=self.noise[: self.rows])  # fmt: skip
 
     def _pick(self, logits: Tensor) -> Tensor:
         return sample_tokens(
-            logits, temperature=self.temperature, top_p=self.top_p, top_k=self.top_k, noise=self.noise
+            logits, temperature=self.temperature, top_p=self.top_p, top_k=self.spec.top_k, noise=self.noise
         )  # (B,)
 
-    def _record(self, nxt: Tensor, out_col: Tensor) -> None:
-        nxt = torch.where(self.done, self.pad_id, nxt)  # (B,) finished rows write padding
-        self.out.index_copy_(1, out_col, nxt.view(-1, 1))
+    def _record(self, nxt: Tensor) -> None:
+        nxt = torch.where(self.done, self.pad, nxt)  # (B,) finished rows write padding
+        self.out.index_copy_(1, self.out_col, nxt.view(-1, 1))
         self.lengths += (~self.done).long()
         self.done |= (nxt.view(-1, 1) == self.stop.view(1, -1)).any(dim=1)
+        self.all_done.copy_(self.done.all())
         self.cur.copy_(nxt.view(-1, 1))
+        self.out_col.add_(1)
 
     def prefill(self) -> None:
-        P = self.P
-        pos = (self.mask[:, :P].long().cumsum(dim=1) - 1).clamp(min=0)  # (B, P) per-row positions
-        cols = torch.arange(P, device=self.prompt.device)  # (P,)
-        self.last.fill_(P - 1)
+        """The prompt forward of the loaded width ``P``: cache columns ``[0, P)`` and the first token."""
+        p = self.prompts[self.P]
         logits = self.model(
-            self.prompt,
-            causal=True,
-            attention_mask=self.mask,
-            position_ids=pos,
-            cache=self.cache,
-            cache_pos=cols,
-            logits_index=self.last,
-        )  # (B, 1, V)
-        self.last.zero_()  # decode steps have one query: logits row 0
-        self._record(self._pick(logits[:, 0]), torch.zeros(1, dtype=torch.long, device=cols.device))
+            p["ids"], causal=True, attention_mask=self.mask, position_ids=p["pos"], cache=self.cache,
+            cache_pos=p["cols"], logits_index=p["last"],
+        )  # fmt: skip  # (B, 1, V)
+        self._record(self._pick(logits[:, 0]))
 
     def step(self) -> None:
         """One decode step, all in place: feed ``cur`` at column ``col``, sample, record, advance."""
         self.mask.index_fill_(1, self.col, True)
         logits = self.model(
-            self.cur,
-            causal=True,
-            attention_mask=self.mask,
-            position_ids=self.pos,
-            cache=self.cache,
-            cache_pos=self.col,
-            logits_index=self.last,
-        )  # (B, 1, V)
-        self._record(self._pick(logits[:, 0]), self.col - (self.P - 1))
+            self.cur, causal=True, attention_mask=self.mask, position_ids=self.pos, cache=self.cache,
+            cache_pos=self.col, logits_index=self.row0,
+        )  # fmt: skip  # (B, 1, V)
+        self._record(self._pick(logits[:, 0]))
         self.pos += 1
         self.col += 1
 
     def _buffers(self) -> list[Tensor]:
-        return [self.mask, self.cur, self.pos, self.col, self.out, self.lengths, self.done]
+        return [self.mask, self.cur, self.pos, self.col, self.out_col, self.out, self.lengths, self.done,
+                self.all_done]  # fmt: skip
 
     def save(self) -> list[Tensor]:
         """Copies of the small state buffers (not the KV cache), for :meth:`restore`."""
@@ -312,27 +396,28 @@ class _Decode:
         for t, s in zip(self._buffers(), saved, strict=True):
             t.copy_(s)
 
-    def capture(self) -> torch.cuda.CUDAGraph | None:
-        """Record :meth:`step` as a CUDA graph; ``None`` (and a warning) when capture fails.
+    def capture(self, emulate: bool) -> int:
+        """Capture what the loaded call needs and the pool lacks: the decode step, the prefill of width ``P``.
 
-        The warm-up runs a real step (lazy initialisation: cuBLAS handles, Triton compilation), so the
-        state is saved first and restored afterwards.
+        Each warm-up runs a real prefill / step (lazy initialisation: cuBLAS handles, Triton compilation), so
+        the state is saved first and restored afterwards. Returns the number of graphs captured; raises when
+        a capture fails (the caller falls back to eager).
         """
-        saved = self.save()
-        graph = torch.cuda.CUDAGraph()
-        try:
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
-                self.step()
-            torch.cuda.current_stream().wait_stream(side)
-            with torch.cuda.graph(graph):
-                self.step()
-        except Exception as err:  # a sync inside the model forward, an unsupported op: fall back to eager
-            log.warning("CUDA graph capture of the AR decode step failed (%s: %s); running eagerly", type(err), err)
-            graph = None
-        self.restore(saved)
-        return graph
+        todo = [k for k in (("prefill", self.P), "step") if k not in self.graphs]
+        if not todo:
+            return 0
+        pool = getattr(self, "_pool", None)
+        if pool is None and not emulate:
+            pool = self._pool = torch.cuda.graph_pool_handle()  # one memory pool for the entry's graphs
+        for name in todo:
+            fn = self.prefill if name != "step" else self.step
+            saved = self.save()
+            with side_stream(emulate):
+                fn()
+            self.restore(saved)
+            self.graphs[name] = Graph(fn, emulate=emulate, pool=pool)
+            self.restore(saved)
+        return len(todo)
 
 
 def _check_stop_strings(state: _Decode, n_out: int, decode: Callable[[list[int]], str], stops, checked) -> None:
@@ -342,9 +427,9 @@ def _check_stop_strings(state: _Decode, n_out: int, decode: Callable[[list[int]]
     cut, or unchanged since the last check, are skipped. Rows that ended on a stop id are still
     searched (once), since the string may have appeared between two checks.
     """
-    out = state.out[:, :n_out].cpu()
-    lengths = state.lengths.cpu()
-    for b in range(state.B):
+    out = state.out[: state.rows, :n_out].cpu()
+    lengths = state.lengths[: state.rows].cpu()
+    for b in range(state.rows):
         n = int(lengths[b])
         if state.stopped_by_string[b] or checked[b] >= n:
             continue
@@ -358,9 +443,10 @@ def _check_stop_strings(state: _Decode, n_out: int, decode: Callable[[list[int]]
             lo, hi = (lo, mid) if cut_at_stop(decode(row[:mid]), stops)[1] else (mid, hi)
         state.lengths[b] = hi
         state.done[b] = True
-        state.out[b, hi:] = state.pad_id
+        state.out[b, hi:] = state.pad
         state.stopped_by_string[b] = True
         checked[b] = hi
+    state.all_done.copy_(state.done.all())
 
 
 @torch.inference_mode()
@@ -410,9 +496,13 @@ def ar_generate(
     pad_id : int, optional
         Filler for padding and finished rows; default the first stop id, else 0.
     check_every : int
-        Decode steps between host checks (early exit, stop strings).
-    cuda_graph : bool, optional
-        Replay the decode step as a CUDA graph. ``None``: on for CUDA models with at least 16 steps.
+        Decode steps between the host's stop-string checks (each one reads the tokens: a sync). The
+        early exit once every row is done needs no such check (see the module docstring).
+    cuda_graph : bool or "emulate", optional
+        Replay the prefill and the decode step as CUDA graphs kept in the process-wide pool of
+        :mod:`dinfill.sampler.graphs` (the call is padded up to its (batch, prompt, cache) bucket; the first
+        call of a bucket captures). ``None``: on for CUDA models. ``"emulate"`` runs the same pool, padding
+        and replay loop with plain calls, on any device (for tests).
 
     Returns
     -------
@@ -445,41 +535,131 @@ def ar_generate(
         # noise is drawn on the model's device: seed a generator there from the one given (reproducible)
         seed = int(torch.randint(0, 2**62, (1,), generator=generator))
         generator = torch.Generator(device=dev).manual_seed(seed)
+    if cuda_graph not in (None, True, False, "emulate"):
+        raise ValueError(f"cuda_graph must be None, True, False or 'emulate', got {cuda_graph!r}")
     if cuda_graph is None:
-        cuda_graph = dev.type == "cuda" and max_new_tokens - 1 >= _GRAPH_MIN_STEPS
-    elif cuda_graph and dev.type != "cuda":
+        cuda_graph = dev.type == "cuda" and max_new_tokens > 1
+    elif cuda_graph is True and dev.type != "cuda":
         raise ValueError(f"cuda_graph=True needs a model on CUDA (it is on {dev}); pass cuda_graph=False or None")
-
-    state = _Decode(model, rows, P, max_new_tokens, stops, pad_id, (float(temperature), top_p, top_k), generator)
+    emulate = cuda_graph == "emulate"
+    pooled = bool(cuda_graph) and max_new_tokens > 1
+    sampled = temperature > 0
+    spec = _ArSpec(sampled=sampled, top_p=sampled and top_p is not None and top_p < 1,
+                   top_k=top_k if sampled else None)  # fmt: skip
+    limit = model.config.max_position_embeddings
+    state, bucket, captured, graphs = None, None, False, None
+    if pooled:
+        bucket = _graph_shape(len(rows), P, max_new_tokens, limit)
+        Bb, Pb, Cb = bucket
+        S = max(8, 1 << max(0, len(stops) - 1).bit_length())  # stop-id slots: 8, 16, 32 ...
+        key = ("ar", "emulate" if emulate else "cuda", str(dev), str(model.dtype), _param_signature(model),
+               Bb, Cb, S, spec)  # fmt: skip
+        pool = graph_pool()
+        state = pool.lookup(model, key)
+        fresh = state is None
+        meter = CaptureMeter(dev)
+        if fresh:
+            state = _Decode(model, Bb, Cb, S, spec)
+        state.load(rows, Pb, stops, pad_id, float(temperature), top_p)
+        try:
+            n_graphs = state.capture(emulate)
+        except Exception as err:  # a sync inside the model forward, an unsupported op: fall back to eager
+            log.warning("CUDA graph capture of the AR decode failed (%s: %s); running eagerly", type(err), err)
+            state.graphs.clear()
+            state.load(rows, Pb, stops, pad_id, float(temperature), top_p)
+            if not fresh:
+                pool.drop(model, key)  # its other graphs may share the broken capture's memory pool
+            n_graphs, graphs = 0, None
+        else:
+            graphs = state.graphs
+        seconds, reserved = meter.done()
+        static = tensor_bytes(state.buffers())
+        if graphs is not None and fresh:
+            pool.insert(model, key, state, static_bytes=static, graph_bytes=None if reserved is None else
+                        max(0, reserved - static), graphs=n_graphs, capture_s=seconds, kind="ar",
+                        bucket=(Bb, Cb))  # fmt: skip
+        elif graphs is not None and n_graphs:  # a new prompt width in a known bucket: one more prefill graph
+            pool.grow(model, key, graphs=n_graphs, capture_s=seconds, static_bytes=static,
+                      graph_bytes=None if reserved is None else max(0, reserved))  # fmt: skip
+        captured = graphs is not None and n_graphs > 0
+    if state is None:
+        state = _Decode(model, len(rows), P + max_new_tokens - 1, max(1, len(stops)), spec)
+        state.load(rows, P, stops, pad_id, float(temperature), top_p)
     decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if stop_strings else None
     checked = [0] * len(rows)
+    use_graph = graphs is not None
 
-    state.draw()
-    state.prefill()
-    graph = state.capture() if (cuda_graph and max_new_tokens > 1) else None
+    # early exit without draining the queue: on CUDA the host reads the "all done" flag of the step `lag` steps
+    # back (copied to pinned memory, awaited through an event); on the CPU it reads the flag directly
+    lag = _EXIT_LAG
+    flags = torch.zeros(max_new_tokens, dtype=torch.bool, pin_memory=True) if dev.type == "cuda" else None
+    events: list[Any] = [None] * max_new_tokens
+
+    def note(j: int) -> None:
+        if flags is not None:
+            flags[j].copy_(state.all_done, non_blocking=True)
+            events[j] = torch.cuda.Event()
+            events[j].record()
+
+    state.draw(generator)
+    if use_graph:
+        graphs[("prefill", state.P)].replay()
+    else:
+        state.prefill()
+    note(0)
     steps = 0
     for j in range(1, max_new_tokens):
-        if j % check_every == 0:  # the periodic host check (see the module docstring)
-            if stop_strings:
-                _check_stop_strings(state, j, decode, stop_strings, checked)
-            if bool(state.done.all()):
+        if stop_strings and j % check_every == 0:  # the periodic stop-string check (needs the text: a sync)
+            _check_stop_strings(state, j, decode, stop_strings, checked)
+        if flags is None:
+            if bool(state.all_done):
                 break
-        state.draw()
-        if graph is not None:
-            graph.replay()
+        elif j - lag >= 0:
+            events[j - lag].synchronize()
+            if bool(flags[j - lag]):
+                break
+        state.draw(generator)
+        if use_graph:
+            graphs["step"].replay()
         else:
             state.step()
         steps += 1
+        note(j)
     if stop_strings:
         _check_stop_strings(state, steps + 1, decode, stop_strings, checked)
 
-    lengths = state.lengths.cpu()
-    hit_id = (state.out.gather(1, (state.lengths - 1).clamp(min=0).view(-1, 1)).view(-1, 1) == state.stop).any(1)
-    stopped = hit_id.cpu() | state.stopped_by_string
+    n = len(rows)
+    lengths = state.lengths[:n].cpu()
+    last = state.out[:n].gather(1, (state.lengths[:n] - 1).clamp(min=0).view(-1, 1))  # (n, 1)
+    hit_id = ((last == state.stop.view(1, -1)) & (state.stop.view(1, -1) >= 0)).any(1)
+    stopped = hit_id.cpu() | state.stopped_by_string[:n]
     width = int(lengths.max())
     return ArOutput(
-        tokens=state.out[:, :width].clone(), lengths=lengths, stopped=stopped, steps=steps, cuda_graph=graph is not None
-    )
+        tokens=state.out[:n, :width].clone(), lengths=lengths, stopped=stopped, steps=steps,
+        cuda_graph=use_graph and not emulate, graph_captured=captured, graph_bucket=bucket,
+    )  # fmt: skip
+
+
+def _graph_shape(B: int, P: int, max_new_tokens: int, limit: int) -> tuple[int, int, int]:
+    """The padded ``(batch, prompt, cache)`` of a graph call (the prompt is not padded at the model's limit)."""
+    Pb = bucket_length(P, limit)
+    Cb = bucket_length(Pb + max_new_tokens - 1, limit)
+    if Pb + max_new_tokens - 1 > Cb:  # the prompt bucket leaves no room before the model's limit
+        Pb, Cb = P, bucket_length(P + max_new_tokens - 1, limit)
+    return bucket_batch(B), Pb, Cb
+
+
+def graph_bucket(model, prompt_ids, max_new_tokens: int) -> tuple[int, int, int]:
+    """The shape bucket ``(batch, prompt, cache)`` a CUDA-graph :func:`ar_generate` call pads up to (no model run)."""
+    rows = _rows_of(prompt_ids, None)
+    P = _validate(model, rows, max_new_tokens)
+    return _graph_shape(len(rows), P, max_new_tokens, model.config.max_position_embeddings)
+
+
+def _param_signature(model) -> tuple[int, ...]:
+    """Where the model's first and last parameters live: moving or re-allocating them changes the key."""
+    params = list(model.parameters())
+    return (len(params), params[0].data_ptr(), params[-1].data_ptr()) if params else (0,)
 
 
 # --- text level ----------------------------------------------------------------------------------

@@ -79,6 +79,7 @@ __all__ = [
     "infill",
     "step_fractions",
     "benchmark",
+    "graph_bucket",
 ]
 
 # alg -> (fused_step selection rule, confidence measure); see docs/sampler-semantics.md
@@ -701,10 +702,8 @@ def diffusion_generate(
     fractions = step_fractions(alg, steps, eps, dev)
     captured, bucket = False, None
     if use_graphs:
-        Bb = bucket_batch(B)
-        Lb = bucket_length(max(L, lo + W), limit)
-        Wb = min(W, Lb - lo)
-        bucket = (Bb, Lb, Mb, Wb)
+        bucket = _graph_shape(B, L, Mb, lo, W, limit)
+        Bb, Lb, _, Wb = bucket
         key = ("diffusion", "emulate" if emulate else "cuda", backend, str(dev), str(model.dtype),
                _param_signature(model), bucket, cache, steps_cap, select, confidence, mask_id, spec)  # fmt: skip
         pool = graph_pool()
@@ -786,6 +785,42 @@ def diffusion_generate(
     out = runner.x[:B, :L].to(device=input_ids.device, dtype=input_ids.dtype, copy=True)
     stats.time_total_s = time.perf_counter() - t_start
     return (out, stats) if return_stats else out
+
+
+def _graph_shape(B: int, L: int, Mb: int, lo: int, W: int, limit: int) -> tuple[int, int, int, int]:
+    """The padded ``(batch, canvas, rows, window)`` of a graph call: the canvas bucket must hold the window."""
+    Lb = bucket_length(max(L, lo + W), limit)
+    return bucket_batch(B), Lb, Mb, min(W, Lb - lo)
+
+
+def graph_bucket(
+    model,
+    input_ids: Tensor,
+    *,
+    mask_id: int,
+    cache: str = "none",
+    attention_mask: Tensor | None = None,
+) -> tuple[int, int, int, int]:
+    """The shape bucket ``(batch, canvas, rows, window)`` a CUDA-graph call of this canvas pads up to.
+
+    Computed on the host without running the model: benchmarks use it to warm up every bucket of a workload
+    once before timing (two canvases with one bucket and the same settings share their graphs).
+    """
+    x = input_ids.detach().cpu().long()
+    B, L = x.shape
+    am = torch.ones(B, L, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
+    var = (x == mask_id) & am  # (B, L)
+    if not bool(var.any()):
+        raise ValueError(f"the canvas holds no mask token (id {mask_id}): it has no graph bucket")
+    cols = torch.arange(L).expand(B, L)
+    first_real = am.to(torch.int8).argmax(dim=1)  # (B,)
+    first_var = torch.where(var, cols, L).min(dim=1).values  # (B,) L for a row without masks
+    has = var.any(dim=1)
+    lo = int(torch.maximum(first_var - 1, first_real)[has].min())
+    hi = int(torch.where(var, cols, -1).max()) + 1
+    Mb = bucket_rows(int(var.sum(1).max()))
+    W = bucket_rows(hi - lo) if cache == "dual" else 0
+    return _graph_shape(B, L, Mb, lo, W, model.config.max_position_embeddings)
 
 
 def _param_signature(model) -> tuple[int, ...]:
