@@ -2,6 +2,11 @@
 
 Without CUDA, Triton kernels can only run in its interpreter, which must be switched on before
 triton is imported anywhere: this conftest is the first thing pytest imports, so it does it here.
+
+On a CUDA machine the interpreter stays off (the kernel tests then compile for the GPU), so a test that
+runs the Triton backend on *CPU tensors* cannot work there. Such a test carries the ``interpreter_only``
+marker (or asks for the ``interpreter_only`` fixture): it runs wherever the interpreter is on (every
+machine without CUDA, or ``TRITON_INTERPRET=1`` set by hand) and is skipped, with that reason, elsewhere.
 """
 
 import os
@@ -18,6 +23,38 @@ import pathlib  # noqa: E402
 import pytest  # noqa: E402
 
 REPO = pathlib.Path(__file__).resolve().parent.parent
+INTERPRETER_REASON = (
+    "runs Triton kernels on CPU tensors, which needs the interpreter: CUDA is present and TRITON_INTERPRET is "
+    "unset (the compiled kernels are tested on CUDA tensors instead; set TRITON_INTERPRET=1 to run it anyway)"
+)
+
+
+def interpreter_off() -> bool:
+    """True on a CUDA machine where Triton compiles for the GPU instead of interpreting."""
+    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers", "interpreter_only: runs Triton on CPU tensors; skipped (saying why) where the interpreter is off"
+    )
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if not interpreter_off():
+        return
+    skip = pytest.mark.skip(reason=INTERPRETER_REASON)
+    for item in items:
+        if "interpreter_only" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture
+def interpreter_only() -> torch.device:
+    """The CPU device for a test that runs Triton kernels on CPU tensors; skips (saying why) where it cannot."""
+    if interpreter_off():
+        pytest.skip(INTERPRETER_REASON)
+    return torch.device("cpu")
 
 
 @pytest.fixture(scope="session")

@@ -254,21 +254,38 @@ def test_nvtx_ranges_open_and_close():
 
 
 def test_gpu_check_dry_run(tmp_path, capsys):
+    """The whole script on tiny shapes: kernels, the end-to-end table with its targets, agreement, forward."""
     from dinfill.bench import gpu_check
 
     code = gpu_check.main(["--cpu-dry-run", "--out", str(tmp_path), "--seed", "11"])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "== kernels: ok" in out and "== end to end: ok" in out and "== summary" in out
+    for phase in ("kernels: ok", "end to end: ok", "agreement: ok", "forward", "summary"):
+        assert f"== {phase}" in out, phase
     records = report.read_records(tmp_path / "results.jsonl")
     summary = records[-1]
     assert summary["type"] == "gpu_check" and summary["ok"] and summary["seed"] == 11
-    kernels = summary["phases"][0]["rows"]
-    assert {r["kernel"] for r in kernels} == {"attention", "fused_step"}
-    assert {r["dtype"] for r in kernels} == {"bfloat16", "float32"}
-    e2e = [r for r in records if r.get("type") == "bench"]
-    assert {r["config"]["kind"] for r in e2e} == {"diffusion", "ar"}
-    assert all(r["reference"]["speedup"] > 0 for r in e2e)
+    phases = {p["name"]: p for p in summary["phases"]}
+    kernels = phases["kernels"]["rows"]
+    assert {r["kernel"] for r in kernels} == {"attention", "fused_step", "add_norm", "activation", "rope_cache"}
+    assert {r["dtype"] for r in kernels} == {"bfloat16", "float32"} and all(r["ok"] for r in kernels)
+    e2e = phases["end to end"]["rows"]
+    modes = {(r["mode"], r["B"]) for r in e2e}
+    for mode in ("p2 published", "dual+threshold", "ar 64 new", "ar + stops"):
+        assert {(mode, 1), (mode, 2)} <= modes, mode
+    assert ("ar decode (steady)", 1) in modes
+    first = next(r for r in e2e if r["mode"] == "p2 published" and r["B"] == 1)
+    assert first["target"] == "<= 60 ms" and first["met"] == (first["ms/prob"] <= 60) and first["x target"] == 5
+    assert all(r["captured"] == 0 for r in e2e if "captured" in r), "the timed pass replays warmed-up buckets"
+    bench = [r for r in records if r.get("type") == "bench"]
+    assert {r["config"]["kind"] for r in bench} == {"diffusion", "ar"}
+    assert all(r["metrics"]["ms_per_problem"] > 0 and r["reference"]["ms_per_problem"] > 0 for r in bench)
+    assert all(r["env"]["git"] for r in bench)
+    agree = {r["check"]: r for r in phases["agreement"]["rows"]}
+    assert agree["p2 exact vs reference loop"]["agree"] == 1.0  # fp32 on the CPU: exact
+    assert agree["diffusion graph vs eager, own bucket"]["ok"] and agree["ar graph vs eager, own bucket"]["ok"]
+    if phases["forward"]["skipped"] is None:  # issue 10's phase, once it exists, must run cleanly
+        assert phases["forward"]["ok"], phases["forward"]
 
 
 def test_gpu_check_refuses_without_cuda(capsys):
@@ -326,14 +343,87 @@ def test_gpu_check_pytest_phases_collect_their_results(tmp_path):
             """
         )
     )
+    (repo / "bench" / "test_bench_fused_step.py").write_text(
+        textwrap.dedent(
+            """
+            import json, os
+
+            def test_sampling(benchmark):
+                benchmark(lambda: None)
+                rec = {"bench": "fused_step", "case": "stub", "shape": {"N": 6, "V": 11},
+                       "ms": {"triton": 1.0, "torch": 2.0, "reference": 4.0}, "of_floor": 0.5,
+                       "ratio_vs_reference": 4.0}
+                with open(os.environ["DINFILL_BENCH_RESULTS"], "a") as f:
+                    f.write(json.dumps(rec) + "\\n")
+            """
+        )
+    )
     tests = gpu_check.phase_kernel_tests(repo, out, timeout=120)
     assert tests.ok and tests.rows[0]["files"] == "test_attention_stub.py" and "1 passed" in tests.rows[0]["result"]
     micro = gpu_check.phase_micro(repo, out, out / "results.jsonl", timeout=120)
     assert micro.ok, (out / "micro.log").read_text()
     assert micro.rows[0] == {"bench": "stub", "batch": 3, "ms": 2.0, "ref_ms": 6.0, "speedup": 3.0}
     assert json.loads((out / "micro.json").read_text())["benchmarks"][0]["name"] == "test_micro"
+    assert len(micro.rows) == 2, "the micro phase leaves the sampling file to its own phase"
+    sampling = gpu_check.phase_sampling(repo, out, out / "results.jsonl", timeout=120)
+    assert sampling.ok, (out / "sampling.log").read_text()
+    assert sampling.rows[0] == {"case": "stub", "N": 6, "V": 11, "ms": 1.0, "torch ms": 2.0, "ref ms": 4.0,
+                                "% floor": 50.0, "x ref": 4.0}  # fmt: skip
 
 
 def test_git_revision_override(monkeypatch):
     monkeypatch.setenv("DINFILL_GIT_REV", "abc123-copied")
     assert report.environment("cpu")["git"] == "abc123-copied"
+
+
+def test_git_revision_is_the_packages_own(tmp_path, monkeypatch):
+    """A copy without its own .git inside another repository is "unknown", not that repository's revision."""
+    monkeypatch.delenv("DINFILL_GIT_REV", raising=False)
+    git = dict(capture_output=True, check=True, cwd=tmp_path)
+    subprocess.run(["git", "init", "-q"], **git)
+    subprocess.run(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "--allow-empty", "-m", "x"],
+                   **git)  # fmt: skip
+    copy = tmp_path / "copy-of-the-project"
+    copy.mkdir()
+    assert report.git_revision(copy) == "unknown"
+    assert report.git_revision(tmp_path) not in ("unknown", None)  # the repository's own top level does count
+    if (report.package_checkout() / ".git").exists():
+        assert report.git_revision() != "unknown"
+
+
+def _load_conftest(path: Path, name: str):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("where", ["tests", "bench"])
+def test_interpreter_only_marker_skips_where_the_interpreter_is_off(monkeypatch, where):
+    """On a CUDA machine without TRITON_INTERPRET an ``interpreter_only`` test is skipped, saying why."""
+    conf = _load_conftest(REPO / where / "conftest.py", f"_conftest_{where}")
+
+    class Item:
+        def __init__(self, *marks):
+            self.keywords, self.added = dict.fromkeys(marks, True), []
+
+        def add_marker(self, mark):
+            self.added.append(mark)
+
+    def collect(cuda: bool, interpret: str | None) -> tuple[Item, Item]:
+        monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+        if interpret is None:
+            monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+        else:
+            monkeypatch.setenv("TRITON_INTERPRET", interpret)
+        marked, plain = Item("interpreter_only"), Item()
+        conf.pytest_collection_modifyitems(None, [marked, plain])
+        return marked, plain
+
+    marked, plain = collect(cuda=True, interpret=None)
+    assert len(marked.added) == 1 and "TRITON_INTERPRET" in marked.added[0].kwargs["reason"] and not plain.added
+    for cuda, interpret in ((True, "1"), (False, None), (False, "1")):
+        marked, _ = collect(cuda, interpret)
+        assert not [m for m in marked.added if "TRITON_INTERPRET" in m.kwargs.get("reason", "")], (cuda, interpret)

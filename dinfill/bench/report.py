@@ -29,6 +29,7 @@ __all__ = [
     "RESULTS_ENV",
     "default_results_path",
     "environment",
+    "package_checkout",
     "git_revision",
     "append_records",
     "read_records",
@@ -48,28 +49,34 @@ def default_results_path() -> Path:
     return Path(os.environ.get(RESULTS_ENV) or "bench/results.jsonl")
 
 
-def git_revision(path: str | os.PathLike | None = None) -> str | None:
-    """``git describe --always --dirty`` of the checkout holding this package.
+def package_checkout() -> Path:
+    """The folder holding the ``dinfill`` package directory (a checkout's root when run from one)."""
+    return Path(__file__).resolve().parents[2]
+
+
+def git_revision(path: str | os.PathLike | None = None) -> str:
+    """``git describe --always --dirty`` of the checkout holding this package, or ``"unknown"``.
 
     ``$DINFILL_GIT_REV`` wins when set: a copy of the working tree without ``.git`` (a lent GPU machine)
-    still gets the revision it was copied from. ``None`` when neither is available.
+    still gets the revision it was copied from. Otherwise the revision counts only when git's top level
+    *is* ``path`` (default: :func:`package_checkout`): a copy without its own ``.git`` that sits inside
+    some other repository must not report that repository's revision (it did, on the 2026-11-30 GPU run).
     """
     if os.environ.get("DINFILL_GIT_REV"):
         return os.environ["DINFILL_GIT_REV"]
-    where = Path(path) if path is not None else Path(__file__).resolve().parent
-    try:
-        out = subprocess.run(
-            ["git", "describe", "--always", "--dirty", "--abbrev=12"],
-            cwd=where,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() or None
+    where = Path(path).resolve() if path is not None else package_checkout()
+
+    def git(*args: str) -> str | None:
+        try:
+            out = subprocess.run(["git", *args], cwd=where, capture_output=True, text=True, timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return out.stdout.strip() or None if out.returncode == 0 else None
+
+    top = git("rev-parse", "--show-toplevel")
+    if top is None or Path(top).resolve() != where:
+        return "unknown"
+    return git("describe", "--always", "--dirty", "--abbrev=12") or "unknown"
 
 
 def _version(module: str) -> str | None:
@@ -193,11 +200,13 @@ BENCH_COLUMNS = [
     ("alg", "alg"),
     ("cache", "cache"),
     ("length", "length"),
+    ("ms_per_problem", "ms/prob"),
     ("tokens_per_s", "tok/s"),
     ("problems_per_s", "prob/s"),
     ("latency_p50_ms", "p50 ms"),
     ("latency_p90_ms", "p90 ms"),
     ("forward_passes", "fwd"),
+    ("ref_ms_per_problem", "ref ms/prob"),
     ("speedup", "vs ref"),
     ("agreement", "agree"),
     ("tflops", "TFLOP/s"),
@@ -211,6 +220,7 @@ def flatten(record: dict[str, Any]) -> dict[str, Any]:
     row.update(record.get("config", {}))
     row.update(record.get("metrics", {}))
     ref = record.get("reference") or {}
+    row["ref_ms_per_problem"] = ref.get("ms_per_problem")
     row["speedup"] = ref.get("speedup")
     row["agreement"] = ref.get("agreement")
     roof = record.get("roofline") or {}

@@ -2,18 +2,21 @@
 
 What one configuration measures (``run_config``): a workload of problems (lengths from
 :mod:`dinfill.bench.workload`, random token ids, so random weights work offline) is cut into batches; every
-batch goes through the sampler once, timed with a device sync on both sides, after an untimed warm-up batch
-(Triton compilation and allocator growth stay out of the numbers; CUDA-graph capture, which the samplers do
-on every call, stays in, because a user pays it too). From that come tokens/s and problems/s (throughput
-over the whole workload), the batch latency p50/p90, forward passes, the model / sampling / other split the
-diffusion sampler reports, peak device memory, and the achieved FLOP/s and bytes/s of the work model in
-:mod:`dinfill.bench.roofline` against the device's peak.
+batch goes through the sampler once, timed with a device sync on both sides, after an untimed warm-up: on CUDA
+one call of every shape bucket of the workload (:mod:`dinfill.sampler.graphs`: the samplers keep the CUDA
+graphs they capture, per bucket, across calls, so the timed pass replays and captures nothing, as a long
+evaluation does; the record counts the graphs captured during the timed pass, which should be 0), elsewhere
+the first batch (Triton compilation and allocator growth stay out of the numbers). From that come ms per
+problem, tokens/s and problems/s (throughput over the whole workload), the batch latency p50/p90, forward
+passes, the model / sampling / other split the diffusion sampler reports, peak device memory, and the
+achieved FLOP/s and bytes/s of the work model in :mod:`dinfill.bench.roofline` against the device's peak.
 
-``vs="reference"`` runs the baseline on *the same batches in the same process*: for a diffusion model the
-plain reference loop (:func:`dinfill.sampler.reference_loop.reference_generate`: full forward and full
-logits every step, torch sampling with a full-vocabulary sort for top-p, host syncs), for an AR model
-transformers' ``generate`` on the same weights (:func:`dinfill.sampler.autoregressive.hf_twin`). The record
-holds the ratio of total times and the fraction of generated tokens that agree; with greedy settings,
+``vs="reference"`` runs the baseline on *the same batches in the same process* (all of them, or the first
+``reference_limit`` batches when a slow baseline must stay short): for a diffusion model the plain reference
+loop (:func:`dinfill.sampler.reference_loop.reference_generate`: full forward and full logits every step,
+torch sampling with a full-vocabulary sort for top-p, host syncs), for an AR model transformers' ``generate``
+on the same weights (:func:`dinfill.sampler.autoregressive.hf_twin`). The record holds the ratio of times per
+problem and the fraction of generated tokens that agree; with greedy settings,
 ``cache="none"`` and an fp32 model the diffusion tokens must agree exactly.
 
 Tokens counted are the middle positions a problem asked for (its canvas masks for diffusion, its middle's
@@ -303,6 +306,8 @@ def _latency_metrics(latencies: list[float], tokens: int, problems: int) -> dict
     return {
         "total_s": total,
         "tokens": tokens,
+        "problems": problems,
+        "ms_per_problem": total / problems * 1e3,
         "tokens_per_s": tokens / total,
         "problems_per_s": problems / total,
         "latency_p50_ms": percentile(latencies, 50) * 1e3,
@@ -310,8 +315,21 @@ def _latency_metrics(latencies: list[float], tokens: int, problems: int) -> dict
     }
 
 
+def _warm(model, batches, call, bucket) -> None:
+    """Untimed calls before timing: on CUDA one per graph bucket of the workload, elsewhere the first batch."""
+    if model.device.type != "cuda":
+        call(0, batches[0])
+        return
+    seen = set()
+    for i, b in enumerate(batches):
+        key = bucket(b)
+        if key not in seen:
+            seen.add(key)
+            call(i, b)
+
+
 def _run_diffusion(model, batches, cfg: BenchConfig, s: Sampling, mask_id: int, nvtx: bool, warmup: bool):
-    from dinfill.sampler.diffusion import diffusion_generate
+    from dinfill.sampler.diffusion import diffusion_generate, graph_bucket
 
     def call(i: int, b: _DiffusionBatch):
         return diffusion_generate(
@@ -322,7 +340,8 @@ def _run_diffusion(model, batches, cfg: BenchConfig, s: Sampling, mask_id: int, 
         )  # fmt: skip
 
     if warmup:
-        call(0, batches[0])
+        _warm(model, batches, call, lambda b: graph_bucket(model, b.input_ids, mask_id=mask_id, cache=cfg.cache,
+                                                            attention_mask=b.attention_mask))  # fmt: skip
     latencies, outs, stats = [], [], []
     for i, b in enumerate(batches):
         dt, (out, st) = _timed(lambda i=i, b=b: call(i, b), model.device)
@@ -357,7 +376,7 @@ def _run_diffusion_reference(model, batches, cfg: BenchConfig, s: Sampling, mask
 
 
 def _run_ar(model, batches, s: Sampling, warmup: bool):
-    from dinfill.sampler.autoregressive import ar_generate
+    from dinfill.sampler.autoregressive import ar_generate, graph_bucket
 
     def call(i: int, b: _ArBatch):
         gen = torch.Generator(device=model.device).manual_seed(s.seed + i) if s.temperature > 0 else None
@@ -367,7 +386,7 @@ def _run_ar(model, batches, s: Sampling, warmup: bool):
         )  # fmt: skip
 
     if warmup:
-        call(0, batches[0])
+        _warm(model, batches, call, lambda b: graph_bucket(model, b.prompts, max(b.new_tokens)))
     latencies, outs = [], []
     for i, b in enumerate(batches):
         dt, out = _timed(lambda i=i, b=b: call(i, b), model.device)
@@ -429,6 +448,7 @@ def run_config(
     profile_dir: str | None = None,
     peaks: roofline.DevicePeaks | None = None,
     ceilings: dict[str, float] | None = None,
+    reference_limit: int | None = None,
 ) -> dict[str, Any]:
     """Benchmark one configuration on ``workload``; returns a results record (without the environment).
 
@@ -449,13 +469,17 @@ def run_config(
     hf_model : transformers model, optional
         The AR reference (default: :func:`~dinfill.sampler.autoregressive.hf_twin` of ``model``).
     warmup : bool
-        Run the first batch once, untimed, before each timed pass.
+        Untimed calls before the timed pass of ours: on CUDA one per CUDA-graph bucket of the workload (so the
+        timed pass replays pooled graphs), elsewhere the first batch. The baseline gets the first batch.
     nvtx : bool
         Emit NVTX ranges during the timed pass of ours.
     profile_dir : str, optional
         Write a torch.profiler trace of ours' timed pass there.
     peaks, ceilings :
         Device peaks (:func:`dinfill.bench.roofline.device_peaks`) and measured ceilings for the roofline.
+    reference_limit : int, optional
+        Run the baseline on the first ``reference_limit`` batches only (a slow baseline kept short); its
+        ratio is then one of times per problem and its agreement covers those batches.
 
     Returns
     -------
@@ -466,6 +490,11 @@ def run_config(
         raise ValueError(f"configuration is for a {cfg.kind} model but the model's kind is {model.kind!r}")
     if vs not in VS_CHOICES:
         raise ValueError(f"vs={vs!r} is not one of {VS_CHOICES}")
+    if reference_limit is not None:
+        _positive_int("reference_limit", reference_limit)
+    from dinfill.sampler.graphs import graph_pool
+
+    pool = graph_pool()
     dev = model.device
     itemsize = torch.empty((), dtype=model.dtype).element_size()
     mask_id = model.config.vocab_size - 1 if mask_id is None else int(mask_id)
@@ -483,6 +512,7 @@ def run_config(
         with hooks, ranges, prof:
             lat, outs, stats = _run_diffusion(model, batches, cfg, sampling, mask_id, nvtx, warmup)
         metrics.update(_latency_metrics(lat, tokens, n_problems))
+        metrics["graph_captures_timed"] = sum(st.graph_captured for st in stats)
         model_s = sum(st.time_model_s for st in stats)
         sampling_s = sum(st.time_sampling_s for st in stats)
         total = metrics["total_s"]
@@ -500,20 +530,23 @@ def run_config(
         for st in stats:
             work = work + _diffusion_work(model.config, st, itemsize)
         if vs == "reference":
+            r_batches = batches[:reference_limit] if reference_limit else batches
             try:  # no warm-up: ours ran first, so the kernels both share are compiled
-                r_lat, r_outs, r_fwd, r_alg = _run_diffusion_reference(model, batches, cfg, sampling, mask_id, False)
+                r_lat, r_outs, r_fwd, r_alg = _run_diffusion_reference(model, r_batches, cfg, sampling, mask_id, False)
             except torch.cuda.OutOfMemoryError as err:  # full logits of a wide batch: report, keep going
                 reference = _reference_failed(err, dev, "reference loop")
             else:
                 same = sum(
-                    int((o[b.variable] == r[b.variable]).sum()) for o, r, b in zip(outs, r_outs, batches, strict=True)
+                    int((o[b.variable] == r[b.variable]).sum())
+                    for o, r, b in zip(outs[: len(r_batches)], r_outs, r_batches, strict=True)
                 )
                 r_work = roofline.Work()
-                for b, n in zip(batches, r_fwd, strict=True):
+                for b, n in zip(r_batches, r_fwd, strict=True):
                     r_work = r_work + _reference_work(model.config, b, n, itemsize)
                 reference = _reference_block(
-                    r_lat, tokens, n_problems, metrics["total_s"], same, r_work, peaks, ceilings
-                )
+                    r_lat, sum(b.tokens for b in r_batches), sum(b.input_ids.shape[0] for b in r_batches), metrics,
+                    same, r_work, peaks, ceilings,
+                )  # fmt: skip
                 reference.update(alg=r_alg, forward_passes=sum(r_fwd) / len(r_fwd), baseline="reference loop")
     else:
         batches_ar = _ar_batches(model, workload, cfg, sampling.seed)
@@ -525,7 +558,8 @@ def run_config(
         metrics.update(
             forward_passes=sum(1 + o.steps for o in outs) / len(outs),
             peak_mem_mib=_peak_mib(dev),
-            cuda_graph=dev.type == "cuda",
+            cuda_graph=any(o.cuda_graph for o in outs),
+            graph_captures_timed=sum(o.graph_captured for o in outs),
         )
         work = roofline.Work()
         for b, o in zip(batches_ar, outs, strict=True):
@@ -534,18 +568,25 @@ def run_config(
             from dinfill.sampler.autoregressive import hf_twin
 
             hf = hf_model if hf_model is not None else hf_twin(model)
+            r_batches = batches_ar[:reference_limit] if reference_limit else batches_ar
             try:
-                r_lat, r_outs = _run_ar_reference(model, hf, batches_ar, sampling, warmup)
+                r_lat, r_outs = _run_ar_reference(model, hf, r_batches, sampling, warmup)
             except torch.cuda.OutOfMemoryError as err:
                 reference = _reference_failed(err, dev, "transformers generate")
             else:
                 same = 0
-                for b, o, r in zip(batches_ar, outs, r_outs, strict=True):
+                r_work = roofline.Work()
+                for b, o, r in zip(r_batches, outs[: len(r_batches)], r_outs, strict=True):
                     ours_t, ref_t = o.tokens.cpu(), r.cpu()
                     for row, n in enumerate(b.new_tokens):
                         same += int((ours_t[row, :n] == ref_t[row, :n]).sum())
-                reference = _reference_block(r_lat, tokens, n_problems, metrics["total_s"], same, work, peaks, ceilings)
+                    r_work = r_work + _ar_work(model.config, b, o.steps, itemsize)
+                reference = _reference_block(
+                    r_lat, sum(b.tokens for b in r_batches), sum(len(b.prompts) for b in r_batches), metrics, same,
+                    r_work, peaks, ceilings,
+                )  # fmt: skip
                 reference.update(baseline="transformers generate")
+    metrics["graph_pool"] = pool.summary()
     return {
         "type": "bench",
         "config": dataclasses.asdict(cfg),
@@ -560,9 +601,10 @@ def run_config(
     }
 
 
-def _reference_block(latencies, tokens, problems, ours_total, same, work, peaks, ceilings) -> dict[str, Any]:
+def _reference_block(latencies, tokens, problems, ours: dict, same, work, peaks, ceilings) -> dict[str, Any]:
+    """The baseline's metrics; ``speedup`` is its time per problem over ours (totals when it ran every batch)."""
     block = _latency_metrics(latencies, tokens, problems)
-    block["speedup"] = block["total_s"] / ours_total
+    block["speedup"] = block["ms_per_problem"] / ours["ms_per_problem"]
     block["agreement"] = same / tokens if tokens else None
     block["exact"] = same == tokens
     block["roofline"] = roofline.achieved(work, block["total_s"], peaks, ceilings)
@@ -575,4 +617,4 @@ def _reference_failed(err: Exception, device: torch.device, baseline: str) -> di
         torch.cuda.empty_cache()
     log.warning("%s ran out of memory: %s", baseline, str(err).splitlines()[0])
     return {"baseline": baseline, "error": f"out of memory: {str(err).splitlines()[0]}", "speedup": None,
-            "agreement": None, "tokens_per_s": None}  # fmt: skip
+            "agreement": None, "tokens_per_s": None, "ms_per_problem": None}  # fmt: skip
