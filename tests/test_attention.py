@@ -81,6 +81,48 @@ def test_other_head_dims(D):
     assert_matches_ref(attention_triton(q, k, v, **kw), q, k, v, **kw)
 
 
+@pytest.mark.parametrize("D", [12, 80])
+def test_padded_head_dims(D):
+    """Head dims that are not powers of two (tiny test models: 12; some real models: 80) are padded inside."""
+    q, k, v = _qkv(2, 4, 2, 17, 33, D, torch.bfloat16, seed=10)
+    kw = dict(causal=True, causal_offset=16, kv_end=torch.tensor([33, 20], device=q.device))
+    assert_matches_ref(attention_triton(q, k, v, **kw), q, k, v, **kw)
+    split = attention_triton(q, k, v, config=AttentionConfig(16, 16, num_splits=3), **kw)
+    assert_matches_ref(split, q, k, v, **kw)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize(
+    "case",
+    [
+        (17, 97, 80, 8),  # prefill-like block: the window cuts keys inside and before the block
+        (1, 97, torch.tensor([96, 40]), 16),  # decode: one query per sequence, window behind it
+        (5, 97, torch.tensor([60, 3]), 1),  # window 1: each query sees itself only
+        (17, 33, 16, 64),  # window longer than every query's history: a no-op
+    ],
+    ids=["block", "decode", "window1", "wide"],
+)
+def test_sliding_window(case, dtype):
+    """Causal sliding window (Starcoder2): query at p sees keys p - window < j <= p; split-K too."""
+    Lq, Lk, offset, window = case
+    q, k, v = _qkv(2, 4, 2, Lq, Lk, 16, dtype, seed=11)
+    if isinstance(offset, torch.Tensor):
+        offset = offset.to(q.device)
+    kw = dict(causal=True, causal_offset=offset, window=window, kv_start=torch.tensor([0, 2], device=q.device))
+    assert_matches_ref(attention_triton(q, k, v, **kw), q, k, v, **kw)
+    split = attention_triton(q, k, v, config=AttentionConfig(16, 16, num_splits=4), **kw)
+    assert_matches_ref(split, q, k, v, **kw)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_sliding_window_backends(backend, monkeypatch):
+    """``attention(window=)`` honours the window on both backends."""
+    monkeypatch.setenv("DINFILL_BACKEND", backend)
+    q, k, v = _qkv(2, 4, 2, 9, 40, 16, torch.float32, seed=12)
+    kw = dict(causal=True, causal_offset=torch.tensor([31, 20], device=q.device), window=6)
+    assert_matches_ref(attention(q, k, v, **kw), q, k, v, **kw)
+
+
 @pytest.mark.parametrize("form", ["int", "0-dim", "(1,)", "(B,) int64", "(B,) int32", "negative int"])
 def test_causal_offset_forms(form):
     """Query i sits at key column offset + i whichever way the offset is given; int and tensor agree bitwise."""
@@ -290,12 +332,14 @@ def test_bad_inputs_raise_clear_errors(make, exc, match, entry, monkeypatch):
 
 
 def test_triton_specific_errors(monkeypatch):
-    q, k, v = _qkv(1, 2, 1, 5, 5, 24, torch.float32)
-    with pytest.raises(ValueError, match="head dim 24 is not supported.*pad"):
+    q, k, v = _qkv(1, 2, 1, 5, 5, 320, torch.float32)
+    with pytest.raises(ValueError, match="head dim 320 is not supported.*DINFILL_BACKEND=torch"):
         attention_triton(q, k, v)
     q, k, v = _qkv(1, 2, 1, 5, 5, 16, torch.float32)
-    with pytest.raises(NotImplementedError, match="sliding windows"):
-        attention(q, k, v, causal=True, window=4)
+    with pytest.raises(ValueError, match="causal attention only"):
+        attention(q, k, v, causal=False, window=4)
+    with pytest.raises(TypeError, match="positive int"):
+        attention_triton(q, k, v, causal=True, window=0)
     with pytest.raises(ValueError, match="block_m, block_n >= 16"):
         attention_triton(q, k, v, config=AttentionConfig(8, 16))
     if not torch.cuda.is_available():

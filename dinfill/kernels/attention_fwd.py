@@ -28,16 +28,17 @@ Supports
 * q ``(B, Hq, Lq, D)``, k/v ``(B, Hkv, Lk, D)`` with ``Hq % Hkv == 0``; any strides with a unit
   stride on the last dim (views of a fused QKV projection work without copies).
 * fp16, bf16 (fp32 accumulation) and fp32 (IEEE dot products, no TF32).
-* Head dims 16, 32, 64, 128, 256.
+* Head dims 1 to 256 (padded to a power of two >= 16 inside the kernel, masked loads and stores).
 * Bidirectional and causal; the causal offset is an int, a 0-dim tensor or a ``(B,)`` tensor.
+* Causal sliding windows (Starcoder2): keys before a block's window are never loaded.
 * Per-sequence visible key ranges ``kv_start``/``kv_end`` (left and right padding).
 * ``Lq != Lk`` in both directions, Lq = 1 included.
 
 Limitations
 -----------
 * Forward only (inference); no dropout, no ALiBi, no arbitrary masks.
-* No sliding window: ``window=`` raises ``NotImplementedError`` (the runtime uses torch for it).
-* Head dims must be powers of two in [16, 256] (``tl.dot`` needs >= 16; pad otherwise).
+* With a sliding window every visited key block is masked (no unmasked fast phase): fine for
+  decode, about the cost of the causal diagonal on long prefills.
 * Block sizes come from a heuristic table for H100-class GPUs, not from autotuning (an autotuner
   would benchmark inside CUDA-graph capture).
 
@@ -57,7 +58,6 @@ Differences from the reference (``dinfill.kernels.reference.attention_ref``)
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import math
 from dataclasses import dataclass
@@ -69,9 +69,11 @@ import triton.language as tl
 from torch import Tensor
 
 from dinfill.backend import triton_interpreted, use_triton
+from dinfill.kernels._common import device_context
 
-_SUPPORTED_HEAD_DIMS = (16, 32, 64, 128, 256)
+_MAX_HEAD_DIM = 256  # head dims are padded to a power of two >= 16 (tl.dot's minimum); 256 keeps tiles in registers
 _MAX_SPLITS = 32  # upper bound on split-K partitions (workspace and merge cost grow with it)
+_SPLIT_MIN_KEY_BLOCKS = 16  # split-K only pays when one program would stream at least this many key blocks
 _LOG2E = 1.4426950408889634  # softmax is computed with exp2: exp(x) = exp2(x * log2(e))
 
 
@@ -94,26 +96,33 @@ def _attention_block_loop(
     q_pos,
     lo,
     hi,
+    window,
     stride_kn,
     stride_vn,
     qk_scale,
     CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
     MASKED: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
 ):
-    """Fold keys ``[lo, hi)`` into the running (acc, l_i, m_i); MASKED blocks check ``n < hi`` and causality."""
+    """Fold keys ``[lo, hi)`` into the running (acc, l_i, m_i); MASKED blocks check ``n < hi``, causality, window."""
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, HEAD_DIM)
-    k_ptrs = k_base + (lo + offs_n).to(tl.int64)[:, None] * stride_kn + offs_d[None, :]  # (BLOCK_N, D)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = (offs_d < HEAD_DIM)[None, :]  # (1, BLOCK_D): all true unless the head dim is padded
+    k_ptrs = k_base + (lo + offs_n).to(tl.int64)[:, None] * stride_kn + offs_d[None, :]  # (BLOCK_N, BLOCK_D)
     v_ptrs = v_base + (lo + offs_n).to(tl.int64)[:, None] * stride_vn + offs_d[None, :]
     for start_n in range(lo, hi, BLOCK_N):
         n = start_n + offs_n  # (BLOCK_N,) key columns
         if MASKED:
-            k = tl.load(k_ptrs, mask=(n < hi)[:, None], other=0.0)
-            v = tl.load(v_ptrs, mask=(n < hi)[:, None], other=0.0)
+            k = tl.load(k_ptrs, mask=(n < hi)[:, None] & d_ok, other=0.0)
+            v = tl.load(v_ptrs, mask=(n < hi)[:, None] & d_ok, other=0.0)
+        elif HEAD_DIM != BLOCK_D:
+            k = tl.load(k_ptrs, mask=d_ok, other=0.0)
+            v = tl.load(v_ptrs, mask=d_ok, other=0.0)
         else:
             k = tl.load(k_ptrs)
             v = tl.load(v_ptrs)
@@ -125,6 +134,8 @@ def _attention_block_loop(
             visible = (n < hi)[None, :]
             if CAUSAL:
                 visible = visible & (n[None, :] <= q_pos[:, None])
+                if WINDOW:  # sliding window: key n is visible to a query at p iff p - window < n <= p
+                    visible = visible & (n[None, :] > q_pos[:, None] - window)
             s = tl.where(visible, s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # a row that has seen no key yet keeps m = -inf: shift by 0 instead (exp2(-inf) = 0, no NaN)
@@ -167,6 +178,7 @@ def _attention_kernel(
     GROUP,
     causal_offset,
     split_len,
+    window,
     qk_scale,
     # strides
     stride_qb,
@@ -186,6 +198,7 @@ def _attention_kernel(
     stride_endb,
     # constexprs
     CAUSAL: tl.constexpr,
+    WINDOW: tl.constexpr,
     OFFSET_IS_TENSOR: tl.constexpr,
     HAS_KV_START: tl.constexpr,
     HAS_KV_END: tl.constexpr,
@@ -193,6 +206,7 @@ def _attention_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
 ):
@@ -209,9 +223,11 @@ def _attention_kernel(
     row_ok = rows < n_rows
     i = rows % L_q
     hq = hk * GROUP + rows // L_q
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
+    d_ok = offs_d < HEAD_DIM  # (BLOCK_D,) all true unless the head dim is padded to a power of two
     q_row = hq.to(tl.int64) * stride_qh + i.to(tl.int64) * stride_qm  # (BLOCK_M,) int64
-    q = tl.load(Q + b.to(tl.int64) * stride_qb + q_row[:, None] + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+    q_ptrs = Q + b.to(tl.int64) * stride_qb + q_row[:, None] + offs_d[None, :]
+    q = tl.load(q_ptrs, mask=row_ok[:, None] & d_ok[None, :], other=0.0)  # (BLOCK_M, BLOCK_D)
     if EMULATE_BF16:
         q = q.to(tl.float32)
 
@@ -233,6 +249,9 @@ def _attention_kernel(
         i_max = tl.max(tl.where(row_ok, i, 0), 0)
         hi = tl.minimum(hi, off + i_max + 1)
         full_hi = tl.minimum(hi, off + i_min + 1)
+        if WINDOW:  # keys before the window of the block's first query are never loaded; the rest is masked
+            lo = tl.maximum(lo, off + i_min - window + 1)
+            full_hi = lo
     if SPLIT:
         lo = tl.maximum(lo, split * split_len)
         hi = tl.minimum(hi, (split + 1) * split_len)
@@ -242,16 +261,16 @@ def _attention_kernel(
 
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     k_base = K + b.to(tl.int64) * stride_kb + hk.to(tl.int64) * stride_kh
     v_base = V + b.to(tl.int64) * stride_vb + hk.to(tl.int64) * stride_vh
     acc, l_i, m_i = _attention_block_loop(
-        acc, l_i, m_i, q, k_base, v_base, q_pos, lo, mid, stride_kn, stride_vn, qk_scale,
-        CAUSAL, False, BLOCK_N, HEAD_DIM, DOT_PRECISION, EMULATE_BF16,
+        acc, l_i, m_i, q, k_base, v_base, q_pos, lo, mid, window, stride_kn, stride_vn, qk_scale,
+        CAUSAL, WINDOW, False, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PRECISION, EMULATE_BF16,
     )  # fmt: skip
     acc, l_i, m_i = _attention_block_loop(
-        acc, l_i, m_i, q, k_base, v_base, q_pos, mid, hi, stride_kn, stride_vn, qk_scale,
-        CAUSAL, True, BLOCK_N, HEAD_DIM, DOT_PRECISION, EMULATE_BF16,
+        acc, l_i, m_i, q, k_base, v_base, q_pos, mid, hi, window, stride_kn, stride_vn, qk_scale,
+        CAUSAL, WINDOW, True, BLOCK_N, HEAD_DIM, BLOCK_D, DOT_PRECISION, EMULATE_BF16,
     )  # fmt: skip
 
     # rows that saw no key: l = 0 -> output 0 (and log-sum-exp -inf for the merge)
@@ -262,13 +281,13 @@ def _attention_kernel(
         part = (split * tl.num_programs(1) + pid_bh).to(tl.int64) * n_rows + rows  # (BLOCK_M,)
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(LSE_PART + part, lse, mask=row_ok)
-        tl.store(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], out, mask=row_ok[:, None])
+        tl.store(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=row_ok[:, None])
     else:
         o_row = hq.to(tl.int64) * stride_oh + i.to(tl.int64) * stride_om
         o_ptrs = Out + b.to(tl.int64) * stride_ob + o_row[:, None] + offs_d[None, :]
         if EMULATE_BF16:
             out = _round_to_bf16(out)
-        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
 @triton.jit
@@ -289,6 +308,7 @@ def _attention_merge_kernel(
     # constexprs
     BLOCK_M: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    BLOCK_D: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
 ):
     """Merge split-K partial outputs: weights exp2(lse_s - max lse), rows with no key anywhere give 0."""
@@ -300,7 +320,7 @@ def _attention_merge_kernel(
     n_rows = GROUP * L_q
     rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
     row_ok = rows < n_rows
-    offs_d = tl.arange(0, HEAD_DIM)
+    offs_d = tl.arange(0, BLOCK_D)
 
     lse_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     for s in range(0, n_splits):
@@ -308,11 +328,11 @@ def _attention_merge_kernel(
         lse_max = tl.maximum(lse_max, tl.load(LSE_PART + part, mask=row_ok, other=float("-inf")))
     shift = tl.where(lse_max == float("-inf"), 0.0, lse_max)
     total = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
     for s in range(0, n_splits):
         part = (s * n_bh + pid_bh).to(tl.int64) * n_rows + rows
         w = tl.exp2(tl.load(LSE_PART + part, mask=row_ok, other=float("-inf")) - shift)  # (BLOCK_M,)
-        o_s = tl.load(O_PART + part[:, None] * HEAD_DIM + offs_d[None, :], mask=row_ok[:, None], other=0.0)
+        o_s = tl.load(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
         acc += w[:, None] * o_s
         total += w
     out = acc / tl.where(total > 0.0, total, 1.0)[:, None]  # (BLOCK_M, D)
@@ -323,7 +343,7 @@ def _attention_merge_kernel(
     o_ptrs = Out + b.to(tl.int64) * stride_ob + o_row[:, None] + offs_d[None, :]
     if EMULATE_BF16:
         out = _round_to_bf16(out)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None])
+    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
 @dataclass(frozen=True)
@@ -364,18 +384,25 @@ def cuda_config(B: int, Hkv: int, rows: int, Lk: int, D: int, dtype: torch.dtype
     """The CUDA heuristic table (a pure function of the shapes, so it is testable without a GPU).
 
     The table is the usual FlashAttention-2 Triton setting for H100-class GPUs (128-row query
-    blocks, 64-key blocks, 3 stages; 8 warps from head dim 128), not yet tuned on the device. It is
-    adjusted for small problems: query blocks shrink to the packed row count (``rows = Hq / Hkv * Lq``)
-    and to 64 rows when 128-row blocks leave SMs idle, and long key ranges are split (split-K) when
-    even then there are at most half as many programs as SMs (AR decode at small batch).
+    blocks, 64-key blocks, 3 stages; 8 warps from head dim 128), keyed by the head dim padded to a
+    power of two. It is adjusted for small problems: query blocks shrink to the packed row count
+    (``rows = Hq / Hkv * Lq``) and to 64 rows when 128-row blocks leave SMs idle.
+
+    Split-K (decode at small batch): a program reads each K/V block of its group once, so the time
+    of an unsplit launch is the key range of one (batch, KV head) streamed by one SM. Splitting
+    spreads it over more SMs but costs a second launch (the merge, ~2 us even inside a CUDA graph),
+    so keys are split only when there are at most half as many programs as SMs *and* a program
+    would stream at least ``_SPLIT_MIN_KEY_BLOCKS`` blocks (1024 keys at 64 per block: ~0.5 MB of
+    bf16 K/V at head dim 64); each split keeps at least 4 blocks, and the split count fills the SMs.
     """
+    block_d = max(16, triton.next_power_of_2(D))
     block_m, block_n, num_warps, num_stages = {
         16: (128, 64, 4, 3),
         32: (128, 64, 4, 3),
         64: (128, 64, 4, 3),
         128: (128, 64, 8, 3),
         256: (64, 32, 4, 2),
-    }[D]
+    }[block_d]
     if dtype == torch.float32:  # twice the bytes per element: smaller blocks, fewer stages
         block_m, block_n, num_stages = min(block_m, 64), 32, 2
     block_m = min(block_m, max(16, triton.next_power_of_2(rows)))
@@ -386,7 +413,7 @@ def cuda_config(B: int, Hkv: int, rows: int, Lk: int, D: int, dtype: torch.dtype
     programs = triton.cdiv(rows, block_m) * B * Hkv
     key_blocks = triton.cdiv(Lk, block_n)
     num_splits = 1
-    if 2 * programs <= sm_count and key_blocks >= 8:  # each split keeps at least 4 key blocks
+    if 2 * programs <= sm_count and key_blocks >= _SPLIT_MIN_KEY_BLOCKS:
         num_splits = max(1, min(sm_count // programs, key_blocks // 4, _MAX_SPLITS))
     return AttentionConfig(block_m, block_n, num_warps, num_stages, num_splits)
 
@@ -395,8 +422,13 @@ def _is_int_tensor(t: Tensor) -> bool:
     return not t.dtype.is_floating_point and not t.dtype.is_complex and t.dtype != torch.bool
 
 
-def _check_inputs(q, k, v, causal_offset, kv_start, kv_end, scale) -> None:
+def _check_inputs(q, k, v, causal_offset, kv_start, kv_end, scale, causal=False, window=None) -> None:
     """Validation shared by the Triton and torch paths: every message names the problem and the fix."""
+    if window is not None:
+        if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+            raise TypeError(f"attention: window must be a positive int or None, got {window!r}")
+        if not causal:
+            raise ValueError("attention: a sliding window applies to causal attention only; pass causal=True")
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, Tensor):
             raise TypeError(f"attention: {name} must be a torch.Tensor, got {type(t).__name__}")
@@ -462,6 +494,7 @@ def attention_triton(
     kv_start: Tensor | None = None,
     kv_end: Tensor | None = None,
     scale: float | None = None,
+    window: int | None = None,
     config: AttentionConfig | None = None,
 ) -> Tensor:
     """Launch the Triton kernel (CUDA, or the interpreter with ``TRITON_INTERPRET=1``); see :func:`attention`.
@@ -469,11 +502,11 @@ def attention_triton(
     ``config`` overrides the heuristic launch parameters of :func:`pick_config` (tests use it to
     exercise other block sizes and the split-K path on small shapes).
     """
-    _check_inputs(q, k, v, causal_offset, kv_start, kv_end, scale)
-    return _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, config)
+    _check_inputs(q, k, v, causal_offset, kv_start, kv_end, scale, causal, window)
+    return _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, window, config)
 
 
-def _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, config) -> Tensor:
+def _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, window, config) -> Tensor:
     """Kernel-specific checks (device, head dim, config) and the launch, on inputs _check_inputs accepted."""
     if q.device.type != "cuda" and not triton_interpreted():
         raise RuntimeError(
@@ -482,10 +515,10 @@ def _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, config) -> 
         )
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
-    if D not in _SUPPORTED_HEAD_DIMS:
+    if not 1 <= D <= _MAX_HEAD_DIM:
         raise ValueError(
-            f"attention: head dim {D} is not supported (supported: {_SUPPORTED_HEAD_DIMS}); zero-pad q, k, v "
-            "to the next one and pass scale=1/sqrt(original D), or use DINFILL_BACKEND=torch"
+            f"attention: head dim {D} is not supported by the Triton kernel (1 to {_MAX_HEAD_DIM}); "
+            "use DINFILL_BACKEND=torch"
         )
     # the kernel vectorises along D: only a non-unit stride there forces a copy
     q, k, v = (t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in (q, k, v))
@@ -496,6 +529,7 @@ def _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, config) -> 
     if cfg.block_m < 16 or cfg.block_n < 16 or cfg.num_splits < 1:
         raise ValueError(f"attention: config {cfg} needs block_m, block_n >= 16 (tl.dot) and num_splits >= 1")
 
+    block_d = max(16, triton.next_power_of_2(D))
     group = Hq // Hkv
     rows = group * Lq
     scale = 1.0 / math.sqrt(D) if scale is None else float(scale)
@@ -506,19 +540,22 @@ def _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, config) -> 
     num_splits = min(cfg.num_splits, max(1, triton.cdiv(Lk, cfg.block_n)))
     split_len = triton.cdiv(triton.cdiv(Lk, num_splits), cfg.block_n) * cfg.block_n  # multiple of block_n
     if num_splits > 1:
-        o_part = torch.empty(num_splits, B * Hkv, rows, D, device=q.device, dtype=torch.float32)
+        o_part = torch.empty(num_splits, B * Hkv, rows, block_d, device=q.device, dtype=torch.float32)
         lse_part = torch.empty(num_splits, B * Hkv, rows, device=q.device, dtype=torch.float32)
     else:
         o_part = lse_part = out  # placeholders, never touched when SPLIT is False
     emulate_bf16 = q.device.type != "cuda" and q.dtype == torch.bfloat16
+    # the window matters only if some query sits at least `window` columns after column 0
+    use_window = bool(causal) and window is not None and (offset_is_tensor or int(causal_offset) + Lq - 1 >= window)
     grid = (triton.cdiv(rows, cfg.block_m), B * Hkv, num_splits)
-    with torch.cuda.device(q.device) if q.device.type == "cuda" else contextlib.nullcontext():
+    with device_context(q):
         _attention_kernel[grid](
             q, k, v, out, offset_t,
             kv_start if kv_start is not None else q,
             kv_end if kv_end is not None else q,
             o_part, lse_part,
-            Lq, Lk, Hkv, group, 0 if offset_is_tensor else int(causal_offset), split_len, scale * _LOG2E,
+            Lq, Lk, Hkv, group, 0 if offset_is_tensor else int(causal_offset), split_len,
+            int(window) if use_window else 0, scale * _LOG2E,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
             v.stride(0), v.stride(1), v.stride(2),
@@ -526,9 +563,9 @@ def _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, config) -> 
             stride_offb,
             kv_start.stride(0) if kv_start is not None else 0,
             kv_end.stride(0) if kv_end is not None else 0,
-            CAUSAL=bool(causal), OFFSET_IS_TENSOR=offset_is_tensor,
+            CAUSAL=bool(causal), WINDOW=use_window, OFFSET_IS_TENSOR=offset_is_tensor,
             HAS_KV_START=kv_start is not None, HAS_KV_END=kv_end is not None, SPLIT=num_splits > 1,
-            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D,
+            BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, BLOCK_D=block_d,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 or emulate_bf16 else "tf32", EMULATE_BF16=emulate_bf16,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
@@ -537,7 +574,7 @@ def _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, config) -> 
                 out, o_part, lse_part,
                 Lq, Hkv, group, num_splits,
                 out.stride(0), out.stride(1), out.stride(2),
-                BLOCK_M=cfg.block_m, HEAD_DIM=D, EMULATE_BF16=emulate_bf16, num_warps=4,
+                BLOCK_M=cfg.block_m, HEAD_DIM=D, BLOCK_D=block_d, EMULATE_BF16=emulate_bf16, num_warps=4,
             )  # fmt: skip
     return out
 
@@ -560,6 +597,7 @@ def _attention_torch(
     kv_start: Tensor | None,
     kv_end: Tensor | None,
     scale: float | None,
+    window: int | None = None,
 ) -> Tensor:
     """The same contract on torch SDPA (``DINFILL_BACKEND=torch`` or no CUDA): boolean mask, zeroed empty rows."""
     B, Hq, Lq, D = q.shape
@@ -581,6 +619,8 @@ def _attention_torch(
             off = torch.as_tensor(causal_offset, device=dev).reshape(-1, 1, 1)  # (B or 1, 1, 1)
             q_pos = off + torch.arange(Lq, device=dev).view(1, Lq, 1)  # (B|1, Lq, 1)
             mask = mask & (cols <= q_pos)  # (B, Lq, Lk)
+            if window is not None:
+                mask = mask & (cols > q_pos - window)
         mask = mask.expand(B, Lq, Lk).unsqueeze(1)  # (B, 1, Lq, Lk)
     if Hq != Hkv:
         k = k.repeat_interleave(Hq // Hkv, dim=1)  # (B, Hq, Lk, D)
@@ -626,20 +666,15 @@ def attention(
     scale : float, optional
         Softmax scale, default ``1 / sqrt(D)``.
     window : int, optional
-        Sliding windows are not implemented; anything but ``None`` raises ``NotImplementedError``.
+        Sliding window (Starcoder2), causal only: a query at column ``p`` sees keys ``p - window < j <= p``.
 
     Returns
     -------
     Tensor
         ``(B, Hq, Lq, D)`` in q's dtype; rows that see no key are zeros.
     """
-    if window is not None:
-        raise NotImplementedError(
-            "attention: sliding windows are not implemented in dinfill.kernels.attention_fwd; use "
-            "dinfill.kernels.reference.attention_ref or the runtime's torch path (dinfill.models.attention.attend)"
-        )
-    _check_inputs(q, k, v, causal_offset, kv_start, kv_end, scale)
-    kwargs = dict(causal=causal, causal_offset=causal_offset, kv_start=kv_start, kv_end=kv_end, scale=scale)
+    _check_inputs(q, k, v, causal_offset, kv_start, kv_end, scale, causal, window)
     if use_triton(q.device):
-        return _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, None)
-    return _attention_torch(q, k, v, **kwargs)
+        return _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, window, None)
+    kwargs = dict(causal=causal, causal_offset=causal_offset, kv_start=kv_start, kv_end=kv_end, scale=scale)
+    return _attention_torch(q, k, v, window=window, **kwargs)

@@ -303,3 +303,165 @@ def fused_step_ref(
         for r, p in chosen:
             x[b, p] = x0[r]
     return conf
+
+
+# --------------------------------------------------------------------------------------------------
+# decoder layer pieces (issue 10): add + norm, RoPE + cache write, MLP activation
+# Each reference has two modes: ``upcast=True`` computes in fp32 with no intermediate rounding (the
+# high-precision reference of the tolerance rule); ``upcast=False`` rounds where the decoder's torch
+# path rounds (the "low-precision torch" baseline, which the Triton kernels mirror).
+# --------------------------------------------------------------------------------------------------
+
+
+def _gather_rows(x: Tensor, index: Tensor | None, index_rows: int) -> Tensor:
+    """Rows ``b * index_rows + index[b, n]`` of ``x`` in ``(b, n)`` order, or ``x`` itself."""
+    if index is None:
+        return x
+    B = index.shape[0]
+    src = torch.arange(B, device=x.device).view(B, 1) * index_rows + index.long()  # (B, N)
+    return x[src.reshape(-1)]
+
+
+def add_norm_ref(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    eps: float,
+    delta: Tensor | None = None,
+    layernorm: bool = False,
+    index: Tensor | None = None,
+    index_rows: int = 0,
+    upcast: bool = True,
+) -> tuple[Tensor, Tensor]:
+    """Specification of ``dinfill.kernels.add_norm_kernel``: ``r = x (+ delta)``, ``y = norm(r)``.
+
+    Parameters
+    ----------
+    x, delta : Tensor
+        ``(R, H)`` rows (``delta`` optional).
+    weight, bias : Tensor
+        ``(H,)`` norm parameters (``bias`` for LayerNorm only).
+    eps : float
+        The norm's epsilon.
+    layernorm : bool
+        LayerNorm (Starcoder2) instead of RMSNorm (Qwen2 / Llama).
+    index : Tensor, optional
+        ``(B, N)``: output row ``b * N + n`` is input row ``b * index_rows + index[b, n]``.
+    index_rows : int
+        See ``index``.
+    upcast : bool
+        fp32 throughout (default), or round like the decoder's torch path (``RMSNorm`` casts the
+        normalised row to the dtype before the weight multiply; ``F.layer_norm`` rounds once).
+
+    Returns
+    -------
+    tuple of Tensor
+        The new residual and the normed rows, both in x's dtype.
+    """
+    dtype = x.dtype
+    x = _gather_rows(x, index, index_rows)
+    if delta is not None:
+        delta = _gather_rows(delta, index, index_rows)
+    H = x.shape[-1]
+    if upcast:
+        r = x.float() if delta is None else x.float() + delta.float()
+        if layernorm:
+            y = torch.nn.functional.layer_norm(r, (H,), weight.float(), None if bias is None else bias.float(), eps)
+        else:
+            y = weight.float() * (r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps))
+        return r.to(dtype), y.to(dtype)
+    r = x if delta is None else x + delta  # rounded to the dtype, as the residual stream is
+    if layernorm:
+        y = torch.nn.functional.layer_norm(r, (H,), weight.to(dtype), None if bias is None else bias.to(dtype), eps)
+    else:
+        rf = r.float()
+        y = weight.to(dtype) * (rf * torch.rsqrt(rf.pow(2).mean(-1, keepdim=True) + eps)).to(dtype)
+    return r, y
+
+
+def rope_cache_ref(
+    qkv: Tensor,
+    inv_freq: Tensor,
+    num_heads: int,
+    num_kv_heads: int,
+    *,
+    positions: Tensor | None = None,
+    cache_pos: Tensor | None = None,
+    k_cache: Tensor | None = None,
+    v_cache: Tensor | None = None,
+    upcast: bool = True,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Specification of ``dinfill.kernels.rope_cache_kernel``: rotate-half RoPE on q and k of a fused projection.
+
+    Parameters
+    ----------
+    qkv : Tensor
+        ``(B, T, (Hq + 2 Hkv) * D)``: q heads, k heads, v heads.
+    inv_freq : Tensor
+        ``(D / 2,)`` fp32 inverse frequencies (already divided by a linear scaling factor).
+    num_heads, num_kv_heads : int
+        ``Hq``, ``Hkv``.
+    positions : Tensor, optional
+        ``(B, T)`` RoPE positions; default the token's cache column.
+    cache_pos : Tensor, optional
+        ``(T,)`` cache columns; default ``arange(T)``.
+    k_cache, v_cache : Tensor, optional
+        ``(B, Hkv, L, D)``: written in place at ``cache_pos`` and returned; otherwise k, v are returned
+        as new ``(B, Hkv, T, D)`` tensors.
+    upcast : bool
+        fp32 cos/sin and arithmetic with one rounding (default), or the decoder's torch path: cos/sin
+        rounded to the dtype, ``q * cos + rotate_half(q) * sin`` in the dtype.
+
+    Returns
+    -------
+    tuple of Tensor
+        q ``(B, Hq, T, D)``, k and v (the caches when given).
+    """
+    B, T, width = qkv.shape
+    D = width // (num_heads + 2 * num_kv_heads)
+    dev, dtype = qkv.device, qkv.dtype
+    cols = torch.arange(T, device=dev) if cache_pos is None else cache_pos.long()
+    pos = cols.view(1, T).expand(B, T) if positions is None else positions.long()
+    freqs = pos.float().unsqueeze(-1) * inv_freq.float().to(dev)  # (B, T, D/2)
+    emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, D)
+    cos, sin = emb.cos().unsqueeze(1), emb.sin().unsqueeze(1)  # (B, 1, T, D)
+    q, k, v = qkv.split([num_heads * D, num_kv_heads * D, num_kv_heads * D], dim=-1)
+    q = q.reshape(B, T, num_heads, D).transpose(1, 2)  # (B, Hq, T, D)
+    k = k.reshape(B, T, num_kv_heads, D).transpose(1, 2)  # (B, Hkv, T, D)
+    v = v.reshape(B, T, num_kv_heads, D).transpose(1, 2)
+
+    def rotate_half(t: Tensor) -> Tensor:
+        return torch.cat((-t[..., D // 2 :], t[..., : D // 2]), dim=-1)
+
+    if upcast:
+        q = (q.float() * cos + rotate_half(q.float()) * sin).to(dtype)
+        k = (k.float() * cos + rotate_half(k.float()) * sin).to(dtype)
+    else:
+        cos, sin = cos.to(dtype), sin.to(dtype)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+    if k_cache is None:
+        return q, k.contiguous(), v.contiguous()
+    k_cache.index_copy_(2, cols, k)
+    v_cache.index_copy_(2, cols, v)
+    return q, k_cache, v_cache
+
+
+def activation_ref(x: Tensor, kind: str, *, upcast: bool = True) -> Tensor:
+    """Specification of ``dinfill.kernels.activation_kernel``.
+
+    ``kind="swiglu"``: ``silu(x[:, :I]) * x[:, I:]``; ``"gelu_tanh"``: ``gelu(x, approximate="tanh")``.
+    ``upcast=True`` computes in fp32 and rounds once; ``False`` runs the torch ops in x's dtype.
+    """
+    dtype = x.dtype
+    if upcast:
+        x = x.float()
+    if kind == "swiglu":
+        gate, up = x.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
+    elif kind == "gelu_tanh":
+        y = torch.nn.functional.gelu(x, approximate="tanh")
+    else:
+        raise ValueError(f"kind must be 'swiglu' or 'gelu_tanh', got {kind!r}")
+    return y.to(dtype)

@@ -3,8 +3,8 @@
 ``DINFILL_BACKEND`` (contract, see :mod:`dinfill.backend`) picks Triton on CUDA by default and torch
 SDPA elsewhere. flash-attn is an optional extra: ``DINFILL_ATTENTION=flash`` opts into it for the calls
 it can serve exactly (no padding, no cache); every other call falls back to the switch above.
-Sliding windows (Starcoder2, 4096) only matter for keys further back than the window, so the
-Triton kernel (which has no window) is used whenever the key length fits in the window.
+Sliding windows (Starcoder2, 4096) only matter for keys further back than the window: SDPA gets them as
+part of its boolean mask (only when the keys are longer than the window), the Triton kernel natively.
 
 The mask work (a boolean mask for SDPA, or per-row key ranges for the kernel) depends only on the
 call, not the layer, so :func:`plan` does it once per forward and :func:`attend` reuses it.
@@ -57,26 +57,41 @@ class AttentionPlan:
 
     backend: str  # "triton" | "flash" | "sdpa"
     causal: bool
-    q_cols: Tensor  # (T,) key column of each query (contiguous ascending)
+    causal_offset: int | Tensor = 0  # key column of query 0: an int, or a 0-dim device tensor (no sync)
     mask: Tensor | None = None  # sdpa: (B, 1, T, Lk) bool, or None for the unmasked fast paths
     kv_start: Tensor | None = None  # triton: (B,) int32
     kv_end: Tensor | None = None
+    window: int | None = None  # triton: causal sliding window (keys further back than it are invisible)
 
 
-def plan(key_mask: Tensor | None, causal: bool, q_cols: Tensor, Lk: int, window: int | None, B: int) -> AttentionPlan:
-    """Choose the backend and build the masks for a call with ``T = len(q_cols)`` queries over ``Lk`` keys."""
-    T = q_cols.shape[0]
+def plan(
+    key_mask: Tensor | None,
+    causal: bool,
+    q_cols: Tensor | None,
+    Lk: int,
+    window: int | None,
+    B: int,
+    T: int,
+    dev: torch.device,
+) -> AttentionPlan:
+    """Choose the backend and build the masks for a call with ``T`` queries over ``Lk`` keys on ``dev``.
+
+    ``q_cols`` ``(T,)`` holds the key column of each query (contiguous ascending: a cache's
+    ``cache_pos``); ``None`` means ``arange(T)``, built only if a mask needs it.
+    """
     window = window if (window is not None and causal and window < Lk) else None
-    dev = q_cols.device
+    offset = 0 if q_cols is None else q_cols[0]  # a view: read on the device by the Triton kernel
     if window is None and os.environ.get("DINFILL_ATTENTION") == "flash" and key_mask is None and T == Lk:
         if flash_attn_available() and dev.type == "cuda":
-            return AttentionPlan("flash", causal, q_cols)
-    if window is None and use_triton(dev):
+            return AttentionPlan("flash", causal, offset)
+    if use_triton(dev):
         kv_start, kv_end = (None, None) if key_mask is None else key_range(key_mask)
-        return AttentionPlan("triton", causal, q_cols, kv_start=kv_start, kv_end=kv_end)
+        return AttentionPlan("triton", causal, offset, kv_start=kv_start, kv_end=kv_end, window=window)
     if key_mask is None and window is None and (not causal or T == Lk):
-        return AttentionPlan("sdpa", causal, q_cols)  # SDPA's own unmasked / is_causal kernels
-    return AttentionPlan("sdpa", causal, q_cols, mask=sdpa_mask(key_mask, causal, q_cols, Lk, window, B))
+        return AttentionPlan("sdpa", causal, offset)  # SDPA's own unmasked / is_causal kernels
+    if q_cols is None:
+        q_cols = torch.arange(T, device=dev)
+    return AttentionPlan("sdpa", causal, offset, mask=sdpa_mask(key_mask, causal, q_cols, Lk, window, B))
 
 
 def attend(q: Tensor, k: Tensor, v: Tensor, p: AttentionPlan) -> Tensor:
@@ -84,7 +99,8 @@ def attend(q: Tensor, k: Tensor, v: Tensor, p: AttentionPlan) -> Tensor:
     if p.backend == "triton":
         from dinfill.kernels.attention_fwd import attention
 
-        return attention(q, k, v, causal=p.causal, causal_offset=p.q_cols[0], kv_start=p.kv_start, kv_end=p.kv_end)
+        kw = dict(causal=p.causal, causal_offset=p.causal_offset, kv_start=p.kv_start, kv_end=p.kv_end)
+        return attention(q, k, v, window=p.window, **kw)
     if p.backend == "flash" and q.dtype in (torch.float16, torch.bfloat16):
         from flash_attn import flash_attn_func
 

@@ -3,11 +3,28 @@
 Why not transformers' modelling code: the samplers need things it does not offer cheaply
 (a static K/V cache that can hold the *prefix and suffix* of a diffusion canvas while only the
 middle is recomputed, logits at a handful of positions instead of ``[B, L, 151936]``, fixed shapes
-for CUDA graphs, and an attention backend switch to our Triton kernel). The modules keep the HF
-parameter names (``model.layers.N.self_attn.q_proj`` ...) so checkpoints load with no renaming.
+for CUDA graphs, and fused Triton kernels). State dicts keep the HF parameter names
+(``model.layers.N.self_attn.q_proj`` ...) so checkpoints load with no renaming.
 
 Family differences are flags on :class:`~dinfill.models.config.ModelConfig`
 (norm = RMSNorm | LayerNorm, mlp = SwiGLU | GELU-tanh, biases, RoPE linear scaling, sliding window).
+
+Two forward paths share the weights:
+
+* **torch** (the CPU, and ``DINFILL_BACKEND=torch``): plain torch ops, the same math op for op as
+  transformers' modelling code, so its logits are the reference the rest is tested against.
+* **fused** (``DINFILL_BACKEND=triton``, the default on CUDA): per layer one add+norm launch, one
+  q/k/v GEMM, one RoPE + cache-write launch, attention, the output GEMM, one add+norm, one gate/up
+  GEMM, one activation launch and the down GEMM: 9 device ops (10 when attention splits its keys),
+  where the torch path launches about 40. The embedding look-up rides in the first add+norm, the
+  final residual add, the row selection of ``logits_index`` and the final norm in the last one;
+  RoPE reads cos/sin from a table built once at load. No host syncs, static shapes: CUDA-graph safe.
+
+Fused weights: q/k/v are one ``qkv_proj`` and gate/up one ``gate_up_proj`` (one GEMM each on the
+fused path; the torch path multiplies by row-block views of them, bit for bit what separate
+Linears compute). State dicts still use the HF names (``...self_attn.q_proj.weight``): saving splits
+the fused tensors into views, loading concatenates, so checkpoints load and ``load_state_dict`` of an
+HF state dict works, with no second copy of any weight in memory.
 """
 
 from __future__ import annotations
@@ -16,6 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from dinfill.backend import use_triton
 from dinfill.models.attention import AttentionPlan, attend, plan
 from dinfill.models.config import ModelConfig
 
@@ -62,8 +80,25 @@ def _norm(config: ModelConfig) -> nn.Module:
     return RMSNorm(config.hidden_size, config.norm_eps)
 
 
+def rope_table(inv_freq: Tensor, positions: int) -> Tensor:
+    """The ``(positions, D)`` fp32 RoPE table of the fused path: ``cos(p * inv_freq) | sin(p * inv_freq)``.
+
+    Computed with the torch path's expressions (``position.float() * inv_freq``), so in fp32 the two
+    paths rotate by the same angles.
+    """
+    freqs = torch.arange(positions, device=inv_freq.device).float().unsqueeze(-1) * inv_freq.float()  # (P, D/2)
+    return torch.cat((freqs.cos(), freqs.sin()), dim=-1).contiguous()  # (P, D)
+
+
 class Rotary(nn.Module):
-    """RoPE tables (fp32) indexed by position ids; linear scaling divides the frequencies."""
+    """RoPE frequencies; linear scaling divides them.
+
+    The torch path computes cos/sin from ``inv_freq`` every forward, as transformers does. The fused
+    path reads a table of every position up to ``max_position_embeddings``, built once here from an
+    fp32 copy of the frequencies. The table is stored as its int32 bit pattern so that
+    ``model.to(torch.bfloat16)`` (which casts every floating buffer) cannot round it; :attr:`table`
+    views it back as fp32, without a copy.
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
@@ -72,6 +107,13 @@ class Rotary(nn.Module):
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
         inv_freq = inv_freq / config.rope_scaling_factor
         self.register_buffer("inv_freq", inv_freq, persistent=False)
+        table = rope_table(inv_freq, config.max_position_embeddings)  # (P, D) fp32
+        self.register_buffer("table_bits", table.view(torch.int32), persistent=False)
+
+    @property
+    def table(self) -> Tensor:
+        """The ``(max_position_embeddings, D)`` fp32 table (cos | sin) of the fused path."""
+        return self.table_bits.view(torch.float32)
 
     def forward(self, position_ids: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         freqs = position_ids.float().unsqueeze(-1) * self.inv_freq  # (B, T, D/2)
@@ -84,24 +126,67 @@ def _rotate_half(x: Tensor) -> Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
+def _fuse_linears(module: nn.Module, fused: str, parts: tuple[tuple[str, int], ...]) -> None:
+    """Let ``module.<fused>`` (one Linear) appear in state dicts as the HF Linears ``parts`` (name, rows).
+
+    Saving replaces ``<fused>.weight`` / ``.bias`` by row-block views named like the parts (no copy);
+    loading concatenates the parts' tensors into the fused key before the Linear loads it.
+    """
+    names, sizes = [name for name, _ in parts], [rows for _, rows in parts]
+
+    def split_on_save(mod, state_dict, prefix, local_metadata):
+        fused_keys = {f"{prefix}{fused}.{suffix}" for suffix in ("weight", "bias")}
+        mine = [(key, state_dict.pop(key)) for key in [k for k in state_dict if k.startswith(prefix)]]
+        whole = dict(mine)
+        for key, value in mine:  # re-insert in order, each fused entry as its parts (HF order: weight, bias)
+            if key == f"{prefix}{fused}.weight":
+                bias = whole.get(f"{prefix}{fused}.bias")
+                w_parts = value.split(sizes)
+                b_parts = bias.split(sizes) if bias is not None else [None] * len(parts)
+                for name, w, b in zip(names, w_parts, b_parts, strict=True):
+                    state_dict[f"{prefix}{name}.weight"] = w
+                    if b is not None:
+                        state_dict[f"{prefix}{name}.bias"] = b
+            elif key not in fused_keys:
+                state_dict[key] = value
+
+    def cat_on_load(mod, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs):
+        for suffix in ("weight", "bias"):
+            keys = [f"{prefix}{name}.{suffix}" for name in names]
+            if all(k in state_dict for k in keys):
+                state_dict[f"{prefix}{fused}.{suffix}"] = torch.cat([state_dict.pop(k) for k in keys])
+
+    if hasattr(module, "register_state_dict_post_hook"):
+        module.register_state_dict_post_hook(split_on_save)
+    else:  # torch < 2.5
+        module._register_state_dict_hook(split_on_save)
+    module._register_load_state_dict_pre_hook(cat_on_load, with_module=True)
+
+
 class Attention(nn.Module):
-    """Grouped-query self-attention with optional static cache; the kernel is chosen by ``attend``."""
+    """Grouped-query self-attention with optional static cache; the kernel is chosen by ``attend``.
+
+    ``qkv_proj`` holds q_proj, k_proj and v_proj stacked by rows (state dicts show the HF names).
+    """
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         H, D = config.hidden_size, config.head_dim
         self.num_heads, self.num_kv_heads, self.head_dim = config.num_heads, config.num_kv_heads, D
-        self.q_proj = nn.Linear(H, config.num_heads * D, bias=config.attention_bias)
-        self.k_proj = nn.Linear(H, config.num_kv_heads * D, bias=config.attention_bias)
-        self.v_proj = nn.Linear(H, config.num_kv_heads * D, bias=config.attention_bias)
+        self.sizes = (config.num_heads * D, config.num_kv_heads * D, config.num_kv_heads * D)
+        self.qkv_proj = nn.Linear(H, sum(self.sizes), bias=config.attention_bias)
         self.o_proj = nn.Linear(config.num_heads * D, H, bias=config.o_bias)
         self.window = config.sliding_window
+        _fuse_linears(self, "qkv_proj", tuple(zip(("q_proj", "k_proj", "v_proj"), self.sizes, strict=True)))
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: _Context, layer: int) -> Tensor:
+        """The torch path: separate q/k/v products on row-block views of the fused weight."""
         B, T, _ = x.shape
-        q = self.q_proj(x).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
-        k = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
-        v = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        wq, wk, wv = self.qkv_proj.weight.split(self.sizes)  # views, no copy
+        bq, bk, bv = self.qkv_proj.bias.split(self.sizes) if self.qkv_proj.bias is not None else (None,) * 3
+        q = F.linear(x, wq, bq).view(B, T, self.num_heads, self.head_dim).transpose(1, 2)  # (B, Hq, T, D)
+        k = F.linear(x, wk, bk).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, Hkv, T, D)
+        v = F.linear(x, wv, bv).view(B, T, self.num_kv_heads, self.head_dim).transpose(1, 2)
         q = q * cos + _rotate_half(q) * sin
         k = k * cos + _rotate_half(k) * sin
         if ctx.cache is not None:
@@ -109,29 +194,34 @@ class Attention(nn.Module):
             ctx.cache.v[layer].index_copy_(2, ctx.cache_pos, v)
             k, v = ctx.cache.k[layer], ctx.cache.v[layer]  # (B, Hkv, max_len, D)
         if ctx.plan is None:  # first layer of the call: decide backend and build masks once
-            ctx.plan = plan(ctx.key_mask, ctx.causal, ctx.q_cols, k.shape[2], self.window, B)
+            ctx.plan = plan(ctx.key_mask, ctx.causal, ctx.q_cols, k.shape[2], self.window, B, T, x.device)
         out = attend(q, k, v, ctx.plan)  # (B, Hq, T, D)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.num_heads * self.head_dim))
 
 
 class MLP(nn.Module):
-    """SwiGLU (gate/up/down) or Starcoder2's GELU-tanh (c_fc/c_proj)."""
+    """SwiGLU (``gate_up_proj`` = gate_proj and up_proj stacked by rows, then down_proj) or Starcoder2's
+    GELU-tanh (c_fc / c_proj)."""
 
     def __init__(self, config: ModelConfig):
         super().__init__()
         H, inner, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
         self.kind = config.mlp
+        self.inner = inner
         if self.kind == "swiglu":
-            self.gate_proj = nn.Linear(H, inner, bias=bias)
-            self.up_proj = nn.Linear(H, inner, bias=bias)
+            self.gate_up_proj = nn.Linear(H, 2 * inner, bias=bias)
             self.down_proj = nn.Linear(inner, H, bias=bias)
+            _fuse_linears(self, "gate_up_proj", (("gate_proj", inner), ("up_proj", inner)))
         else:
             self.c_fc = nn.Linear(H, inner, bias=bias)
             self.c_proj = nn.Linear(inner, H, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        """The torch path (gate and up as separate products on views of the fused weight)."""
         if self.kind == "swiglu":
-            return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+            wg, wu = self.gate_up_proj.weight.split(self.inner)  # views, no copy
+            bg, bu = self.gate_up_proj.bias.split(self.inner) if self.gate_up_proj.bias is not None else (None, None)
+            return self.down_proj(F.silu(F.linear(x, wg, bg)) * F.linear(x, wu, bu))
         return self.c_proj(F.gelu(self.c_fc(x), approximate="tanh"))
 
 
@@ -148,6 +238,11 @@ class Block(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, ctx: _Context, layer: int) -> Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, ctx, layer)
         return x + self.mlp(self.post_attention_layernorm(x))
+
+
+def _token_ids(input_ids: Tensor, logits_index: Tensor) -> Tensor:
+    """``input_ids[b, logits_index[b, n]]`` (only for a model without layers)."""
+    return torch.gather(input_ids, 1, logits_index)
 
 
 class _Context:
@@ -247,6 +342,10 @@ class Decoder(nn.Module):
         """
         B, T = self._check_inputs(input_ids, attention_mask, position_ids, cache, cache_pos, logits_index)
         dev = input_ids.device
+        if use_triton(dev):
+            return self._forward_fused(
+                input_ids, causal, attention_mask, position_ids, cache, cache_pos, logits_index, return_hidden
+            )
         if cache is not None:
             q_cols = cache_pos
             if position_ids is None:
@@ -266,6 +365,64 @@ class Decoder(nn.Module):
             x = torch.gather(x, 1, logits_index.unsqueeze(-1).expand(-1, -1, x.shape[-1]))  # (B, N, H)
         x = self.model.norm(x)
         return x if return_hidden else self.lm_head(x)
+
+    def _forward_fused(
+        self, input_ids, causal, attention_mask, position_ids, cache, cache_pos, logits_index, return_hidden
+    ) -> Tensor:
+        """The fused path (see the module docstring): 9-10 device ops per layer, no host sync."""
+        from dinfill.kernels.activation_kernel import activation
+        from dinfill.kernels.add_norm_kernel import add_norm
+        from dinfill.kernels.rope_cache_kernel import rope_cache
+
+        cfg = self.config
+        B, T = input_ids.shape
+        Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        key_mask = None if attention_mask is None else attention_mask.to(torch.bool)
+        Lk = T if cache is None else cache.max_len
+        p = plan(key_mask, causal, cache_pos, Lk, cfg.sliding_window, B, T, input_ids.device)  # once per call
+        layernorm = cfg.norm == "layernorm"
+        table = self.rotary.table  # (P, D) fp32
+
+        def norm(module: nn.Module, x: Tensor, **kw) -> tuple[Tensor | None, Tensor]:
+            bias = getattr(module, "bias", None)
+            return add_norm(x, module.weight, bias, eps=cfg.norm_eps, layernorm=layernorm, **kw)
+
+        layers = self.model.layers
+        embed = self.model.embed_tokens.weight  # (V, H): the first norm gathers its rows by id
+        resid, delta = None, None
+        for i, layer in enumerate(layers):
+            if resid is None:
+                resid, h = norm(layer.input_layernorm, embed, index=input_ids, index_rows=0)  # (B*T, H)
+            else:
+                resid, h = norm(layer.input_layernorm, resid, delta=delta, residual_out=resid)
+            attn = layer.self_attn
+            qkv = F.linear(h, attn.qkv_proj.weight, attn.qkv_proj.bias)  # (B*T, (Hq + 2 Hkv) * D)
+            k_cache, v_cache = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
+            q, k, v = rope_cache(
+                qkv.view(B, T, -1), table, Hq, Hkv, positions=position_ids, cache_pos=cache_pos,
+                k_out=k_cache, v_out=v_cache,
+            )  # fmt: skip
+            o = attend(q, k, v, p).transpose(1, 2).reshape(B * T, Hq * D)  # (B*T, Hq*D), a view
+            o = F.linear(o, attn.o_proj.weight, attn.o_proj.bias)  # (B*T, H)
+            resid, h = norm(layer.post_attention_layernorm, resid, delta=o, residual_out=resid)
+            mlp = layer.mlp
+            if mlp.kind == "swiglu":
+                a = activation(F.linear(h, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias), "swiglu")  # (B*T, I)
+                delta = F.linear(a, mlp.down_proj.weight, mlp.down_proj.bias)  # (B*T, H)
+            else:
+                a = activation(F.linear(h, mlp.c_fc.weight, mlp.c_fc.bias), "gelu_tanh")
+                delta = F.linear(a, mlp.c_proj.weight, mlp.c_proj.bias)
+        # last residual add + the rows that need an output + final norm, in one launch
+        rows = T if logits_index is None else logits_index.shape[1]
+        if resid is None:  # no layers: the final norm gathers the embedding rows itself
+            src, kw = embed, dict(index=input_ids if logits_index is None else _token_ids(input_ids, logits_index))
+        else:
+            src, kw = resid, dict(delta=delta)
+            if logits_index is not None:
+                kw.update(index=logits_index, index_rows=T)
+        _, x = norm(self.model.norm, src, store_residual=False, **kw)  # (B * rows, H)
+        x = x.view(B, rows, -1)
+        return x if return_hidden else F.linear(x.view(B * rows, -1), self.lm_head.weight).view(B, rows, -1)
 
     def _check_inputs(self, input_ids, attention_mask, position_ids, cache, cache_pos, logits_index):
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:

@@ -1,0 +1,83 @@
+"""Small pieces shared by the decoder's Triton kernels (``add_norm``, ``rope_cache``, ``activation``).
+
+Not an op: device-side rounding helpers and the host-side checks every launcher repeats.
+
+Why a rounding helper: the decoder's torch path rounds intermediate results to the model dtype at
+fixed points (the residual sum, the normalised activations before the weight multiply, SiLU before
+the gate product). The kernels compute in fp32 and round at the same points, so they differ from the
+torch path only by the order of fp32 sums. Triton's interpreter (``TRITON_INTERPRET=1`` on the CPU)
+truncates fp32 -> bf16 instead of rounding to nearest even (triton-lang/triton#11584), so there the
+rounding is done by bit arithmetic; the compiled kernels use the ordinary (round-to-nearest) cast.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from dinfill.backend import triton_interpreted
+
+FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+
+
+@triton.jit
+def round_to_bf16(x):
+    """fp32 -> nearest-even bf16 value, kept in fp32 (the interpreter's own downcast truncates)."""
+    bits = x.to(tl.uint32, bitcast=True)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+    return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
+    """Round fp32 ``x`` to ``DTYPE`` (the model dtype) and widen it back to fp32."""
+    if EMULATE_BF16:
+        return round_to_bf16(x)
+    else:
+        return x.to(DTYPE).to(tl.float32)
+
+
+def emulate_bf16(t: Tensor) -> bool:
+    """True when a bf16 tensor is processed by the interpreter (see the module docstring)."""
+    return t.dtype == torch.bfloat16 and t.device.type != "cuda"
+
+
+def tl_dtype(dtype: torch.dtype):
+    """The Triton element type of a float torch dtype."""
+    return {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}[dtype]
+
+
+def check_device(op: str, *tensors: Tensor) -> None:
+    """One device for all tensors, and CUDA unless the interpreter is on; messages name the fix."""
+    dev = tensors[0].device
+    for t in tensors[1:]:
+        if t.device != dev:
+            raise ValueError(f"{op}: all tensors must be on one device, got {dev} and {t.device}; move them")
+    if dev.type != "cuda" and not triton_interpreted():
+        raise RuntimeError(
+            f"{op}: tensors are on {dev.type}; the Triton kernel needs CUDA, or TRITON_INTERPRET=1 set before "
+            "triton is imported (slow), or run the model with DINFILL_BACKEND=torch"
+        )
+
+
+def check_float(op: str, name: str, t: Tensor) -> None:
+    """A float16 / bfloat16 / float32 tensor, or a clear TypeError."""
+    if t.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: {name} has dtype {t.dtype}; supported: float16, bfloat16, float32 (cast first)")
+
+
+def check_int(op: str, name: str, t: Tensor) -> None:
+    """An integer tensor, or a clear TypeError."""
+    if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+        raise TypeError(f"{op}: {name} must be an integer tensor, got {t.dtype}")
+
+
+def device_context(t: Tensor):
+    """``torch.cuda.device(t.device)`` for CUDA tensors not on the current device, else a no-op context."""
+    if t.device.type == "cuda" and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
