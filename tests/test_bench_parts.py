@@ -371,6 +371,21 @@ def test_gpu_check_pytest_phases_collect_their_results(tmp_path):
                                 "% floor": 50.0, "x ref": 4.0}  # fmt: skip
 
 
+def test_gpu_workflow_keeps_the_runners_torch_and_the_results():
+    """The self-hosted GPU workflow: a GPU runner, torch pinned to the runner's, gpu_check run, results kept."""
+    yaml = pytest.importorskip("yaml", reason="PyYAML (a transformers dependency) parses the workflow")
+    flow = yaml.safe_load((REPO / ".github" / "workflows" / "gpu-bench.yml").read_text())
+    job = flow["jobs"]["gpu-check"]
+    assert {"self-hosted", "gpu"} <= set(job["runs-on"])
+    steps = {s.get("name", s.get("uses")): s for s in job["steps"]}
+    install = steps["Install dinfill over the runner's torch"]["run"]
+    assert "--system-site-packages" in install and "-c constraints-gpu.txt" in install and "torch|triton" in install
+    assert "bench/gpu_check.sh" in steps["GPU check"]["run"]
+    keep = steps["Keep the results"]
+    assert keep["if"] == "always()" and keep["uses"].startswith("actions/upload-artifact@")
+    assert "gpu-check/results.jsonl" in keep["with"]["path"] and "gpu-check/*.json" in keep["with"]["path"]
+
+
 def test_git_revision_override(monkeypatch):
     monkeypatch.setenv("DINFILL_GIT_REV", "abc123-copied")
     assert report.environment("cpu")["git"] == "abc123-copied"

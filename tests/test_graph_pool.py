@@ -187,6 +187,9 @@ def test_warmup_captures_before_the_first_call(dmodel, amodel, pool):
     assert not out.graph_captured
     with pytest.raises(ValueError, match="3 ints"):
         warmup(dmodel, [(1, 40)])
+    import dinfill.sampler
+
+    assert dinfill.sampler.warmup is warmup
 
 
 def test_tensor_bytes_counts_shared_storage_once():

@@ -166,6 +166,7 @@ def sampling_of(settings, kind: str, seed: int):
 
 BENCH_TABLE = [
     ("label", "config"),
+    ("ms_per_problem", "ms/prob"),
     ("tokens_per_s", "tok/s"),
     ("problems_per_s", "prob/s"),
     ("latency_p50_ms", "p50 ms"),
@@ -177,6 +178,7 @@ BENCH_TABLE = [
     ("flops_pct", "%peak"),
     ("gbps", "GB/s"),
     ("bw_pct", "%peak bw"),
+    ("ref_ms_per_problem", "ref ms/prob"),
     ("ref_tokens_per_s", "ref tok/s"),
     ("speedup", "x ref"),
     ("agreement", "agree"),
@@ -197,6 +199,7 @@ def table_row(record: dict[str, Any]) -> dict[str, Any]:
     row["bw_pct"] = None if bw is None else 100 * bw
     if ref:
         row.update(ref_tokens_per_s=ref.get("tokens_per_s"), speedup=ref.get("speedup"), agreement=ref.get("agreement"))
+        row["ref_ms_per_problem"] = ref.get("ms_per_problem")
     return row
 
 
@@ -258,7 +261,8 @@ def bench_command(args: argparse.Namespace) -> int:
         m = rec["metrics"]
         ref = rec["reference"] or {}
         vs = f", {ref['speedup']:.2f}x the {ref['baseline']}" if ref.get("speedup") else ""
-        print(f"# {cfg.label()}: {m['tokens_per_s']:.3g} tok/s{vs}", file=sys.stderr)
+        rate = f"{m['ms_per_problem']:.4g} ms/problem, {m['tokens_per_s']:.3g} tok/s"
+        print(f"# {cfg.label()}: {rate}{vs}", file=sys.stderr)
     if not args.no_results:
         path = report.append_records(args.results or report.default_results_path(), records)
         print(f"# appended {len(records)} record(s) to {path}", file=sys.stderr)

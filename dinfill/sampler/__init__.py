@@ -32,6 +32,10 @@ def __getattr__(name: str):
         from dinfill.sampler.autoregressive import ar_generate
 
         return ar_generate
+    if name == "warmup":  # capture the CUDA graphs of a list of call shapes before timing (dinfill.sampler.graphs)
+        from dinfill.sampler.graphs import warmup
+
+        return warmup
     raise AttributeError(f"module 'dinfill.sampler' has no attribute {name!r}")
 
 
