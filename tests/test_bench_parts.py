@@ -165,6 +165,19 @@ def test_percentile_matches_numpy():
         throughput.percentile([], 50)
 
 
+def test_warm_up_calls_once_per_graph_bucket():
+    """On CUDA the untimed warm-up runs one call per bucket of the workload; elsewhere the first batch only."""
+    from types import SimpleNamespace
+
+    calls = []
+    batches = ["a1", "a2", "b1", "a3", "c1"]
+    for device, want in (("cuda", [0, 2, 4]), ("cpu", [0])):
+        calls.clear()
+        model = SimpleNamespace(device=torch.device(device))
+        throughput._warm(model, batches, lambda i, b: calls.append(i), lambda b: b[0])
+        assert calls == want, device
+
+
 def test_run_config_rejects_a_model_of_the_other_kind():
     model = dinfill.load_model("tiny-llama", random_weights=True, kind="ar")
     cfg = throughput.BenchConfig("diffusion", 1, steps=2, alg="p2", cache="none")
