@@ -266,6 +266,7 @@ def test_nvtx_ranges_open_and_close():
 # --- GPU check and micro-benchmarks on the CPU -----------------------------------------------------
 
 
+@pytest.mark.interpreter_only  # the dry run's kernel checks run Triton on CPU tensors
 def test_gpu_check_dry_run(tmp_path, capsys):
     """The whole script on tiny shapes: kernels, the end-to-end table with its targets, agreement, forward."""
     from dinfill.bench import gpu_check

@@ -359,6 +359,7 @@ def test_graph_path_emulated(pair, alg, cache):
     assert torch.equal(sampled[0], sampled[1]) and not torch.equal(sampled[0], sampled[2])
 
 
+@pytest.mark.interpreter_only
 def test_triton_backend_path(monkeypatch):
     """DINFILL_BACKEND=triton runs the fused step and attention in Triton's interpreter: same tokens."""
     from dinfill.models import Decoder, ModelConfig
