@@ -189,3 +189,25 @@ def test_load_generator_forms(tmp_path):
         cli.load_generator(f"{FAKES}:nothing", None)
     with pytest.raises(FileNotFoundError):
         cli.load_generator(f"{tmp_path}/x.py:f", None)
+
+
+def test_report_names_the_run_folders_it_skips(tmp_path, toy_santacoder, capsys):
+    # Issue 15 item 11: a run folder without records yet is listed under the table, not silently left out.
+    argv = ["eval", "--generator", f"{FAKES}:canonical", "--task", "santacoder-fim", "--data", str(toy_santacoder)]
+    assert cli.main([*argv, "--out", str(tmp_path / "done"), "--no-progress"]) == 0
+    assert cli.main([*argv, "--out", str(tmp_path / "failed"), "--generator", f"{FAKES}:rejecting"]) == 2
+    capsys.readouterr()
+    assert cli.main(["report", str(tmp_path)]) == 0
+    text = capsys.readouterr().out
+    assert "2/2" in text
+    assert f"skipped 1 run folder(s) without records yet: {tmp_path / 'failed' / 'santacoder-fim-py'}" in text
+
+
+def test_two_samples_report_pass_at_2(tmp_path, toy_santacoder, capsys):
+    # Issue 15 item 8: pass@k for every useful k <= n, not only k in (1, 10, 100).
+    argv = ["eval", "--generator", f"{FAKES}:mixed", "--task", "santacoder-fim", "--data", str(toy_santacoder)]
+    assert cli.main([*argv, "--out", str(tmp_path), "--samples", "2", "--execute", "--no-progress"]) == 0
+    table = capsys.readouterr().out
+    assert "| pass@1 |" in table and "| pass@2 |" in table
+    summary = json.loads((tmp_path / "santacoder-fim-py" / "summary.json").read_text())
+    assert list(summary["pass@k"]) == ["pass@1", "pass@2"]

@@ -1,19 +1,36 @@
-"""Records and completion files: durable appends, torn-tail repair, and errors that name the line."""
+"""Records, run folders and completion files: durable appends, torn-tail repair, the run lock, clear errors."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from dinfill.eval.records import (
     RecordsError,
     RecordWriter,
+    RunFolderBusy,
+    RunLock,
+    check_run_file,
     load_records,
     read_completions,
     read_jsonl,
+    read_run_identity,
     write_records_atomically,
 )
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _env() -> dict:
+    return {**os.environ, "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+
 
 IDS = ["T/0", "T/1", "T/2"]
 CANONICAL = ["a\n", "b\n", "c\n"]
@@ -136,3 +153,74 @@ def test_malformed_completion_files_name_the_line(tmp_path, lines, message):
 def test_missing_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_completions(tmp_path / "nope.jsonl", IDS, CANONICAL, "toy")
+
+
+@pytest.mark.parametrize(
+    ("kind", "message"),
+    [
+        ("dev-null", "is a character device"),
+        ("directory", "is a directory"),
+        ("fifo", "is a FIFO"),
+        ("empty", "is empty"),
+    ],
+)
+def test_completion_file_that_cannot_be_one(tmp_path, kind, message):
+    path = {"dev-null": Path(os.devnull), "directory": tmp_path, "fifo": tmp_path / "f", "empty": tmp_path / "e"}[kind]
+    if kind == "fifo":
+        os.mkfifo(path)  # opening it would block: the check must not open it
+    if kind == "empty":
+        path.write_bytes(b"")
+    with pytest.raises(RecordsError, match=f"completion file {re.escape(str(path))} {message}"):
+        read_completions(path, IDS, CANONICAL, "toy")
+
+
+HOLD = (
+    "import sys, time\nfrom dinfill.eval.records import RunLock\n"
+    "RunLock(sys.argv[1]).acquire()\nprint('locked', flush=True)\ntime.sleep(60)\n"
+)
+
+
+def test_run_lock_excludes_a_second_writer_and_dies_with_its_holder(tmp_path):
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD, str(tmp_path)], stdout=subprocess.PIPE, text=True, cwd=REPO, env=_env()
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        start = time.monotonic()
+        with pytest.raises(RunFolderBusy, match=rf"being written by pid {holder.pid} since .*RunLock"):
+            RunLock(tmp_path).acquire()
+        assert time.monotonic() - start < 1  # at once, not after a wait
+        # A torchrun job collides with a single writer too.
+        with pytest.raises(RunFolderBusy, match=f"pid {holder.pid}"):
+            RunLock(tmp_path, rank=1, world_size=2).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+    # SIGKILL released it: no stale lock to clean up by hand.
+    with RunLock(tmp_path):
+        pass
+
+
+def test_torchrun_ranks_share_the_folder_but_each_rank_file_has_one_writer(tmp_path):
+    ranks = [RunLock(tmp_path, rank, 2).acquire() for rank in (0, 1)]
+    with pytest.raises(RunFolderBusy, match=rf"pid {os.getpid()}, rank 0 of 2"):
+        RunLock(tmp_path, 0, 2).acquire()  # the same rank of a second job
+    with pytest.raises(RunFolderBusy):
+        RunLock(tmp_path).acquire()  # a single process
+    for lock in ranks:
+        lock.release()
+    with RunLock(tmp_path):
+        pass
+
+
+def test_a_folder_without_records_is_not_a_run(tmp_path):
+    check_run_file(tmp_path, {"model": "a"})
+    check_run_file(tmp_path, {"model": "b"})  # a first attempt that failed before its first record: replaced
+    assert read_run_identity(tmp_path) == {"model": "b"}
+    write_records_atomically(tmp_path / "records.jsonl", [record("T/0")])
+    check_run_file(tmp_path, {"model": "b"})  # the same run: resumed
+    with pytest.raises(ValueError, match=r"holds a different run \(model: 'b' there, 'c' now\); resume"):
+        check_run_file(tmp_path, {"model": "c"})
+    check_run_file(tmp_path, {"model": "c"}, overwrite=True)
+    assert read_run_identity(tmp_path) == {"model": "c"}

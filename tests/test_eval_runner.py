@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from dinfill.eval import cli
 from dinfill.eval.records import load_records
 from dinfill.eval.runner import DistContext, FunctionGenerator, RunSpec, plan_batches, run_eval
 from dinfill.eval.tasks import get_task
@@ -136,8 +137,12 @@ def test_resume_after_failure_and_torn_line(toy_data, tmp_path, reference):
 def test_resume_refuses_other_settings(toy_data, tmp_path):
     run_eval(spec_for(toy_data, fakes.canonical, limit=4), fakes.canonical, tmp_path, progress=False)
     other = spec_for(toy_data, fakes.canonical, limit=4, sampler={"temperature": 0.0})
-    with pytest.raises(ValueError, match="different settings.*sampler"):
+    with pytest.raises(ValueError, match="holds a different run") as refused:
         run_eval(other, fakes.canonical, tmp_path, progress=False)
+    # Each differing setting once, with both values (not the key repeated inside a dict).
+    message = str(refused.value)
+    assert "sampler: {'temperature': 0.6, 'length': 'oracle'} there, {'temperature': 0.0} now" in message
+    assert message.count("sampler") == 1
 
 
 def test_generator_output_is_checked(toy_data, tmp_path):
@@ -152,7 +157,7 @@ def test_samples_and_seeds_are_all_recorded(toy_data, tmp_path):
     summary = run_eval(spec_for(toy_data, fakes.mixed, samples=3, limit=5), fakes.mixed, tmp_path, progress=False)
     keys = {(r["task_id"], r["seed"], r["sample"]) for r in load_records(tmp_path)}
     assert len(keys) == 5 * 2 * 3
-    assert set(summary["pass@k"]) == {"pass@1"}  # pass@10 needs 10 samples
+    assert set(summary["pass@k"]) == {"pass@1", "pass@2", "pass@3"}  # every k <= n (pass@10 needs 10)
     assert summary["samples"] == 3 and summary["seeds"] == [0, 1]
 
 
@@ -263,3 +268,61 @@ def test_torchrun_two_ranks_gloo(toy_data, tmp_path):
     assert stable(load_records(run_dir)) == stable(load_records(single / "humaneval-infill-single-line"))
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["total"] == 2 * N_PROBLEMS and summary["complete"]
+
+
+def test_a_run_that_failed_before_its_first_record_is_not_a_run(toy_data, tmp_path, capsys):
+    # Issue 15 item 7: a first attempt rejected by the sampler leaves run.json but no record; the corrected
+    # rerun into the same folder must not be refused as "a run with different settings".
+    argv = ["eval", "--task", "humaneval-infill", "--data", str(toy_data), "--out", str(tmp_path), "--no-progress"]
+    assert cli.main([*argv, "--generator", f"{FAKES}:rejecting"]) == 2
+    assert "steps must be >= 1" in capsys.readouterr().err
+    assert (tmp_path / "humaneval-infill-single-line" / "run.json").exists()
+    assert cli.main([*argv, "--generator", f"{FAKES}:canonical", "--limit", "4"]) == 0
+    assert "4/4" in capsys.readouterr().out
+
+
+TINY = ["--model", "tiny-dcoder", "--random-weights", "--device", "cpu", "--steps", "2", "--batch-size", "1"]
+
+
+def test_two_evals_on_one_folder_then_sigkill_and_resume(toy_data, shared_dir, tmp_path):
+    # Issue 12: two `dinfill eval` processes on one folder: exactly one runs, the other fails at once
+    # naming it; after the runner is SIGKILLed, a resume takes the lock and leaves one record per key.
+    out = tmp_path / "runs"
+    run_dir = out / "humaneval-infill-single-line"
+    tokenizer = str(shared_dir / "tokenizers" / "qwen2.5-coder")
+    command = [sys.executable, "-m", "dinfill.eval", "eval", *TINY, "--tokenizer", tokenizer]
+    command += ["--task", "humaneval-infill", "--data", str(toy_data), "--limit", "3", "--out", str(out)]
+    command.append("--no-progress")
+    env = cli_env(OMP_NUM_THREADS="1")
+    pair = [
+        subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
+    try:
+        # The loser fails before loading a model: well before the winner writes anything.
+        deadline = time.monotonic() + 60
+        while all(p.poll() is None for p in pair) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        (loser,) = [p for p in pair if p.poll() is not None]
+        (winner,) = [p for p in pair if p is not loser]
+        assert loser.returncode == 2
+        error = loser.stderr.read()
+        assert f"{run_dir} is being written by pid {winner.pid}" in error and "eval --model tiny-dcoder" in error
+        records = run_dir / "records.jsonl"
+        deadline = time.monotonic() + 120
+        while not (records.exists() and records.read_bytes().count(b"\n") >= 1) and time.monotonic() < deadline:
+            assert winner.poll() is None, winner.stderr.read()
+            time.sleep(0.05)
+        winner.send_signal(signal.SIGKILL)
+        winner.wait()
+    finally:
+        for process in pair:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+            process.stderr.close()
+    assert 1 <= records.read_bytes().count(b"\n") < 3  # killed part-way
+    done = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    keys = [(r["task_id"], r["seed"], r["sample"]) for r in map(json.loads, records.read_text().splitlines())]
+    assert sorted(keys) == [(f"Toy/{i}/L0", 0, 0) for i in range(3)]  # every key once, on disk too

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from dinfill.eval.datasets import DatasetUnavailable
 from dinfill.eval.postprocess import RULES, PostProcess
-from dinfill.eval.records import RecordsError
+from dinfill.eval.records import RecordsError, RunFolderBusy
 from dinfill.eval.tasks import TASKS, get_task
 from dinfill.sampler.settings import SamplerSettings, add_sampler_arguments, settings_from_args
 
@@ -33,7 +33,15 @@ EXEC_WARNING = (
     "it does and does not cover); pass --no-execute to skip execution"
 )
 # Errors a user can fix (bad file, missing data, wrong option): one line on stderr, exit code 2.
-_USER_ERRORS = (RecordsError, DatasetUnavailable, ValueError, FileNotFoundError, NotADirectoryError, TypeError)
+_USER_ERRORS = (
+    RecordsError,
+    RunFolderBusy,
+    DatasetUnavailable,
+    ValueError,
+    FileNotFoundError,
+    NotADirectoryError,
+    TypeError,
+)
 
 
 # -- parser ------------------------------------------------------------------------------------
@@ -73,7 +81,16 @@ def _add_scoring_options(parser: argparse.ArgumentParser, stop: bool = True) -> 
     group.add_argument("--jobs", type=int, default=None, help="programs at once (default and maximum: the CPU cores)")
     group.add_argument("--cpu-seconds", type=float, default=3.0, help="CPU limit per program (default 3, as published)")
     group.add_argument(
-        "--memory-mb", type=int, default=2048, help="address-space limit per program, MiB (default 2048)"
+        "--memory-mb",
+        type=int,
+        default=2048,
+        help="memory limit per program (each process, and all its processes together), MiB (default 2048)",
+    )
+    group.add_argument(
+        "--allow-weak-sandbox",
+        action="store_true",
+        help="run programs even where the machine cannot isolate them fully (not root, no namespaces); "
+        "see dinfill.eval.execution for what is then not covered",
     )
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -116,8 +133,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     sc.add_argument("--task", required=True, choices=sorted(TASKS))
     sc.add_argument("file", help="JSONL with task_id and completion (or generated_code) per line")
     sc.add_argument("--json", action="store_true", help="print a machine-readable summary")
-    # Optional: write the re-scored file as records so that `dinfill report` can show it next to runs.
-    sc.add_argument("--out", default=None, help="also write records.jsonl and summaries into this folder")
+    # Optional: write the re-scored file as a run (like eval) so that `dinfill report` can show it next to runs.
+    sc.add_argument(
+        "--out",
+        default=None,
+        help="also keep the records in OUT/<task>-<subset>/ (one --out per model; resumable; a folder holding "
+        "another run is refused)",
+    )
+    sc.add_argument("--overwrite", action="store_true", help="with --out: replace what the run folder holds")
     sc.add_argument("--model", default=None, help="model label for --out (default: the file's folder name)")
     _add_data_options(sc)
     _add_scoring_options(sc)
@@ -165,7 +188,11 @@ def _sandbox_config(args: argparse.Namespace):
     from dinfill.eval.execution import SandboxConfig
 
     # Other limits keep their defaults (see SandboxConfig); these two are the ones people tune.
-    return SandboxConfig(cpu_seconds=args.cpu_seconds, memory_bytes=args.memory_mb * 1024**2)
+    return SandboxConfig(
+        cpu_seconds=args.cpu_seconds,
+        memory_bytes=args.memory_mb * 1024**2,
+        allow_weaker_isolation=args.allow_weak_sandbox,
+    )
 
 
 def _fail(message: object) -> int:
@@ -265,15 +292,24 @@ def _decide_execute(args: argparse.Namespace, task) -> bool:
 # -- handlers --------------------------------------------------------------------------------
 def cmd_eval(args: argparse.Namespace) -> int:
     """``dinfill eval``: run each task into ``OUT/<task>-<subset>`` and print its table rows."""
+    from contextlib import ExitStack
+
+    from dinfill.eval.execution import SandboxUnavailable
+    from dinfill.eval.records import RunLock
     from dinfill.eval.report import markdown_table
     from dinfill.eval.runner import DistContext, RunSpec, run_eval
 
     if (args.model is None) == (args.generator is None):
         return _fail("pass exactly one of --model (a model to load) or --generator (a custom generator)")
     # A placeholder, so that `finally` can always close; the real one joins the process group.
-    ctx = DistContext()
+    ctx, locks = DistContext(), ExitStack()
     try:
         ctx = DistContext.from_env()
+        # One folder per task and subset (`dinfill report OUT` finds them all), each locked for the whole
+        # run before any model loads: a second writer fails at once, naming the first.
+        tasks = [_task(args, name) for name in args.task]
+        outs = [Path(args.out) / f"{task.name}-{task.subset}" for task in tasks]
+        held = [locks.enter_context(RunLock(out, ctx.rank, ctx.world_size)) for out in outs]
         # Either a custom callable (tests, remote APIs) or a model loaded with dinfill.
         if args.generator is not None:
             generator = load_generator(args.generator, args.kind)
@@ -287,8 +323,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             generator = build_model_generator(args, ctx.local_rank, settings)
             model_name = args.model
         summaries = []
-        for name in args.task:
-            task = _task(args, name)
+        for task, out, lock in zip(tasks, outs, held, strict=True):
             spec = RunSpec(
                 task=task,
                 model=model_name,
@@ -301,18 +336,24 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 limit=args.limit,
                 execute=_decide_execute(args, task) if ctx.rank == 0 else _quiet_execute(args, task),
             )
-            # One folder per task and subset: `dinfill report OUT` finds them all.
-            out = Path(args.out) / f"{task.name}-{task.subset}"
             summary = run_eval(
-                spec, generator, out, _sandbox_config(args), jobs=args.jobs, progress=not args.no_progress, dist=ctx
+                spec,
+                generator,
+                out,
+                _sandbox_config(args),
+                jobs=args.jobs,
+                progress=not args.no_progress,
+                dist=ctx,
+                lock=lock,
             )
             # Only rank 0 gets a summary back (it merged the ranks' records).
             if summary is not None:
                 summaries.append(summary)
-                print(f"{name}: records in {out}", file=sys.stderr)
-    except _USER_ERRORS as exc:
+                print(f"{task.name}: records in {out}", file=sys.stderr)
+    except (*_USER_ERRORS, SandboxUnavailable) as exc:
         return _fail(exc)
     finally:
+        locks.close()
         ctx.close()
     if summaries:
         print(markdown_table(summaries), end="")
@@ -324,9 +365,27 @@ def _quiet_execute(args: argparse.Namespace, task) -> bool:
 
 
 def cmd_score(args: argparse.Namespace) -> int:
-    """``dinfill score``: re-score a completion file and print its counts (or ``--json``)."""
-    from dinfill.eval.execution import Sandbox
-    from dinfill.eval.records import read_completions, write_records_atomically
+    """``dinfill score``: re-score a completion file and print its counts (or ``--json``).
+
+    With ``--out`` the records go to ``OUT/<task>-<subset>/`` as for ``eval``: appended as they are
+    scored (a killed re-scoring resumes), under the folder's lock, and refused when the folder holds
+    another run (task, model, rule, source file); an identical re-score does nothing unless ``--overwrite``.
+    """
+    from contextlib import ExitStack
+
+    from tqdm.auto import tqdm
+
+    from dinfill.eval.datasets import sha256_of
+    from dinfill.eval.execution import Sandbox, SandboxUnavailable, available_cores
+    from dinfill.eval.records import (
+        RECORDS,
+        RecordWriter,
+        RunLock,
+        check_run_file,
+        load_records,
+        read_completions,
+        record_key,
+    )
     from dinfill.eval.report import summarize_run, write_summary
 
     try:
@@ -339,47 +398,77 @@ def cmd_score(args: argparse.Namespace) -> int:
         execute = _decide_execute(args, task)
         if execute and not task.can_execute():
             return _fail(f"{label} cannot be executed (not Python); drop --execute")
-        chosen = [problems[e.index] for e in entries]
-        sandbox = Sandbox(_sandbox_config(args), jobs=args.jobs) if execute else None
-        try:
-            if sandbox is not None:
-                sandbox.self_check()
-            completions = [e.completion for e in entries]
-            scored = task.score(chosen, completions, postprocess, sandbox, progress=not args.no_progress)
-        finally:
-            if sandbox is not None:
-                sandbox.close()
         # The published files sit in one folder per model, so the folder name is a good label.
         model = args.model or Path(args.file).resolve().parent.name
-        records = [
-            {
-                "task": task.name,
-                "subset": task.subset,
-                "task_id": problem.task_id,
-                "index": entry.index,
-                "seed": entry.seed,
-                "sample": entry.sample,
-                "model": model,
-                # Unknown for a file made elsewhere; the report shows '-' rather than guessing.
-                "kind": None,
-                "sampler": None,
-                "postprocess": postprocess.to_dict(),
-                "completion": entry.completion,
-                "processed": processed,
-                "outcome": outcome,
-                "task_size": len(problems),
-                "source": {"file": str(args.file), "line": entry.line},
-            }
-            for entry, problem, (processed, outcome) in zip(entries, chosen, scored, strict=True)
-        ]
-        summary = summarize_run(records)
-    except _USER_ERRORS as exc:
+        with ExitStack() as stack:
+            out, done = None, set()
+            if args.out:
+                out = Path(args.out) / f"{task.name}-{task.subset}"
+                stack.enter_context(RunLock(out))
+                if args.overwrite:
+                    for path in [*out.glob("records*.jsonl"), out / "summary.json", out / "summary.md"]:
+                        path.unlink(missing_ok=True)
+                identity = {
+                    "command": "score",
+                    "task": task.name,
+                    "subset": task.subset,
+                    "model": model,
+                    "source": {"file": str(Path(args.file).resolve()), "sha256": sha256_of(Path(args.file))},
+                    "postprocess": postprocess.to_dict(),
+                    "execute": execute,
+                    "dataset_sha256": task.dataset_sha256(),
+                }
+                fix = "use another --out (one per model), or --overwrite to replace it"
+                check_run_file(out, identity, overwrite=args.overwrite, fix=fix)
+                done = {record_key(r) for r in load_records(out)}
+            todo = [e for e in entries if (problems[e.index].task_id, e.seed, e.sample) not in done]
+            if done and not todo:
+                print(f"{out} already holds this scoring; pass --overwrite to score it again", file=sys.stderr)
+            sandbox = None
+            if execute and todo:
+                # memo: a program that occurs twice in the file runs once, whichever chunk it is in.
+                sandbox = stack.enter_context(Sandbox(_sandbox_config(args), jobs=args.jobs, memo=True))
+                sandbox.self_check()
+            writer = stack.enter_context(RecordWriter(out / RECORDS)) if out is not None else None
+            records = []
+            # Chunks, each appended as soon as it is scored: a killed re-scoring loses at most one chunk.
+            size = 32 * (sandbox.jobs if sandbox is not None else available_cores())
+            with tqdm(total=len(todo), desc=f"{task.name} score", disable=args.no_progress, unit="prog") as bar:
+                for start in range(0, len(todo), size):
+                    part = todo[start : start + size]
+                    chosen = [problems[e.index] for e in part]
+                    scored = task.score(chosen, [e.completion for e in part], postprocess, sandbox)
+                    for entry, problem, (processed, outcome) in zip(part, chosen, scored, strict=True):
+                        record = {
+                            "task": task.name,
+                            "subset": task.subset,
+                            "task_id": problem.task_id,
+                            "index": entry.index,
+                            "seed": entry.seed,
+                            "sample": entry.sample,
+                            "model": model,
+                            # Unknown for a file made elsewhere; the report shows '-' rather than guessing.
+                            "kind": None,
+                            "sampler": None,
+                            "postprocess": postprocess.to_dict(),
+                            "completion": entry.completion,
+                            "processed": processed,
+                            "outcome": outcome,
+                            "task_size": len(problems),
+                            "source": {"file": str(args.file), "line": entry.line},
+                        }
+                        records.append(record)
+                        if writer is not None:
+                            writer.append(record)
+                    bar.update(len(part))
+            if out is not None:
+                # The whole run, resumed parts included, from the records alone.
+                summary = summarize_run(load_records(out))
+                write_summary(out, summary)
+            else:
+                summary = summarize_run(records)
+    except (*_USER_ERRORS, SandboxUnavailable) as exc:
         return _fail(exc)
-    if args.out:
-        out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)
-        write_records_atomically(out / "records.jsonl", records)
-        write_summary(out, summary)
     if args.json:
         print(json.dumps(summary, indent=2))
     else:

@@ -62,11 +62,21 @@ def exact_match(completion: str, canonical: str, rule: str) -> bool:
     raise ValueError(f"unknown exact-match rule {rule!r}; choose one of {EM_RULES}")
 
 
-def summarize_records(records: Sequence[dict], ks: Sequence[int] = (1, 10, 100)) -> dict:
+def useful_ks(n: int) -> list[int]:
+    """The k worth reporting for ``n`` samples per problem: 1, 2, 5, 10, 20, 50, 100, ... up to n, and n itself."""
+    ks, base = {n}, 1
+    while base <= n:
+        ks.update(k for k in (base, 2 * base, 5 * base) if k <= n)
+        base *= 10
+    return sorted(ks)
+
+
+def summarize_records(records: Sequence[dict], ks: Sequence[int] | None = None) -> dict:
     """Metrics of one run from its records alone (what summary.json and every report show).
 
     Counts are over records (problem x seed x sample); pass@k is computed per seed over the
-    samples of each problem and then averaged over seeds, with the spread across seeds.
+    samples of each problem and then averaged over seeds, with the spread across seeds. ``ks``
+    defaults to :func:`useful_ks` of the fewest samples any problem has (pass@2 with 2 samples).
     """
     if not records:
         raise ValueError("summarize_records: no records")
@@ -100,9 +110,8 @@ def summarize_records(records: Sequence[dict], ks: Sequence[int] = (1, 10, 100))
                 by_problem[r["task_id"]][1] += bool(r["outcome"].get("passed"))
             # pass@k needs k samples of every problem; report only the k that all problems have.
             n_min = min(n for n, _ in by_problem.values())
-            entry["pass@k"] = {
-                f"pass@{k}": mean_pass_at_k(map(tuple, by_problem.values()), k) for k in ks if k <= n_min
-            }
+            wanted = useful_ks(n_min) if ks is None else [k for k in ks if k <= n_min]
+            entry["pass@k"] = {f"pass@{k}": mean_pass_at_k(map(tuple, by_problem.values()), k) for k in wanted}
         per_seed[str(seed)] = entry
     out["per_seed"] = per_seed
     # Rates per seed, then mean and sample standard deviation over seeds.

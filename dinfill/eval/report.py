@@ -16,7 +16,7 @@ from pathlib import Path
 
 from dinfill.eval.metrics import summarize_records
 from dinfill.eval.postprocess import PostProcess
-from dinfill.eval.records import load_records, record_files
+from dinfill.eval.records import RUN_FILE, load_records
 
 _META = ("task", "subset", "model", "kind", "sampler", "postprocess")
 
@@ -144,16 +144,16 @@ def write_summary(out_dir: str | os.PathLike, summary: dict) -> None:
 
 
 def find_runs(paths: Sequence[str | os.PathLike]) -> list[Path]:
-    """Run folders (those holding records) at or below each path, in a stable order."""
+    """Run folders (those holding records or a ``run.json``) at or below each path, in a stable order."""
     found: list[Path] = []
     for path in map(Path, paths):
         if not path.exists():
             raise FileNotFoundError(f"{path}: no such directory")
         if path.is_file():
             raise NotADirectoryError(f"{path} is a file; pass run folders (the --out of dinfill eval/score)")
-        # A folder may be a run itself, hold runs (the --out of eval), or both.
-        candidates = [path] if record_files(path) else []
-        candidates += sorted({p.parent for p in path.rglob("records*.jsonl")} - {path})
+        # A folder may be a run itself, hold runs (the --out of eval and score), or both.
+        marks = {p.parent for pattern in ("records*.jsonl", RUN_FILE) for p in path.rglob(pattern)}
+        candidates = ([path] if path in marks else []) + sorted(marks - {path})
         if not candidates:
             raise FileNotFoundError(f"{path}: no records*.jsonl at or below it; pass the --out folder of a run")
         found += [c for c in candidates if c not in found]
@@ -161,14 +161,20 @@ def find_runs(paths: Sequence[str | os.PathLike]) -> list[Path]:
 
 
 def report(paths: Sequence[str | os.PathLike]) -> tuple[str, list[dict]]:
-    """Markdown comparison table and the summaries of every run found under ``paths``."""
-    summaries = []
+    """Markdown comparison table and the summaries of every run found under ``paths``.
+
+    Run folders without records yet (a run that has not written its first record) are listed
+    in a note under the table rather than silently left out.
+    """
+    summaries, empty = [], []
     for run in find_runs(paths):
         records = load_records(run)
         if records:
             summaries.append({"run": str(run), **summarize_run(records)})
+        else:
+            empty.append(str(run))
     if not summaries:
-        raise ValueError(f"the runs under {list(map(str, paths))} hold no records yet")
+        raise ValueError(f"the runs under {list(map(str, paths))} hold no records yet ({', '.join(empty)})")
     notes = []
     # Comparisons are within a task: say so when its runs were scored under different rules.
     for task in sorted({s["task"] for s in summaries}):
@@ -184,5 +190,7 @@ def report(paths: Sequence[str | os.PathLike]) -> tuple[str, list[dict]]:
         notes.append(
             "Note: oracle middle length gives the diffusion model the true middle length, which AR models do not get."
         )
+    if empty:
+        notes.append(f"Note: skipped {len(empty)} run folder(s) without records yet: {', '.join(empty)}.")
     text = markdown_table(summaries) + ("\n" + "\n".join(notes) + "\n" if notes else "")
     return text, summaries

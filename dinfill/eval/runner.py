@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import datetime as _dt
 import hashlib
-import json
 import os
-import platform
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -31,10 +29,18 @@ from typing import Protocol, runtime_checkable
 
 from dinfill.eval.execution import Sandbox, SandboxConfig, available_cores
 from dinfill.eval.postprocess import PostProcess
-from dinfill.eval.records import RECORDS, RecordWriter, load_records, record_key, write_records_atomically
+from dinfill.eval.records import (
+    RECORDS,
+    RUN_FILE,  # noqa: F401 - re-exported: the name of a run folder's identity file
+    RecordWriter,
+    RunLock,
+    check_run_file,
+    load_records,
+    read_run_identity,
+    record_key,
+    write_records_atomically,
+)
 from dinfill.eval.tasks.base import KINDS, Task
-
-RUN_FILE = "run.json"
 
 
 @runtime_checkable
@@ -207,35 +213,6 @@ def plan_batches(n_problems: int, seeds: Sequence[int], samples: int, batch_size
     return batches
 
 
-def _check_run_file(out: Path, spec: RunSpec, dataset_sha: str, write: bool) -> None:
-    """Create run.json, or refuse to mix a different run into an existing folder."""
-    path = out / RUN_FILE
-    identity = {**spec.identity(), "dataset_sha256": dataset_sha}
-    if path.exists():
-        # A folder holds one run: mixing settings would make its summary meaningless.
-        existing = json.loads(path.read_text(encoding="utf-8"))["identity"]
-        if existing != identity:
-            changed = sorted(k for k in set(existing) | set(identity) if existing.get(k) != identity.get(k))
-            raise ValueError(
-                f"{out} holds a run with different settings ({', '.join(changed)}: "
-                f"{ {k: existing.get(k) for k in changed} } there, { {k: identity.get(k) for k in changed} } now); "
-                "resume with the same settings or use a new --out"
-            )
-        return
-    if write:
-        out.mkdir(parents=True, exist_ok=True)
-        info = {
-            "identity": identity,
-            "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
-            "host": platform.node(),
-            "python": platform.python_version(),
-        }
-        # Write aside then rename, so another rank never reads half a run.json.
-        tmp = path.with_name(RUN_FILE + ".tmp")
-        tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, path)
-
-
 def run_eval(
     spec: RunSpec,
     generator: InfillGenerator,
@@ -244,6 +221,7 @@ def run_eval(
     jobs: int | None = None,
     progress: bool = True,
     dist: DistContext | None = None,
+    lock: RunLock | None = None,
 ) -> dict | None:
     """Run (or resume) an evaluation into ``out_dir``; rank 0 returns the summary, other ranks None.
 
@@ -264,23 +242,57 @@ def run_eval(
         Show progress bars.
     dist : DistContext, optional
         Rank layout; read from the torchrun environment when None.
+    lock : RunLock, optional
+        The folder's lock, already held by the caller (the CLI takes it before loading a model);
+        taken here and released at the end when None.
+
+    Raises
+    ------
+    RunFolderBusy
+        Another process is writing ``out_dir``.
+    ValueError
+        ``out_dir`` holds records of a run with other settings.
     """
-    from tqdm.auto import tqdm
-
-    from dinfill.eval.report import summarize_run, write_summary
-
     if getattr(generator, "kind", spec.kind) != spec.kind:
         raise ValueError(f"generator kind {generator.kind!r} differs from the run's kind {spec.kind!r}")
     ctx = dist or DistContext.from_env()
     out = Path(out_dir)
     task = spec.task
     problems = task.problems()[: spec.limit]
-    dataset_sha = task.dataset_sha256()
-    # Rank 0 creates run.json; after the barrier every rank checks it against its own settings.
+    identity = {**spec.identity(), "dataset_sha256": task.dataset_sha256()}
+    # One writer per folder (per rank under torchrun), for the whole run; the kernel frees it if we die.
+    held = lock or RunLock(out, ctx.rank, ctx.world_size).acquire()
+    try:
+        return _run_locked(spec, generator, out, problems, identity, sandbox_config, jobs, progress, ctx)
+    finally:
+        if lock is None:
+            held.release()
+
+
+def _run_locked(
+    spec: RunSpec,
+    generator: InfillGenerator,
+    out: Path,
+    problems: list,
+    identity: dict,
+    sandbox_config: SandboxConfig | None,
+    jobs: int | None,
+    progress: bool,
+    ctx: DistContext,
+) -> dict | None:
+    """The body of :func:`run_eval`, with the folder's lock held."""
+    from tqdm.auto import tqdm
+
+    from dinfill.eval.report import summarize_run, write_summary
+
+    task = spec.task
+    # Rank 0 records run.json (or refuses a folder holding another run); every rank then checks its own settings.
     if ctx.rank == 0:
-        _check_run_file(out, spec, dataset_sha, write=True)
+        check_run_file(out, identity)
     ctx.barrier()
-    _check_run_file(out, spec, dataset_sha, write=False)
+    recorded = read_run_identity(out)
+    if recorded is not None and recorded != identity:
+        raise ValueError(f"rank {ctx.rank}'s settings differ from those rank 0 recorded in {out / RUN_FILE}")
 
     # Resume: whatever any rank recorded before (with any world size) is not redone.
     done = {record_key(r) for r in load_records(out)}

@@ -3,7 +3,9 @@
 ``canonical`` returns the canonical middle (every HumanEval program must pass), ``pass_body`` a
 ``pass`` statement at the canonical line's indentation (must fail), ``mixed`` picks one of the two per
 hole from the batch seed (so resumed and sharded runs must reproduce the same choices), and
-``slow_mixed`` is ``mixed`` with a pause per batch so a test can SIGKILL a run part-way.
+``slow_mixed`` is ``mixed`` with a pause per batch so a test can SIGKILL a run part-way, and
+``rejecting`` refuses its first batch the way a sampler rejects a bad option (a run that fails
+before writing its first record).
 """
 
 import os
@@ -43,7 +45,15 @@ class SlowMixed(Mixed):
         return super().__call__(prefixes, suffixes, middles, seed=seed)
 
 
+class Rejecting:
+    kind = "diffusion"
+
+    def __call__(self, prefixes, suffixes, middles, *, seed):
+        raise ValueError("steps must be >= 1, got 0")
+
+
 canonical = Canonical()
 pass_body = PassBody()
 mixed = Mixed()
 slow_mixed = SlowMixed()
+rejecting = Rejecting()
