@@ -25,13 +25,13 @@ from dinfill.backend import flash_attn_available, use_triton
 def key_range(key_mask: Tensor) -> tuple[Tensor, Tensor]:
     """First and one-past-last real key per row of a ``(B, Lk)`` mask holding one contiguous run.
 
-    Computed on the device with no host sync (argmax of the mask from both ends).
+    Computed on the device with no host sync, in four small kernels (the first one of the row by
+    argmax, the end as start + count, which holds because the run is contiguous); a row with no real
+    key gets the empty range ``[0, 0)``.
     """
-    m = key_mask.to(torch.int8)
-    Lk = m.shape[1]
-    start = m.argmax(dim=1)  # (B,) first one
-    end = Lk - m.flip(1).argmax(dim=1)  # (B,) one past the last one
-    return start.to(torch.int32), end.to(torch.int32)
+    key_mask = key_mask.to(torch.bool)
+    start = key_mask.to(torch.uint8).argmax(dim=1)  # (B,) first one (argmax returns the first maximum)
+    return start, start + key_mask.sum(dim=1)  # (B,) int64 each
 
 
 def sdpa_mask(key_mask: Tensor | None, causal: bool, q_cols: Tensor, Lk: int, window: int | None, B: int) -> Tensor:
@@ -59,7 +59,7 @@ class AttentionPlan:
     causal: bool
     causal_offset: int | Tensor = 0  # key column of query 0: an int, or a 0-dim device tensor (no sync)
     mask: Tensor | None = None  # sdpa: (B, 1, T, Lk) bool, or None for the unmasked fast paths
-    kv_start: Tensor | None = None  # triton: (B,) int32
+    kv_start: Tensor | None = None  # triton: (B,) int64
     kv_end: Tensor | None = None
     window: int | None = None  # triton: causal sliding window (keys further back than it are invisible)
 

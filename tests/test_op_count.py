@@ -1,0 +1,220 @@
+"""Device ops per decoder layer: at most 10 on the fused (Triton) path in every forward mode (issue 10).
+
+A device op is an aten op that launches a kernel (views, allocations and other metadata ops do not) or a
+Triton launch. Both are counted on the CPU: aten ops with a ``TorchDispatchMode``, Triton launches by
+wrapping the launcher (``InterpretedFunction.run`` in the interpreter, ``JITFunction.run`` when compiled;
+aten ops the interpreter itself runs while emulating a launch are not counted). The count per layer is the
+difference between a 2-layer and a 1-layer model of the same shape, so nothing has to be attributed to a
+layer by hand; what is left is the per-forward constant (embedding, attention plan, final norm, lm_head).
+The model's CPU-only input validation (free on the CPU, skipped on CUDA because it would sync) is counted
+apart. The torch path is counted too, for comparison. ``pytest -s`` prints the table (README "Runtime").
+
+Modes: ``prefill`` (causal, writes a static cache), ``decode`` (one token against the cache; also with
+split-K attention forced, the worst case: its merge is the tenth op), ``window`` (a diffusion call:
+bidirectional, the middle of a cached canvas) and ``full`` (bidirectional, no cache, logits at a few rows).
+Starcoder2's sliding window is shorter than the cache, so its windowed attention is counted too.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+
+import pytest
+import torch
+from tiny import hf_config
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from dinfill.models import ModelConfig
+from dinfill.models.decoder import Decoder
+
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+BUDGET = 10  # device ops per layer on the fused path (issue 10)
+# aten ops that never launch a kernel: allocation and aliasing (views are recognised from their schema)
+_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias",
+              "lift_fresh", "split", "split_with_sizes", "unbind", "chunk", "sym_size", "sym_stride",
+              "sym_numel"}  # fmt: skip
+_SYNCS = {"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "item"}  # ops whose result the host waits for
+
+
+class OpCounter(TorchDispatchMode):
+    """Counts kernel-launching aten ops (by name) and Triton launches (by kernel) inside its context."""
+
+    def __init__(self):
+        super().__init__()
+        self.aten: Counter[str] = Counter()
+        self.triton: Counter[str] = Counter()
+        self.validation: Counter[str] = Counter()
+        self.syncs: Counter[str] = Counter()
+        self._paused = 0
+        self._in_validation = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if not self._paused and not func.is_view and name not in _NO_KERNEL:
+            if self._in_validation:
+                self.validation[name] += 1
+            else:
+                self.aten[name] += 1
+                if name in _SYNCS:
+                    self.syncs[name] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.aten.values()) + sum(self.triton.values())
+
+    @contextlib.contextmanager
+    def watching(self, monkeypatch):
+        """Enter the mode and wrap the Triton launchers and the model's input validation."""
+        counter = self
+
+        def wrap_launch(cls):
+            real = cls.run
+
+            def run(self, *args, **kwargs):
+                if not kwargs.get("warmup", False):
+                    counter.triton[getattr(self, "__name__", None) or self.fn.__name__] += 1
+                counter._paused += 1  # the interpreter's own tensor traffic is not a device op
+                try:
+                    return real(self, *args, **kwargs)
+                finally:
+                    counter._paused -= 1
+
+            monkeypatch.setattr(cls, "run", run)
+
+        from triton.runtime.jit import JITFunction
+
+        wrap_launch(JITFunction)
+        with contextlib.suppress(ImportError):
+            from triton.runtime.interpreter import InterpretedFunction
+
+            wrap_launch(InterpretedFunction)
+        real_check = Decoder._check_inputs
+
+        def check(model, *args):
+            counter._in_validation += 1
+            try:
+                return real_check(model, *args)
+            finally:
+                counter._in_validation -= 1
+
+        monkeypatch.setattr(Decoder, "_check_inputs", check)
+        with self:
+            yield self
+
+
+FAMILIES = {
+    "qwen2": dict(),
+    "llama": dict(attention_bias=True),  # linear RoPE scaling, o_proj bias
+    "starcoder2": dict(sliding_window=6),  # LayerNorm, GELU; a window shorter than the cache
+}
+
+
+def _model(family: str, layers: int) -> Decoder:
+    over = dict(FAMILIES[family], num_hidden_layers=layers, hidden_size=64)  # head dim 16
+    cfg = ModelConfig.from_hf_dict(hf_config(family, **over).to_dict())
+    torch.manual_seed(0)
+    return Decoder(cfg).to(DEV).eval().requires_grad_(False)
+
+
+def _run_mode(model: Decoder, mode: str):
+    """Set-up calls for ``mode`` (not counted) and a thunk running the one forward that is counted."""
+    B, L, V = 2, 48, model.config.vocab_size
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, V, (B, L), generator=g).to(DEV)
+    cols = {n: torch.arange(*n, device=DEV) for n in ((0, 12), (12, 13), (0, L), (5, 9))}  # cache columns
+    if mode == "full":
+        idx = torch.tensor([[2, 9, 11], [0, 5, 15]], device=DEV)
+        return lambda: model(ids[:, :16], causal=False, logits_index=idx)
+    cache = model.new_cache(B, L)
+    mask = torch.ones(B, L, dtype=torch.bool, device=DEV)
+    if mode == "prefill":
+        mask[:, 12:] = False
+        return lambda: model(ids[:, :12], causal=True, attention_mask=mask, cache=cache, cache_pos=cols[0, 12])
+    if mode.startswith("decode"):
+        mask[:, 13:] = False
+        model(ids[:, :12], causal=True, attention_mask=mask, cache=cache, cache_pos=cols[0, 12])
+        last = torch.zeros(B, 1, dtype=torch.long, device=DEV)
+        return lambda: model(ids[:, 12:13], causal=True, attention_mask=mask, cache=cache, cache_pos=cols[12, 13],
+                             logits_index=last)  # fmt: skip
+    assert mode == "window"
+    model(ids, causal=False, attention_mask=mask, cache=cache, cache_pos=cols[0, L])
+    idx = torch.arange(4, device=DEV).expand(B, 4)
+    return lambda: model(ids[:, 5:9], causal=False, attention_mask=mask, cache=cache, cache_pos=cols[5, 9],
+                         logits_index=idx)  # fmt: skip
+
+
+def count(family: str, mode: str, backend: str, layers: int, monkeypatch) -> OpCounter:
+    model = _model(family, layers)
+    with monkeypatch.context() as m:
+        import dinfill.kernels.attention_fwd as attn
+
+        # force split-K attention in decode-split (the heuristic only splits long caches on CUDA); elsewhere one
+        # 64-key block per program, which the interpreter runs several times faster (counts do not depend on it)
+        cfg = attn.AttentionConfig(16, 16, num_splits=4) if mode == "decode-split" else attn.AttentionConfig(64, 64)
+        if DEV.type == "cpu" or mode == "decode-split":
+            m.setattr(attn, "pick_config", lambda q, k: cfg)
+        m.setenv("DINFILL_BACKEND", "torch")  # set-up calls only fill the cache: the fast path will do
+        fwd = _run_mode(model, mode)
+        m.setenv("DINFILL_BACKEND", backend)
+        with torch.no_grad(), OpCounter().watching(m) as counter:
+            fwd()
+    return counter
+
+
+MODES = ["prefill", "decode", "decode-split", "window", "full"]
+RESULTS: dict[tuple[str, str, str], tuple[int, int, OpCounter]] = {}
+
+
+def _per_layer(family, mode, backend, monkeypatch) -> tuple[int, int, OpCounter]:
+    key = (family, mode, backend)
+    if key not in RESULTS:
+        one, two = (count(family, mode, backend, n, monkeypatch) for n in (1, 2))
+        per_layer = two.total - one.total
+        RESULTS[key] = (per_layer, one.total - per_layer, two)
+    return RESULTS[key]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_fused_path_ops_per_layer(family, mode, monkeypatch):
+    """<= 10 device ops per layer on the fused path, and no host sync anywhere in the forward."""
+    per_layer, constant, c = _per_layer(family, mode, "triton", monkeypatch)
+    print(f"\n[fused {family} {mode}] {per_layer} ops/layer + {constant} per forward; triton {dict(c.triton)}; "
+          f"aten {dict(c.aten)}; CPU-only validation {sum(c.validation.values())}")  # fmt: skip
+    assert 0 < per_layer <= BUDGET, f"{per_layer} device ops per layer (budget {BUDGET})"
+    assert not c.syncs, f"host syncs in the fused forward: {dict(c.syncs)}"
+    assert constant <= 6, f"{constant} ops per forward outside the layers (key range 4, final norm, lm_head)"
+    if mode == "window":  # the middle's RoPE / cache write and attention ran as kernels, not torch ops
+        assert c.triton["_rope_cache_kernel"] == 2 and c.triton["_attention_kernel"] == 2
+    if mode == "decode-split":
+        plain = _per_layer(family, "decode", "triton", monkeypatch)[0]
+        assert per_layer == plain + 1, "forced split-K should add exactly its merge launch per layer"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_torch_path_counted_for_comparison(family, monkeypatch):
+    """The torch path, for the README's comparison (no budget: it is the exact reference path)."""
+    for mode in ("prefill", "decode", "window", "full"):
+        per_layer, constant, c = _per_layer(family, mode, "torch", monkeypatch)
+        print(f"\n[torch {family} {mode}] {per_layer} ops/layer + {constant} per forward")
+        fused = _per_layer(family, mode, "triton", monkeypatch)[0]
+        assert per_layer > fused, "the fused path should launch fewer ops than the torch path"
+
+
+def test_print_table(monkeypatch, capsys):
+    """One table of every count (run with -s to see it; the README quotes it)."""
+    lines = ["| family | mode | fused ops/layer | fused per forward | torch ops/layer | torch per forward |",
+             "|---|---|---|---|---|---|"]  # fmt: skip
+    for family in FAMILIES:
+        for mode in ("prefill", "decode", "decode-split", "window", "full"):
+            fl, fc, _ = _per_layer(family, mode, "triton", monkeypatch)
+            tl_, tc, _ = (
+                (None, None, None) if mode == "decode-split" else _per_layer(family, mode, "torch", monkeypatch)
+            )
+            lines.append(f"| {family} | {mode} | {fl} | {fc} | {tl_ if tl_ is not None else '-'} | "
+                         f"{tc if tc is not None else '-'} |")  # fmt: skip
+    with capsys.disabled():
+        print("\n" + "\n".join(lines))
+    assert len(lines) == 2 + 5 * len(FAMILIES)
