@@ -102,6 +102,7 @@ def _run(argv: list[str]) -> int:
         (["--refresh", "0"], "refresh (--refresh) must be an integer >= 1"),
         (["--factor", "0"], "factor (--factor) must be > 0"),
         (["--max-new-tokens", "8"], "unrecognized arguments: --max-new-tokens"),  # bench times fixed middles
+        (["--mask-id", "5000"], "mask token id 5000 is outside the model's vocabulary of 1031"),
     ],
 )
 def test_bad_options_are_clear_errors(extra, message, capsys):

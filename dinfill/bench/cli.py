@@ -114,23 +114,26 @@ def load_for_bench(args: argparse.Namespace, device: str):
     )
     tok = None
     if args.tokenizer or not args.random_weights:
-        tok = dinfill.load_tokenizer(args.tokenizer or args.model, add_mask_token=model.kind == "diffusion")
+        # a new (untrained) mask token only for random weights: trained checkpoints bring theirs (Open-dCoder: <M>)
+        add = bool(args.random_weights) and model.kind == "diffusion"
+        tok = dinfill.load_tokenizer(args.tokenizer or args.model, add_mask_token=add)
     return model, tok
 
 
 def mask_id_for(args: argparse.Namespace, model, tok) -> int | None:
-    """``--mask-id``, else the tokenizer's mask id, else ``vocab_size - 1`` (documented default)."""
+    """``--mask-id``, else the tokenizer's mask id, else ``vocab_size - 1`` (random weights only).
+
+    Trained weights of a known checkpoint accept only the mask id they were trained with.
+    """
+    from dinfill.models.loading import require_mask_token
+
     if model.kind != "diffusion":
         return None
-    if args.mask_id is not None:
-        mask = args.mask_id
-    elif tok is not None and getattr(tok, "mask_token_id", None) is not None:
-        mask = int(tok.mask_token_id)
-    else:
-        mask = model.config.vocab_size - 1
-    if not 0 <= mask < model.config.vocab_size:
-        raise ValueError(f"mask id {mask} is outside the model's vocabulary [0, {model.config.vocab_size})")
-    return mask
+    if args.mask_id is not None or (tok is not None and getattr(tok, "mask_token_id", None) is not None):
+        return require_mask_token(tok, model, args.mask_id)
+    if not getattr(model, "random_weights", True):
+        return require_mask_token(tok, model)  # the error names the mask token the checkpoint needs
+    return model.config.vocab_size - 1
 
 
 def check_common(args: argparse.Namespace):
