@@ -120,7 +120,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     ev.add_argument("--random-weights", action="store_true", help="built-in shape with random weights (smoke tests)")
     ev.add_argument("--tokenizer", default=None, help="tokenizer name or folder (default: --model)")
     # the sampler options every subcommand shares (dinfill.sampler.settings): unset = the published setting
-    add_sampler_arguments(ev)
+    stop = "stop string (repeatable): the middle ends before it, AR decoding stops there, and without --postprocess " \
+        "scoring uses the stop_sequences rule with these strings (default: none)"
+    add_sampler_arguments(ev, help_overrides={"stop": stop})
     _add_data_options(ev)
     _add_scoring_options(ev, stop=False)
     ev.set_defaults(func=cmd_eval)
