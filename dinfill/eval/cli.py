@@ -307,6 +307,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     ctx, locks = DistContext(), ExitStack()
     try:
         ctx = DistContext.from_env()
+        # Every sampler option is checked first, before any data, lock, folder or model: the kind of a model
+        # comes from small files only (dinfill.models.kinds), a custom generator carries its own.
+        if args.generator is not None:
+            generator = load_generator(args.generator, args.kind)
+            settings = sampler_settings(args, generator.kind)
+        else:
+            from dinfill.models.kinds import detect_kind
+
+            settings = sampler_settings(args, detect_kind(args.model, args.kind).kind)
         # One folder per task and subset (`dinfill report OUT` finds them all), each locked for the whole
         # run before any model loads: a second writer fails at once, naming the first.
         tasks = [_task(args, name) for name in args.task]
@@ -314,14 +323,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         held = [locks.enter_context(RunLock(out, ctx.rank, ctx.world_size)) for out in outs]
         # Either a custom callable (tests, remote APIs) or a model loaded with dinfill.
         if args.generator is not None:
-            generator = load_generator(args.generator, args.kind)
-            settings = sampler_settings(args, generator.kind)
             model_name = args.model or args.generator
         else:
-            from dinfill.models.kinds import detect_kind
-
-            # the kind from small files only, so that every option is checked before the weights are read
-            settings = sampler_settings(args, detect_kind(args.model, args.kind).kind)
             generator = build_model_generator(args, ctx.local_rank, settings)
             model_name = args.model
         summaries = []
