@@ -195,6 +195,10 @@ def test_same_inputs_for_both_kinds(kind, models, tok):
         infill(model, tok, ["a"], ["b"], **other)
     with pytest.raises(ValueError, match="got 2 prefixes and 1 suffixes"):
         infill(model, tok, ["a", "b"], ["c"], **_opts(kind))
+    with pytest.raises(TypeError, match="pass settings= or preset=, not both"):
+        infill(model, tok, ["a"], ["b"], settings=SamplerSettings(), preset="fast", **_opts(kind))
+    with pytest.raises(ValueError, match="unknown sampler preset 'quick'"):
+        infill(model, tok, ["a"], ["b"], preset="quick", **_opts(kind))
 
 
 @pytest.mark.parametrize("kind", KINDS)

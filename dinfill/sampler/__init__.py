@@ -73,7 +73,7 @@ def infill(
     *,
     middles: Sequence[str] | str | None = None,
     settings: SamplerSettings | None = None,
-    preset: str = "published",
+    preset: str | None = None,
     generator=None,
     seed: int | None = None,
     batch_size: int = _DEFAULT_BATCH,
@@ -99,9 +99,9 @@ def infill(
         The true middles: needed by diffusion ``length="oracle"`` (the published setting); ignored by AR models.
     settings : SamplerSettings, optional
         Sampler options; default: ``SamplerSettings.preset(preset, model.kind)``. Keyword options override it.
-    preset : str
-        ``"published"`` (default), ``"fast"`` or ``"greedy"`` (see :mod:`dinfill.sampler.settings`); used when
-        ``settings`` is None.
+    preset : str, optional
+        ``"published"`` (the default), ``"fast"`` or ``"greedy"`` (see :mod:`dinfill.sampler.settings`); not
+        together with ``settings``.
     generator : torch.Generator, optional
         Randomness for sampling (on the model's device). Not together with ``seed``.
     seed : int, optional
@@ -142,7 +142,9 @@ def infill(
     extras = {k: v for k, v in options.items() if k not in FIELDS}
     if settings is not None and not isinstance(settings, SamplerSettings):
         raise TypeError(f"infill(): settings must be a SamplerSettings, got {type(settings).__name__}")
-    base = settings if settings is not None else SamplerSettings.preset(preset, kind)
+    if settings is not None and preset is not None:
+        raise TypeError("infill(): pass settings= or preset=, not both (settings_for(kind, preset) combines them)")
+    base = settings if settings is not None else SamplerSettings.preset(preset or "published", kind)
     chosen = base.replace(**fields).for_kind(kind)  # validates every option
 
     prefixes, suffixes = _strings("prefixes", prefixes), _strings("suffixes", suffixes)
