@@ -19,6 +19,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+import threading
 import time
 
 import pytest
@@ -727,7 +728,8 @@ def test_fallback_cleanup_kills_daemons_and_removes_deep_trees(config):
             time.sleep(0.01)
         """
     )
-    deep = forger('import os\nprint(os.getcwd())\nfor _ in range(5000):\n    os.mkdir("d")\n    os.chdir("d")')
+    # Deeper than the recursion limit that breaks shutil.rmtree before Python 3.12.4 (ext4 makes 5000 slow here).
+    deep = forger('import os\nprint(os.getcwd())\nfor _ in range(1500):\n    os.mkdir("d")\n    os.chdir("d")')
     results = run_programs([daemon, normal(100), normal(101, False), deep], config=config, jobs=1)
     assert [r.status for r in results] == ["passed", "passed", "failed", "failed"], results
     size = os.path.getsize(beat)
@@ -818,3 +820,15 @@ def test_signal_death_is_a_crash():
     program = "import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)\n" + CHECKS
     (result,) = run_programs([program], SandboxConfig(allow_weaker_isolation=WEAK_OK), jobs=1)
     assert result.status == "crashed" and signal.Signals.SIGSEGV.name in result.detail
+
+
+def test_a_fork_server_killed_mid_program_costs_one_crashed_row():
+    with Sandbox(SandboxConfig(cpu_seconds=1, allow_weaker_isolation=WEAK_OK), jobs=1) as box:
+        assert box.run(normal(0)).passed
+        killer = threading.Timer(0.3, box._servers[0].proc.kill)  # from outside, while the program sleeps
+        killer.start()
+        result = box.run("import time\ntime.sleep(1)\n" + CHECKS)
+        killer.join()
+        after = box.run(normal(1))  # a new server for the next program
+    assert result.status == "crashed" and "sandbox server failed" in result.detail, result
+    assert after.passed, after

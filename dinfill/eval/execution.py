@@ -101,6 +101,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import hmac
+import logging
 import os
 import pwd
 import queue
@@ -120,6 +121,7 @@ from dataclasses import asdict, dataclass, field
 from dinfill.eval import _sandbox_server as _wire
 
 STATUSES = ("passed", "failed", "timeout", "oom", "crashed")
+_log = logging.getLogger("dinfill")
 _SERVER = os.path.abspath(_wire.__file__)
 # Seconds the fork server may take to reap a program once it was killed (the kernel tears down its
 # namespaces meanwhile); past it the row is crashed and the server replaced.
@@ -508,8 +510,10 @@ class _Server:
     def start(self) -> None:
         """Start the fork server, let it build the namespaces its programs share and probe the rest."""
         cfg = self.sandbox.config
+        why_not = ""
         if cfg.memory_bytes is not None and self.sandbox.memory_scope != "per-process":
-            self.cgroup, _ = _MemoryCgroup.create(f"dinfill-sandbox-{os.getpid()}-{self.index}", cfg.memory_bytes)
+            name = f"dinfill-sandbox-{os.getpid()}-{self.index}"
+            self.cgroup, why_not = _MemoryCgroup.create(name, cfg.memory_bytes)
         # A unix socket, because the pipes of each program travel to the server as file descriptors.
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.home = tempfile.mkdtemp(prefix="dinfill-sandbox-server-")
@@ -552,17 +556,26 @@ class _Server:
         if "isolate_network" in self.sandbox.features and not self.network_isolated:
             errors["isolate_network"] = "unshare(CLONE_NEWNET) failed"
         if "cgroup_procs" in errors:  # the cap falls back to the per-process limit (see the module docstring)
+            why_not = errors.pop("cgroup_procs")
             self.cgroup.remove()
             self.cgroup = None
-            del errors["cgroup_procs"]
         self.private_filesystem = "private_filesystem" in self.sandbox.features and "private_filesystem" not in errors
         if errors:
-            missing = {name: reason for name, reason in errors.items() if name in _FEATURES}
             if not cfg.allow_weaker_isolation:
                 self.stop()
-                raise SandboxUnavailable(_refusal(missing))
+                raise SandboxUnavailable(_refusal(errors))
+            self.sandbox.weakened.update(errors)
+            _log.warning("sandbox slot %d runs with weaker isolation (allowed): %s", self.index, _listing(errors))
         if self.sandbox.memory_scope is None:  # decided by the first slot that started
             self.sandbox.memory_scope = f"cgroup{self.cgroup.version}" if self.cgroup else "per-process"
+            if cfg.memory_bytes is not None and self.cgroup is None:
+                _log.warning(
+                    "sandbox memory cap is per process here (no usable memory cgroup: %s): a program's processes "
+                    "together may use up to %d x %d MiB",
+                    why_not,
+                    cfg.max_processes,
+                    cfg.memory_bytes // 1024**2,
+                )
 
     def stop(self) -> None:
         # Closing the socket is the stop request: the server kills what is left and exits.
@@ -592,8 +605,12 @@ class _Server:
         return reply
 
 
+def _listing(missing: dict[str, str]) -> str:
+    return "; ".join(f"{_FEATURES.get(name, name)} ({reason})" for name, reason in missing.items())
+
+
 def _refusal(missing: dict[str, str]) -> str:
-    items = "; ".join(f"{_FEATURES.get(name, name)} ({reason})" for name, reason in missing.items())
+    items = _listing(missing)
     return (
         f"the sandbox cannot provide {items}. Run as root on Linux >= 5.12 (CI does), or accept weaker "
         "isolation explicitly: SandboxConfig(allow_weaker_isolation=True), or --allow-weak-sandbox on the "
@@ -647,9 +664,14 @@ class Sandbox:
         self._leftovers: list[str] = []
         self._closed = False
         self._memo: dict[str, ExecResult] | None = {} if memo else None
-        if not root and self.config.requested() and not self.config.allow_weaker_isolation:
+        #: Isolation features asked for but missing on this machine (only when weaker isolation is allowed).
+        self.weakened: dict[str, str] = {}
+        if not root and self.config.requested():
             reason = f"needs root or CAP_SYS_ADMIN; this evaluator runs as uid {os.geteuid()}"
-            raise SandboxUnavailable(_refusal(dict.fromkeys(self.config.requested(), reason)))
+            self.weakened = dict.fromkeys(self.config.requested(), reason)
+            if not self.config.allow_weaker_isolation:
+                raise SandboxUnavailable(_refusal(self.weakened))
+            _log.warning("sandbox runs with weaker isolation (allowed): %s", _listing(self.weakened))
         try:
             self._reserve()
         except BaseException:
@@ -1013,7 +1035,9 @@ class _Watch:
         return False
 
     def close(self, deadline: float) -> None:
-        """Read what is left (every writer is dead by now), then close the pipes."""
+        """Read what is left (every writer is dead by now), then close the pipes (once)."""
+        if not self.fds:
+            return
         while self.open_reads and time.monotonic() < deadline:
             self._pump(0.05)
         self.sel.close()
