@@ -50,33 +50,43 @@ def weights_dir(tmp_path_factory) -> Path:
     return path
 
 
-def _checkpoint(base: Path, weights: Path, qwen_dir: Path, *, name_or_path=None, tokenizer="declared") -> Path:
-    """A checkpoint folder: the tiny weights, config.json with ``_name_or_path``, and a tokenizer copy.
+@pytest.fixture(scope="module")
+def tokenizer_dirs(tmp_path_factory, qwen_dir) -> dict[str, Path]:
+    """Three copies of the Qwen2.5-Coder tokenizer, as checkpoints ship them.
 
-    tokenizer: ``declared`` (mask_token <M>, what Open-dLLM saves), ``undeclared`` (<M> in the vocabulary but
-    not declared as the mask token), ``plain`` (Qwen2.5-Coder's, no <M>).
+    ``declared``: mask_token <M> (what Open-dLLM saves); ``undeclared``: <M> in the vocabulary but not declared
+    as the mask token; ``plain``: Qwen2.5-Coder's own, no <M>.
     """
     from transformers import AutoTokenizer
 
+    out = {}
+    for variant in ("declared", "undeclared", "plain"):
+        tok = AutoTokenizer.from_pretrained(str(qwen_dir))
+        if variant == "declared":
+            tok.add_special_tokens({"mask_token": "<M>"})
+        elif variant == "undeclared":
+            tok.add_tokens(["<M>"], special_tokens=True)
+        out[variant] = tmp_path_factory.mktemp(f"tok-{variant}")
+        tok.save_pretrained(str(out[variant]))
+    return out
+
+
+def _checkpoint(base: Path, weights: Path, tokenizer: Path, *, name_or_path=None) -> Path:
+    """A checkpoint folder: the tiny weights, config.json with ``_name_or_path``, and a tokenizer copy."""
     base.mkdir(parents=True)
-    for f in weights.iterdir():
-        shutil.copy(f, base / f.name)
+    for folder in (weights, tokenizer):
+        for f in folder.iterdir():
+            shutil.copy(f, base / f.name)
     cfg = json.loads((base / "config.json").read_text())
     cfg.pop("_name_or_path", None)
     if name_or_path is not None:
         cfg["_name_or_path"] = name_or_path
     (base / "config.json").write_text(json.dumps(cfg))
-    tok = AutoTokenizer.from_pretrained(str(qwen_dir))
-    if tokenizer == "declared":
-        tok.add_special_tokens({"mask_token": "<M>"})
-    elif tokenizer == "undeclared":
-        tok.add_tokens(["<M>"], special_tokens=True)
-    tok.save_pretrained(str(base))
     return base
 
 
-def test_local_open_dcoder_copy_is_a_diffusion_model(tmp_path, weights_dir, qwen_dir, caplog):
-    ckpt = _checkpoint(tmp_path / "open-dcoder", weights_dir, qwen_dir, name_or_path=OPEN_DCODER)
+def test_local_open_dcoder_copy_is_a_diffusion_model(tmp_path, weights_dir, tokenizer_dirs, caplog):
+    ckpt = _checkpoint(tmp_path / "open-dcoder", weights_dir, tokenizer_dirs["declared"], name_or_path=OPEN_DCODER)
     with caplog.at_level(logging.INFO, logger="dinfill"):
         model = dinfill.load_model(str(ckpt), device="cpu")
     assert model.kind == "diffusion" and model.checkpoint == OPEN_DCODER
@@ -90,22 +100,22 @@ def test_local_open_dcoder_copy_is_a_diffusion_model(tmp_path, weights_dir, qwen
         diffusion_generate(ar_model, torch.tensor([[1, 151665]]), mask_id=151665)
 
 
-def test_hf_cache_snapshot_is_recognised(tmp_path, weights_dir, qwen_dir):
+def test_hf_cache_snapshot_is_recognised(tmp_path, weights_dir, tokenizer_dirs):
     snap = tmp_path / "hub" / "models--fredzzp--open-dcoder-0.5B" / "snapshots" / "0123abc"
-    _checkpoint(snap, weights_dir, qwen_dir, tokenizer="plain")  # nothing else says what it is
+    _checkpoint(snap, weights_dir, tokenizer_dirs["plain"])  # nothing else says what it is
     decision = detect_kind(str(snap))
     assert (decision.kind, decision.certain, decision.checkpoint) == ("diffusion", True, OPEN_DCODER)
 
 
-def test_tokenizer_mask_token_is_evidence_and_a_guess_is_a_warning(tmp_path, weights_dir, qwen_dir, caplog):
-    masked = _checkpoint(tmp_path / "masked", weights_dir, qwen_dir, tokenizer="undeclared")
+def test_tokenizer_mask_token_is_evidence_and_a_guess_is_a_warning(tmp_path, weights_dir, tokenizer_dirs, caplog):
+    masked = _checkpoint(tmp_path / "masked", weights_dir, tokenizer_dirs["undeclared"])
     with caplog.at_level(logging.WARNING, logger="dinfill"):
         model = dinfill.load_model(str(masked), device="cpu")
     assert model.kind == "diffusion" and model.checkpoint is None
     (warning,) = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     assert "'<M>'" in warning and "--kind ar" in warning
     caplog.clear()
-    plain = _checkpoint(tmp_path / "plain", weights_dir, qwen_dir, tokenizer="plain")
+    plain = _checkpoint(tmp_path / "plain", weights_dir, tokenizer_dirs["plain"])
     with caplog.at_level(logging.WARNING, logger="dinfill"):
         model = dinfill.load_model(str(plain), device="cpu")
     assert model.kind == "ar"
@@ -114,8 +124,8 @@ def test_tokenizer_mask_token_is_evidence_and_a_guess_is_a_warning(tmp_path, wei
     assert dinfill.load_model(str(plain), device="cpu", kind="diffusion").kind_source == "override"
 
 
-def test_mask_token_of_a_trained_checkpoint(tmp_path, weights_dir, qwen_dir):
-    ckpt = _checkpoint(tmp_path / "od", weights_dir, qwen_dir, name_or_path=OPEN_DCODER, tokenizer="undeclared")
+def test_mask_token_of_a_trained_checkpoint(tmp_path, weights_dir, tokenizer_dirs, qwen_dir):
+    ckpt = _checkpoint(tmp_path / "od", weights_dir, tokenizer_dirs["undeclared"], name_or_path=OPEN_DCODER)
     model = dinfill.load_model(str(ckpt), device="cpu")
     # <M> is in the copy's vocabulary but not declared: it is declared, nothing is added
     tok = dinfill.load_tokenizer(str(ckpt), add_mask_token=True)
@@ -139,8 +149,8 @@ def test_mask_token_of_a_trained_checkpoint(tmp_path, weights_dir, qwen_dir):
         infill(model, plain, ["x = "], ["\n"], length="fixed", middle_tokens=2, steps=1)
 
 
-def test_declared_mask_token_and_random_weights(tmp_path, weights_dir, qwen_dir):
-    ckpt = _checkpoint(tmp_path / "declared", weights_dir, qwen_dir, name_or_path=OPEN_DCODER)
+def test_declared_mask_token_and_random_weights(tmp_path, weights_dir, tokenizer_dirs, qwen_dir):
+    ckpt = _checkpoint(tmp_path / "declared", weights_dir, tokenizer_dirs["declared"], name_or_path=OPEN_DCODER)
     assert dinfill.load_tokenizer(str(ckpt)).mask_token_id == 151665
     # random weights: adding a token is allowed, explicitly, and no trained id is enforced
     random = dinfill.load_model("tiny-dcoder", random_weights=True, device="cpu")
