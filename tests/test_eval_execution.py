@@ -730,12 +730,14 @@ def test_fallback_cleanup_kills_daemons_and_removes_deep_trees(config):
     )
     # Deeper than the recursion limit that breaks shutil.rmtree before Python 3.12.4 (ext4 makes 5000 slow here).
     deep = forger('import os\nprint(os.getcwd())\nfor _ in range(1500):\n    os.mkdir("d")\n    os.chdir("d")')
-    results = run_programs([daemon, normal(100), normal(101, False), deep], config=config, jobs=1)
-    assert [r.status for r in results] == ["passed", "passed", "failed", "failed"], results
-    size = os.path.getsize(beat)
-    time.sleep(0.3)
-    assert os.path.getsize(beat) == size
-    shutil.rmtree(folder)
+    try:
+        results = run_programs([daemon, normal(100), normal(101, False), deep], config=config, jobs=1)
+        assert [r.status for r in results] == ["passed", "passed", "failed", "failed"], results
+        size = os.path.getsize(beat)
+        time.sleep(0.3)
+        assert os.path.getsize(beat) == size
+    finally:
+        shutil.rmtree(folder)
     # Without a private tmpfs the working directory is a host folder: removed, however deep (case 4).
     workdir = results[3].stdout.strip()
     assert os.path.basename(workdir).startswith("dinfill-sandbox-") and not os.path.exists(workdir)
@@ -781,7 +783,7 @@ def test_non_root_is_refused_without_opt_in():
     if ROOT:
         pytest.skip("checks the refusal a non-root evaluator gets; this one is root (see the setpriv test)")
     with pytest.raises(SandboxUnavailable, match="allow-weak-sandbox"):
-        Sandbox(jobs=1)
+        Sandbox(SandboxConfig(allow_weaker_isolation=False), jobs=1)
 
 
 def test_self_check_and_config_validation():

@@ -30,6 +30,11 @@ pytestmark = [
     pytest.mark.slow,
 ]
 SEEDS = Path(DATA or ".") / "seed-results"
+
+# These tests need programs to run, not full isolation (tests/test_eval_execution.py checks that): where the
+# evaluator is not root they accept the weaker sandbox instead of being refused.
+if os.geteuid() != 0:
+    os.environ.setdefault("DINFILL_ALLOW_WEAK_SANDBOX", "1")
 # Published counts (../shared/data/README.md) the re-scoring must reproduce exactly.
 HUMANEVAL_PASSED = {
     "open-dcoder-0.5B": 790,

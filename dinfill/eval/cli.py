@@ -189,12 +189,10 @@ def _postprocess(args: argparse.Namespace, default: PostProcess) -> PostProcess:
 def _sandbox_config(args: argparse.Namespace):
     from dinfill.eval.execution import SandboxConfig
 
-    # Other limits keep their defaults (see SandboxConfig); these two are the ones people tune.
-    return SandboxConfig(
-        cpu_seconds=args.cpu_seconds,
-        memory_bytes=args.memory_mb * 1024**2,
-        allow_weaker_isolation=args.allow_weak_sandbox,
-    )
+    # Other limits keep their defaults (see SandboxConfig); these two are the ones people tune. Without the
+    # flag, SandboxConfig reads DINFILL_ALLOW_WEAK_SANDBOX.
+    weak = {"allow_weaker_isolation": True} if args.allow_weak_sandbox else {}
+    return SandboxConfig(cpu_seconds=args.cpu_seconds, memory_bytes=args.memory_mb * 1024**2, **weak)
 
 
 def _fail(message: object) -> int:

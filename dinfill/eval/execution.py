@@ -50,9 +50,9 @@ Covered (full isolation: Linux >= 5.12, root or CAP_SYS_ADMIN, a cgroup memory c
   of its pid namespace) exits and the kernel kills everything the program left, daemons that
   ``setsid`` and double-fork included; ``/proc`` is a fresh instance of that pid namespace, so the
   program sees only its own processes (and the reaper), not the host's;
-- files: every mount is read-only for the program except private tmpfs on ``/tmp``, ``/var/tmp``,
-  ``/dev/shm`` and ``/run/lock`` (``tmp_bytes`` each, at most 16384 inodes) that disappear with it;
-  ``RLIMIT_FSIZE`` caps files, ``RLIMIT_NOFILE`` descriptors;
+- files: the program sees every file system read-only (its own ``/proc`` aside), except private
+  tmpfs on ``/tmp``, ``/var/tmp``, ``/dev/shm`` and ``/run/lock`` (``tmp_bytes`` each, at most 16384
+  inodes) that disappear with it; ``RLIMIT_FSIZE`` caps files, ``RLIMIT_NOFILE`` descriptors;
 - IPC: a private IPC namespace per program: SysV shared memory, semaphores and message queues die
   with it (POSIX shared memory lives in its private ``/dev/shm``);
 - output: stdout and stderr are drained continuously (a flood cannot block the child) and only the
@@ -67,8 +67,10 @@ Covered (full isolation: Linux >= 5.12, root or CAP_SYS_ADMIN, a cgroup memory c
 Where the machine cannot provide a requested feature (not root, a container without
 CAP_SYS_ADMIN, a kernel before 5.12), the sandbox refuses to start and says what is missing and
 why, unless weaker isolation is allowed explicitly (``SandboxConfig(allow_weaker_isolation=True)``,
-``--allow-weak-sandbox`` on the command line). The memory cap is the exception: without a usable
-cgroup it falls back to the per-process limit, so a program can use ``memory_bytes * max_processes``.
+``--allow-weak-sandbox`` on the command line, ``DINFILL_ALLOW_WEAK_SANDBOX=1`` in the environment);
+it then logs a warning naming what is missing. The memory cap is the exception: without a usable
+cgroup it falls back to the per-process limit, so a program can use ``memory_bytes * max_processes``
+(also logged).
 
 Not covered
 -----------
@@ -185,7 +187,9 @@ class SandboxConfig:
         When running as root, run programs as dedicated unprivileged uids (strongly recommended).
     allow_weaker_isolation : bool
         Run even when the machine cannot provide a feature asked for above (not root, no namespaces);
-        off by default, so that a sandbox never silently isolates less than it says.
+        off by default (unless the environment sets ``DINFILL_ALLOW_WEAK_SANDBOX=1``, for commands
+        without the ``--allow-weak-sandbox`` flag), so that a sandbox never silently isolates less
+        than it says.
     uid_range : tuple of int
         Half-open range searched for free uids (no passwd entry, no process, not locked).
     python : str
@@ -205,7 +209,7 @@ class SandboxConfig:
     ipc_namespace: bool = True
     private_filesystem: bool = True
     drop_privileges: bool = True
-    allow_weaker_isolation: bool = False
+    allow_weaker_isolation: bool = field(default_factory=lambda: os.environ.get("DINFILL_ALLOW_WEAK_SANDBOX") == "1")
     uid_range: tuple[int, int] = (61000, 65000)
     python: str = field(default_factory=lambda: sys.executable)
 
@@ -613,8 +617,9 @@ def _refusal(missing: dict[str, str]) -> str:
     items = _listing(missing)
     return (
         f"the sandbox cannot provide {items}. Run as root on Linux >= 5.12 (CI does), or accept weaker "
-        "isolation explicitly: SandboxConfig(allow_weaker_isolation=True), or --allow-weak-sandbox on the "
-        "command line (dinfill.eval.execution lists what is then not covered)"
+        "isolation explicitly: --allow-weak-sandbox on the command line, DINFILL_ALLOW_WEAK_SANDBOX=1 in the "
+        "environment, or SandboxConfig(allow_weaker_isolation=True) (dinfill.eval.execution lists what is "
+        "then not covered)"
     )
 
 
