@@ -281,8 +281,8 @@ def test_package_exports_the_function():
 
 def test_pick_config_interpreter_and_cuda_table():
     q, k, _ = _qkv(1, 14, 2, 17, 97, 64, torch.bfloat16)
-    if q.device.type == "cpu":
-        assert pick_config(q, k) == AttentionConfig(16, 16, num_warps=4, num_stages=1)
+    if q.device.type == "cpu":  # interpreter: all 7 x 17 packed rows in 64-row blocks, 16-key blocks
+        assert pick_config(q, k) == AttentionConfig(64, 16, num_warps=4, num_stages=1)
     # the CUDA table, as a pure function of shapes (H100: 132 SMs)
     prefill = cuda_config(B=8, Hkv=2, rows=7 * 2048, Lk=2048, D=64, dtype=torch.bfloat16, sm_count=132)
     assert (prefill.block_m, prefill.block_n, prefill.num_splits) == (128, 64, 1)

@@ -285,11 +285,14 @@ def _on_dev(kw: dict) -> dict:
 
 
 def test_fused_path_equals_torch_path(family_model, monkeypatch):
-    """fp32: every mode, both paths within 1e-4 of the logit scale (real rows only: padding rows differ)."""
+    """fp32, left padding with explicit positions (the other modes run against transformers in test_models):
+    both paths within 1e-4 of the logit scale on real rows (padding rows differ: the torch path opens them)."""
     _, model, _ = family_model
     ids, cases = _cases(model)
     model, ids = model.to(DEV), ids.to(DEV)
     for name, kw in cases:
+        if not name.startswith("padded"):
+            continue
         kw = _on_dev(kw)
         monkeypatch.setenv("DINFILL_BACKEND", "torch")
         want = model(ids, **kw)
@@ -303,8 +306,13 @@ def test_fused_path_equals_torch_path(family_model, monkeypatch):
 
 
 def test_fused_path_with_cache(family_model, monkeypatch):
-    """Prefill + decode and a cached diffusion window: fused logits and cache contents equal the torch path's."""
-    _, model, _ = family_model
+    """Prefill + decode and a cached diffusion window: fused logits and cache contents equal the torch path's.
+
+    Starcoder2 only (the others run these modes against transformers in test_models): its window of 8 is
+    shorter than the cache, so the kernel's sliding window is exercised in prefill and decode."""
+    family, model, _ = family_model
+    if family != "starcoder2":
+        pytest.skip("prefill/decode/window of this family run against transformers in tests/test_models.py")
     cfg = model.config
     g = torch.Generator().manual_seed(6)
     B, L = 2, 16

@@ -32,15 +32,6 @@ def round_to_bf16(x):
     return bits.to(tl.float32, bitcast=True)
 
 
-@triton.jit
-def round_to(x, DTYPE: tl.constexpr, EMULATE_BF16: tl.constexpr):
-    """Round fp32 ``x`` to ``DTYPE`` (the model dtype) and widen it back to fp32."""
-    if EMULATE_BF16:
-        return round_to_bf16(x)
-    else:
-        return x.to(DTYPE).to(tl.float32)
-
-
 def emulate_bf16(t: Tensor) -> bool:
     """True when a bf16 tensor is processed by the interpreter (see the module docstring)."""
     return t.dtype == torch.bfloat16 and t.device.type != "cuda"

@@ -29,17 +29,10 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dinfill.kernels._common import check_device, check_float, device_context, emulate_bf16, round_to
+from dinfill.kernels._common import check_device, check_float, device_context, emulate_bf16, round_to_bf16
 
 ACTIVATIONS = ("swiglu", "gelu_tanh")
 _BLOCK = 1024  # elements per program: 2 KiB of bf16 per operand
-
-
-@triton.jit
-def _sigmoid(z):
-    """1 / (1 + exp(-z)) without overflowing exp: exp(-|z|) is at most 1."""
-    e = tl.exp(-tl.abs(z))
-    return tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 @triton.jit
@@ -66,14 +59,21 @@ def _activation_kernel(
     ok = (m < n_rows)[:, None] & (cols < inner)[None, :]
     src = X + m[:, None] * stride_xm + cols[None, :]  # (BLOCK_R, BLOCK)
     g = tl.load(src, mask=ok, other=0.0).to(tl.float32)
+    z = g if SWIGLU else 1.5957691216057308 * (g + 0.044715 * g * g * g)  # GELU: 2 sqrt(2 / pi) (x + 0.044715 x^3)
+    e = tl.exp(-tl.abs(z))  # sigmoid(z) without overflow: exp(-|z|) <= 1
+    sig = tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
     if SWIGLU:
         u = tl.load(src + inner, mask=ok, other=0.0).to(tl.float32)
-        act = round_to(g * _sigmoid(g), DTYPE, EMULATE_BF16)  # F.silu, rounded as torch does
+        act = g * sig  # F.silu, rounded to the dtype as torch does
+        if EMULATE_BF16:
+            act = round_to_bf16(act)
+        else:
+            act = act.to(DTYPE).to(tl.float32)
         y = act * u
     else:
-        inner_arg = 0.7978845608028654 * (g + 0.044715 * g * g * g)  # sqrt(2 / pi) * (x + 0.044715 x^3)
-        y = g * _sigmoid(2.0 * inner_arg)  # x * sigmoid(2u) = 0.5 x (1 + tanh(u))
-    y = round_to(y, DTYPE, EMULATE_BF16)
+        y = g * sig  # x * sigmoid(2u) = 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3)
+    if EMULATE_BF16:  # elsewhere the store rounds
+        y = round_to_bf16(y)
     tl.store(OUT + m[:, None] * stride_om + cols[None, :], y.to(DTYPE), mask=ok)
 
 

@@ -46,7 +46,7 @@ from dinfill.kernels._common import (
     check_int,
     device_context,
     emulate_bf16,
-    round_to,
+    round_to_bf16,
 )
 
 _MAX_H = 65536
@@ -102,7 +102,11 @@ def _add_norm_kernel(
     x = tl.load(X + src[:, None] * stride_xr + offs[None, :], mask=ok, other=0.0).to(tl.float32)
     if HAS_DELTA:
         d = tl.load(DELTA + src[:, None] * stride_dr + offs[None, :], mask=ok, other=0.0).to(tl.float32)
-        x = round_to(x + d, DTYPE, EMULATE_BF16)  # the residual stream lives in the model dtype
+        x = x + d  # the residual stream lives in the model dtype: round there
+        if EMULATE_BF16:
+            x = round_to_bf16(x)
+        else:
+            x = x.to(DTYPE).to(tl.float32)
     if STORE_RESIDUAL:
         tl.store(RES + r[:, None] * stride_rr + offs[None, :], x.to(RES.dtype.element_ty), mask=ok)
     w = tl.load(W + offs, mask=offs < H, other=0.0).to(tl.float32)[None, :]  # (1, BLOCK_H)
@@ -115,8 +119,14 @@ def _add_norm_kernel(
             y += tl.load(BIAS + offs, mask=offs < H, other=0.0).to(tl.float32)[None, :]
     else:
         ms = tl.sum(x * x, 1) / H  # (BLOCK_R,)
-        y = round_to(x * tl.rsqrt(ms + eps)[:, None], DTYPE, EMULATE_BF16) * w  # Qwen2/Llama: cast, then weight
-    y = round_to(y, DTYPE, EMULATE_BF16)
+        y = x * tl.rsqrt(ms + eps)[:, None]  # Qwen2/Llama: cast to the dtype, then multiply by the weight
+        if EMULATE_BF16:
+            y = round_to_bf16(y)
+        else:
+            y = y.to(DTYPE).to(tl.float32)
+        y = y * w
+    if EMULATE_BF16:  # elsewhere the store rounds
+        y = round_to_bf16(y)
     tl.store(Y + r[:, None] * stride_yr + offs[None, :], y.to(DTYPE), mask=ok)
 
 

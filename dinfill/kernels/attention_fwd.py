@@ -365,17 +365,19 @@ def _sm_count(index: int) -> int:
 def pick_config(q: Tensor, k: Tensor) -> AttentionConfig:
     """Heuristic launch parameters for ``attention(q, k, v)``; shapes only, so CUDA graphs stay valid.
 
-    On CUDA see :func:`cuda_config`. In the CPU interpreter, 16 x 16 blocks keep tests on small
-    shapes fast and still cross many block boundaries; bigger problems (more than 128 x 128 packed
-    rows x keys, e.g. whole-model runs through the interpreter) get 64 x 64 blocks, since the
-    interpreter's cost is per operation, not per element.
+    On CUDA see :func:`cuda_config`. In the CPU interpreter, whose cost is per program and per
+    operation rather than per element, one query block holds up to 64 packed rows (so a small
+    problem is one program per (batch, KV head)) and 16-key blocks keep tests on small shapes
+    crossing many key-block boundaries; bigger problems (more than 128 x 128 packed rows x keys,
+    e.g. whole-model runs through the interpreter) get 64-key blocks.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     rows = (Hq // Hkv) * Lq
     if q.device.type != "cuda":
-        block = 64 if rows * Lk > 128 * 128 else 16
-        return AttentionConfig(block_m=block, block_n=block, num_warps=4, num_stages=1)
+        block_n = 64 if rows * Lk > 128 * 128 else 16
+        block_m = min(64, max(16, triton.next_power_of_2(rows)))
+        return AttentionConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=1)
     sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
     return cuda_config(B, Hkv, rows, Lk, D, q.dtype, sms)
 

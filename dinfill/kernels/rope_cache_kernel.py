@@ -39,7 +39,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dinfill.kernels._common import check_device, check_float, check_int, device_context, emulate_bf16, round_to
+from dinfill.kernels._common import check_device, check_float, check_int, device_context, emulate_bf16, round_to_bf16
 
 _MAX_ROW = 32768
 
@@ -111,8 +111,11 @@ def _rope_cache_kernel(
     q_ok = tok_ok[:, None, None] & (hq < HQ) & j_ok
     x1 = tl.load(row + hq * D + j, mask=q_ok, other=0.0).to(tl.float32)
     x2 = tl.load(row + hq * D + HALF + j, mask=q_ok, other=0.0).to(tl.float32)
-    o1 = round_to(x1 * cos - x2 * sin, DTYPE, EMULATE_BF16)
-    o2 = round_to(x2 * cos + x1 * sin, DTYPE, EMULATE_BF16)
+    o1 = x1 * cos - x2 * sin  # fp32; rounded once, by the store
+    o2 = x2 * cos + x1 * sin
+    if EMULATE_BF16:
+        o1 = round_to_bf16(o1)
+        o2 = round_to_bf16(o2)
     q_dst = Q_OUT + (b * stride_qb + t * stride_qt)[:, None, None] + hq * stride_qh + j
     tl.store(q_dst, o1.to(DTYPE), mask=q_ok)
     tl.store(q_dst + HALF, o2.to(DTYPE), mask=q_ok)
@@ -122,8 +125,11 @@ def _rope_cache_kernel(
     k_ok = tok_ok[:, None, None] & (hk < HKV) & j_ok
     x1 = tl.load(row + (HQ + hk) * D + j, mask=k_ok, other=0.0).to(tl.float32)
     x2 = tl.load(row + (HQ + hk) * D + HALF + j, mask=k_ok, other=0.0).to(tl.float32)
-    o1 = round_to(x1 * cos - x2 * sin, DTYPE, EMULATE_BF16)
-    o2 = round_to(x2 * cos + x1 * sin, DTYPE, EMULATE_BF16)
+    o1 = x1 * cos - x2 * sin
+    o2 = x2 * cos + x1 * sin
+    if EMULATE_BF16:
+        o1 = round_to_bf16(o1)
+        o2 = round_to_bf16(o2)
     k_dst = K_OUT + (b * stride_kb + col * stride_kl)[:, None, None] + hk * stride_kh + j
     tl.store(k_dst, o1.to(DTYPE), mask=k_ok)
     tl.store(k_dst + HALF, o2.to(DTYPE), mask=k_ok)
