@@ -1,9 +1,10 @@
 """Device ops per decoder layer: at most 10 on the fused (Triton) path in every forward mode (issue 10).
 
 A device op is an aten op that launches a kernel (views, allocations and other metadata ops do not) or a
-Triton launch. Both are counted on the CPU: aten ops with a ``TorchDispatchMode``, Triton launches by
-wrapping the launcher (``InterpretedFunction.run`` in the interpreter, ``JITFunction.run`` when compiled;
-aten ops the interpreter itself runs while emulating a launch are not counted). The count per layer is the
+Triton launch. Both are counted on the CPU by :class:`dinfill.bench.forward.DeviceOpCounter`: aten ops with
+a ``TorchDispatchMode``, Triton launches by wrapping the launcher (``InterpretedFunction.run`` in the
+interpreter, ``JITFunction.run`` when compiled; aten ops the interpreter itself runs while emulating a
+launch are not counted). The count per layer is the
 difference between a 2-layer and a 1-layer model of the same shape, so nothing has to be attributed to a
 layer by hand; what is left is the per-forward constant (embedding, attention plan, final norm, lm_head).
 The model's CPU-only input validation (free on the CPU, skipped on CUDA because it would sync) is counted
@@ -17,93 +18,16 @@ Starcoder2's sliding window is shorter than the cache, so its windowed attention
 
 from __future__ import annotations
 
-import contextlib
-from collections import Counter
-
 import pytest
 import torch
 from tiny import hf_config
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from dinfill.bench.forward import DeviceOpCounter
 from dinfill.models import ModelConfig
 from dinfill.models.decoder import Decoder
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BUDGET = 10  # device ops per layer on the fused path (issue 10)
-# aten ops that never launch a kernel: allocation and aliasing (views are recognised from their schema)
-_NO_KERNEL = {"empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias",
-              "lift_fresh", "split", "split_with_sizes", "unbind", "chunk", "sym_size", "sym_stride",
-              "sym_numel"}  # fmt: skip
-_SYNCS = {"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "item"}  # ops whose result the host waits for
-
-
-class OpCounter(TorchDispatchMode):
-    """Counts kernel-launching aten ops (by name) and Triton launches (by kernel) inside its context."""
-
-    def __init__(self):
-        super().__init__()
-        self.aten: Counter[str] = Counter()
-        self.triton: Counter[str] = Counter()
-        self.validation: Counter[str] = Counter()
-        self.syncs: Counter[str] = Counter()
-        self._paused = 0
-        self._in_validation = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        name = func.overloadpacket.__name__
-        if not self._paused and not func.is_view and name not in _NO_KERNEL:
-            if self._in_validation:
-                self.validation[name] += 1
-            else:
-                self.aten[name] += 1
-                if name in _SYNCS:
-                    self.syncs[name] += 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def total(self) -> int:
-        return sum(self.aten.values()) + sum(self.triton.values())
-
-    @contextlib.contextmanager
-    def watching(self, monkeypatch):
-        """Enter the mode and wrap the Triton launchers and the model's input validation."""
-        counter = self
-
-        def wrap_launch(cls):
-            real = cls.run
-
-            def run(self, *args, **kwargs):
-                if not kwargs.get("warmup", False):
-                    counter.triton[getattr(self, "__name__", None) or self.fn.__name__] += 1
-                counter._paused += 1  # the interpreter's own tensor traffic is not a device op
-                try:
-                    return real(self, *args, **kwargs)
-                finally:
-                    counter._paused -= 1
-
-            monkeypatch.setattr(cls, "run", run)
-
-        from triton.runtime.jit import JITFunction
-
-        wrap_launch(JITFunction)
-        with contextlib.suppress(ImportError):
-            from triton.runtime.interpreter import InterpretedFunction
-
-            wrap_launch(InterpretedFunction)
-        real_check = Decoder._check_inputs
-
-        def check(model, *args):
-            counter._in_validation += 1
-            try:
-                return real_check(model, *args)
-            finally:
-                counter._in_validation -= 1
-
-        monkeypatch.setattr(Decoder, "_check_inputs", check)
-        with self:
-            yield self
-
-
 FAMILIES = {
     "qwen2": dict(),
     "llama": dict(attention_bias=True),  # linear RoPE scaling, o_proj bias
@@ -145,7 +69,7 @@ def _run_mode(model: Decoder, mode: str):
                          logits_index=idx)  # fmt: skip
 
 
-def count(family: str, mode: str, backend: str, layers: int, monkeypatch) -> OpCounter:
+def count(family: str, mode: str, backend: str, layers: int, monkeypatch) -> DeviceOpCounter:
     model = _model(family, layers)
     with monkeypatch.context() as m:
         import dinfill.kernels.attention_fwd as attn
@@ -158,16 +82,16 @@ def count(family: str, mode: str, backend: str, layers: int, monkeypatch) -> OpC
         m.setenv("DINFILL_BACKEND", "torch")  # set-up calls only fill the cache: the fast path will do
         fwd = _run_mode(model, mode)
         m.setenv("DINFILL_BACKEND", backend)
-        with torch.no_grad(), OpCounter().watching(m) as counter:
+        with torch.no_grad(), DeviceOpCounter() as counter:
             fwd()
     return counter
 
 
 MODES = ["prefill", "decode", "decode-split", "window", "full"]
-RESULTS: dict[tuple[str, str, str], tuple[int, int, OpCounter]] = {}
+RESULTS: dict[tuple[str, str, str], tuple[int, int, DeviceOpCounter]] = {}
 
 
-def _per_layer(family, mode, backend, monkeypatch) -> tuple[int, int, OpCounter]:
+def _per_layer(family, mode, backend, monkeypatch) -> tuple[int, int, DeviceOpCounter]:
     key = (family, mode, backend)
     if key not in RESULTS:
         one, two = (count(family, mode, backend, n, monkeypatch) for n in (1, 2))

@@ -1,0 +1,57 @@
+"""``dinfill.bench.forward.forward_phase`` (issue 10's GPU forward phase) runs its code path on the CPU.
+
+Without CUDA it cannot time graphs or compile, so it counts device ops (:class:`DeviceOpCounter`) on the
+fused path (Triton's interpreter) and the torch path of a tiny model; this checks the output contract
+gpu_check relies on and that the counter sees what the op-count test sees.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import dinfill
+from dinfill.bench.forward import DeviceOpCounter, forward_phase
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    return dinfill.load_model("tiny-dcoder", device="cpu", dtype=torch.float32, random_weights=True, kind="diffusion")
+
+
+def test_forward_phase_cpu_contract(tiny, tmp_path, monkeypatch):
+    if torch.cuda.is_available():
+        pytest.skip("the CPU dry run; on CUDA gpu_check runs the timed phase")
+    monkeypatch.setenv("DINFILL_BACKEND", "torch")  # the phase must pick its backends itself
+    results = tmp_path / "r.jsonl"
+    out = forward_phase(shapes=((1, 1), (2, 9)), small=True, results=results, model=tiny)
+    assert set(out) >= {"rows", "ok", "detail", "seconds"} and out["ok"] is True
+    decode, canvas = out["rows"]
+    assert (decode["batch"], decode["tokens"], canvas["batch"], canvas["tokens"]) == (1, 1, 2, 9)
+    assert decode["mode"].startswith("decode") and canvas["mode"].startswith("bidirectional")
+    layers = tiny.config.num_layers
+    for row in out["rows"]:
+        # the fused forward: <= 10 device ops per layer + 6 per forward; the torch path several times more
+        assert 0 < row["fused_ops"] <= row["ops_per_layer_budget"] == 10 * layers + 6
+        assert row["torch_ops"] > 2 * row["fused_ops"]
+        assert row["compile_skipped"] == "needs CUDA" and "fused_ms" not in row
+    lines = [json.loads(line) for line in results.read_text().splitlines()]
+    assert [r["shape"] for r in lines] == ["B1 x 1", "B2 x 9"] and all("env" in r for r in lines)
+    assert "fused ops" in out["detail"]
+
+
+def test_counter_restores_what_it_patches(tiny):
+    """The counter wraps the Triton launchers and the model's validation only while it is open."""
+    import triton.runtime.jit as jit
+
+    from dinfill.models.decoder import Decoder
+
+    run, check = jit.JITFunction.run, Decoder._check_inputs
+    ids = torch.randint(0, 100, (1, 5))
+    with torch.no_grad(), DeviceOpCounter() as counter:
+        assert jit.JITFunction.run is not run and Decoder._check_inputs is not check
+        tiny(ids, causal=False)
+    assert jit.JITFunction.run is run and Decoder._check_inputs is check
+    assert counter.total > 0 and sum(counter.validation.values()) > 0 and not counter.syncs
