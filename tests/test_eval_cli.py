@@ -217,3 +217,20 @@ def test_two_samples_report_pass_at_2(tmp_path, toy_santacoder, capsys):
     assert "| pass@1 |" in table and "| pass@2 |" in table
     summary = json.loads((tmp_path / "santacoder-fim-py" / "summary.json").read_text())
     assert list(summary["pass@k"]) == ["pass@1", "pass@2"]
+
+
+def test_score_out_refuses_another_run_unless_overwrite(tmp_path, toy_santacoder, capsys):
+    # Issue 12: one layout for score and eval; another model's file into a folder holding a run is refused.
+    task = get_task("santacoder-fim", data=toy_santacoder)
+    lines = [json.dumps({"task_id": p.task_id, "completion": p.canonical}) for p in task.problems()]
+    (tmp_path / "a.jsonl").write_text("\n".join(lines) + "\n")
+    (tmp_path / "b.jsonl").write_text(lines[0] + "\n")
+    score = ["score", "--task", "santacoder-fim", "--data", str(toy_santacoder), "--out", str(tmp_path / "runs")]
+    assert cli.main([*score, str(tmp_path / "a.jsonl"), "--model", "a"]) == 0
+    assert cli.main([*score, str(tmp_path / "b.jsonl"), "--model", "b"]) == 2
+    assert "holds a different run (model: 'a' there, 'b' now; source:" in capsys.readouterr().err
+    assert cli.main([*score, str(tmp_path / "b.jsonl"), "--model", "b", "--overwrite"]) == 0
+    records = (tmp_path / "runs" / "santacoder-fim-py" / "records.jsonl").read_text().splitlines()
+    assert [json.loads(line)["model"] for line in records] == ["b"]
+    assert cli.main(["score", "--task", "santacoder-fim", str(tmp_path / "b.jsonl"), "--overwrite"]) == 2
+    assert "needs --out" in capsys.readouterr().err

@@ -391,6 +391,8 @@ def cmd_score(args: argparse.Namespace) -> int:
     )
     from dinfill.eval.report import summarize_run, write_summary
 
+    if args.overwrite and not args.out:
+        return _fail("--overwrite replaces what a run folder holds: it needs --out")
     try:
         task = _task(args, args.task)
         problems = task.problems()
