@@ -43,7 +43,8 @@ Covered (full isolation: Linux >= 5.12, root or CAP_SYS_ADMIN, a cgroup memory c
 - memory: ``RLIMIT_AS`` per process (default 2 GiB: a huge allocation is ``MemoryError`` -> ``oom``)
   and the same cap for the program as a whole (all its processes, its tmpfs files and shared
   memory) through a memory cgroup per slot: cgroup v2 where the evaluator's cgroup can have a child
-  with the memory controller, else cgroup v1's memory controller; an OOM kill in it is ``oom``
+  with the memory controller (the OOM killer then stops the whole program), else cgroup v1's memory
+  controller (it stops the largest process); any OOM kill in it makes the row ``oom``
   (:attr:`Sandbox.memory_scope` says which applies);
 - processes: ``RLIMIT_NPROC`` (default 16) for the slot's uid stops fork bombs; every slot has its
   own uid, so one slot's fork bomb cannot starve another; when the program ends, the reaper (pid 1
@@ -89,8 +90,9 @@ Not covered
   not root: programs run as the evaluator's user and could signal it or touch its files, and
   ``RLIMIT_NPROC`` counts all the user's processes; no network namespace: the network is reachable
   (each result says so); no pid namespace: leftovers are killed by the subreaper when the program ends;
-- world-readable files (the dataset, ``/etc``) stay readable; no seccomp filter; CPU is bounded per
-  process by rlimits, so a fork bomb's 16 processes can use 16 x the CPU limit within the wall clock;
+- world-readable files (the dataset, ``/etc``) stay readable; no seccomp filter (the whole system-call
+  surface is reachable: a kernel exploit escapes everything above); CPU is bounded per process by
+  rlimits, so a fork bomb's 16 processes can use 16 x the CPU limit within the wall clock;
 - programs of one slot share the fork server's interpreter state as it was at start-up (its hash seed
   and imported standard-library modules; ``random`` is never imported there, so it is seeded per program).
 
