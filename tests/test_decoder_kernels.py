@@ -1,4 +1,4 @@
-"""The decoder's fused Triton kernels (add_norm, rope_cache, activation) against their plain-torch specs.
+"""The decoder's fused Triton kernels (add_norm, rope_cache, activation, skinny_linear) against their specs.
 
 Without CUDA the kernels run in Triton's interpreter (tests/conftest.py sets ``TRITON_INTERPRET=1``); with
 CUDA the same tests run the compiled kernels on CUDA tensors. Shapes are odd (1, 97, 257 rows; hidden 97;
@@ -23,8 +23,9 @@ import torch
 
 from dinfill.kernels.activation_kernel import activation
 from dinfill.kernels.add_norm_kernel import add_norm
-from dinfill.kernels.reference import activation_ref, add_norm_ref, rope_cache_ref
+from dinfill.kernels.reference import activation_ref, add_norm_ref, rope_cache_ref, skinny_linear_ref
 from dinfill.kernels.rope_cache_kernel import rope_cache
+from dinfill.kernels.skinny_linear_kernel import skinny_linear
 from dinfill.models.decoder import rope_table
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -213,6 +214,41 @@ def test_activation_strided_rows():
 
 
 # ------------------------------------------------------------------------------------------------
+# skinny_linear (DINFILL_GEMV=triton): norm prologue, activation / residual epilogue
+# ------------------------------------------------------------------------------------------------
+
+SKINNY = [  # (M, K, N, norm, act, residual)
+    (1, 896, 97, "rmsnorm", None, False),  # decode q/k/v: the real hidden size, odd outputs
+    (3, 97, 2 * 61, "rmsnorm", "swiglu", False),  # gate/up rows stacked, SiLU(gate) * up
+    (16, 64, 33, "layernorm", "gelu_tanh", False),  # Starcoder2 c_fc: LayerNorm with bias, GELU-tanh
+    (5, 257, 40, None, None, True),  # o_proj / down_proj: residual += y in place
+    (2, 33, 17, None, None, False),  # plain, odd K
+]
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", SKINNY, ids=lambda c: "M{}_K{}_N{}_{}_{}_res{}".format(*c))
+def test_skinny_linear_matches_reference(case, dtype):
+    M, K, N, norm, act, res = case
+    x = _randn(M, K, dtype=dtype, seed=40, scale=2.0)
+    w = _randn(N, K, dtype=dtype, seed=41, scale=K**-0.5)
+    b = _randn(N, dtype=dtype, seed=42, scale=0.1)
+    nw = _randn(K, dtype=dtype, seed=43, scale=0.2) + 1 if norm else None
+    nb = _randn(K, dtype=dtype, seed=44, scale=0.1) if norm == "layernorm" else None
+    r = _randn(M, N, dtype=dtype, seed=45) if res else None
+    kw = dict(norm=norm, norm_weight=nw, norm_bias=nb, eps=1e-5, act=act)
+    f32 = lambda t: None if t is None else t.float()  # noqa: E731
+    ref32 = skinny_linear_ref(x.float(), w.float(), b.float(), residual=f32(r), **{**kw, "norm_weight": f32(nw),
+                              "norm_bias": f32(nb)})  # fmt: skip
+    low = skinny_linear_ref(x, w, b, residual=r, upcast=False, **kw)
+    out = skinny_linear(x, w, b, residual=None if r is None else r.clone(), **kw)
+    assert_rule(out, ref32, low, dtype, f"skinny {case}")
+    if res:
+        buf = r.clone()
+        assert skinny_linear(x, w, b, residual=buf, **kw) is buf and torch.equal(buf, out), "residual in place"
+
+
+# ------------------------------------------------------------------------------------------------
 # bad inputs: clear errors from the launchers
 # ------------------------------------------------------------------------------------------------
 
@@ -241,6 +277,15 @@ BAD = [
     (lambda: activation(_randn(3, 7, **F32), "swiglu"), ValueError, "even width"),
     (lambda: activation(_randn(3, 8, **F32), "relu"), ValueError, "not one of"),
     (lambda: activation(torch.ones(3, 8, dtype=torch.int32, device=DEV), "gelu_tanh"), TypeError, "int32"),
+    (lambda: skinny_linear(_randn(17, 8, **F32), _randn(4, 8, **F32)), ValueError, "exceed 16"),
+    (lambda: skinny_linear(_randn(2, 8, **F32), _randn(4, 9, **F32)), ValueError, r"\(N, 8\)"),
+    (lambda: skinny_linear(_randn(2, 8, **F32), _randn(4, 8, **F32), norm="rmsnorm"), ValueError, "norm_weight"),
+    (lambda: skinny_linear(_randn(2, 8, **F32), _randn(5, 8, **F32), act="swiglu"), ValueError, "even number"),
+    (
+        lambda: skinny_linear(_randn(2, 8, **F32), _randn(4, 8, **F32), act="swiglu", residual=_randn(2, 2, **F32)),
+        ValueError,
+        "exclusive",
+    ),
 ]
 
 
@@ -320,6 +365,15 @@ for dt in ("bf16", "fp16", "fp32"):
     build(at._attention_kernel, s, attn | dict(SPLIT=True, BLOCK_M=16), 4, 3)  # split-K decode
     build(at._attention_kernel, s, attn | dict(WINDOW=True, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=128), 8, 3)
     build(at._attention_kernel, s, attn | dict(HEAD_DIM=80, BLOCK_D=128), 4, 3)  # padded head dim
+    sk = sig(["X", "W", "BIAS", "NORM_W", "NORM_B", "RES", "OUT"], "*bf16") | sig(["M", "N", "K"], "i32")
+    sk |= {"eps": "fp32"} | sig(["stride_xm", "stride_wn", "stride_rm", "stride_om"], "i32")
+    skinny = dict(HAS_BIAS=True, NORM=1, HAS_NORM_BIAS=False, ACT=0, HAS_RES=False, BLOCK_M=16, BLOCK_N=16,
+                  BLOCK_K=512, DOT_PRECISION="tf32", EMULATE_BF16=False)
+    build(sk_kernel := importlib.import_module("dinfill.kernels.skinny_linear_kernel")._skinny_linear_kernel, sk,
+          skinny, 4, 4)  # qkv: RMSNorm prologue
+    build(sk_kernel, sk, skinny | dict(ACT=1), 4, 4)  # gate/up: SwiGLU epilogue
+    build(sk_kernel, sk, skinny | dict(NORM=2, HAS_NORM_BIAS=True, ACT=2), 4, 4)  # Starcoder2 c_fc
+    build(sk_kernel, sk, skinny | dict(NORM=0, HAS_RES=True), 4, 4)  # o / down: residual epilogue
     ms = sig(["Out"], "*bf16") | sig(["O_PART", "LSE_PART"], "*fp32")
     ms |= sig(["L_q", "H_kv", "GROUP", "n_splits", "stride_ob", "stride_oh", "stride_om"], "i32")
     build(at._attention_merge_kernel, ms, dict(BLOCK_M=16, HEAD_DIM=64, BLOCK_D=64, EMULATE_BF16=False))

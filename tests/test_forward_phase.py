@@ -37,6 +37,8 @@ def test_forward_phase_cpu_contract(tiny, tmp_path, monkeypatch):
         assert 0 < row["fused_ops"] <= row["ops_per_layer_budget"] == 10 * layers + 6
         assert row["torch_ops"] > 2 * row["fused_ops"]
         assert row["compile_skipped"] == "needs CUDA" and "fused_ms" not in row
+    # the experimental DINFILL_GEMV=triton path is counted where it applies (<= 16 tokens): 6 ops per layer
+    assert decode["fused_gemv_ops"] < decode["fused_ops"] and "fused_gemv_ops" not in canvas
     lines = [json.loads(line) for line in results.read_text().splitlines()]
     assert [r["shape"] for r in lines] == ["B1 x 1", "B2 x 9"] and all("env" in r for r in lines)
     assert "fused ops" in out["detail"]
@@ -55,3 +57,15 @@ def test_counter_restores_what_it_patches(tiny):
         tiny(ids, causal=False)
     assert jit.JITFunction.run is run and Decoder._check_inputs is check
     assert counter.total > 0 and sum(counter.validation.values()) > 0 and not counter.syncs
+
+
+def test_skinny_linear_check_for_gpu_check():
+    """gpu_check's row check of the experimental GEMV kernel runs (interpreter, tiny sizes) and passes."""
+    import random
+
+    if torch.cuda.is_available():
+        pytest.skip("gpu_check runs it on CUDA")
+    from dinfill.bench.forward import check_skinny_linear
+
+    rows = check_skinny_linear(torch.device("cpu"), random.Random(0), small=True)
+    assert len(rows) == 8 and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]

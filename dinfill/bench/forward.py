@@ -193,6 +193,48 @@ class DeviceOpCounter(TorchDispatchMode):
 
 
 # --------------------------------------------------------------------------------------------------
+# gpu_check's kernel check of skinny_linear (the other decoder kernels have theirs in gpu_check itself)
+# --------------------------------------------------------------------------------------------------
+
+
+def check_skinny_linear(device: torch.device, rng, small: bool) -> list[dict[str, Any]]:
+    """``skinny_linear`` against ``skinny_linear_ref`` by the style guide's rule, every prologue / epilogue.
+
+    Rows in gpu_check's format (``kernel``, ``case``, ``dtype``, ``ok``, ``error``, ``bound``); ``rng`` is a
+    ``random.Random`` that draws the seeds and the odd sizes.
+    """
+    from dinfill.kernels.reference import skinny_linear_ref
+    from dinfill.kernels.skinny_linear_kernel import skinny_linear  # CUDA, or Triton's interpreter on the CPU
+
+    K = 64 if small else 896
+    cases = [("rmsnorm", None, False, 3 * K // 2), ("rmsnorm", "swiglu", False, 2 * (97 if small else 4864)),
+             ("layernorm", "gelu_tanh", False, 97), (None, None, True, K)]  # fmt: skip
+    rows = []
+    for norm, act, res, N in cases:
+        for dtype in (torch.bfloat16, torch.float32):
+            gen = torch.Generator().manual_seed(rng.randrange(2**31))
+            M = rng.randrange(1, 17)
+            x = (2 * torch.randn(M, K, generator=gen)).to(device, dtype)  # (M, K)
+            w = (torch.randn(N, K, generator=gen) * K**-0.5).to(device, dtype)  # (N, K)
+            b = (0.1 * torch.randn(N, generator=gen)).to(device, dtype)
+            nw = (1 + 0.2 * torch.randn(K, generator=gen)).to(device, dtype) if norm else None
+            nb = (0.1 * torch.randn(K, generator=gen)).to(device, dtype) if norm == "layernorm" else None
+            r = torch.randn(M, N, generator=gen).to(device, dtype) if res else None
+            kw = dict(norm=norm, norm_weight=nw, norm_bias=nb, eps=1e-5, act=act)
+            out = skinny_linear(x, w, b, residual=None if r is None else r.clone(), **kw)
+            f32 = lambda t: None if t is None else t.float()  # noqa: E731
+            ref = skinny_linear_ref(x.float(), w.float(), b.float(), residual=f32(r),
+                                    **{**kw, "norm_weight": f32(nw), "norm_bias": f32(nb)})  # fmt: skip
+            low = skinny_linear_ref(x, w, b, residual=r, upcast=False, **kw)
+            err = (out.float() - ref).abs().max().item()
+            bound = 2 * (low.float() - ref).abs().max().item() + (1e-5 if dtype == torch.float32 else 2e-3)
+            rows.append({"kernel": "skinny_linear", "case": f"M{M} K{K} N{N} {norm}/{act}{'/residual' if res else ''}",
+                         "dtype": str(dtype)[6:], "ok": bool(torch.isfinite(out).all()) and err <= bound,
+                         "error": err, "bound": bound})  # fmt: skip
+    return rows
+
+
+# --------------------------------------------------------------------------------------------------
 # issue 10's forward phase
 # --------------------------------------------------------------------------------------------------
 
@@ -275,18 +317,23 @@ def _profiled_kernels(fn) -> int:
 
 
 @contextlib.contextmanager
-def _backend(name: str):
+def _env(name: str, value: str):
+    """Set an environment variable (read at call time by the runtime) for the duration of the block."""
     import os
 
-    old = os.environ.get("DINFILL_BACKEND")
-    os.environ["DINFILL_BACKEND"] = name
+    old = os.environ.get(name)
+    os.environ[name] = value
     try:
         yield
     finally:
         if old is None:
-            os.environ.pop("DINFILL_BACKEND", None)
+            os.environ.pop(name, None)
         else:
-            os.environ["DINFILL_BACKEND"] = old
+            os.environ[name] = old
+
+
+def _backend(name: str):
+    return _env("DINFILL_BACKEND", name)
 
 
 def forward_phase(
@@ -332,7 +379,9 @@ def forward_phase(
         ``torch_ms`` / ``compiled_ms`` (GPU ms of the forward replayed from a CUDA graph; ``torch_ms``
         is the pre-fusion path, ``compiled_ms`` the torch path under ``torch.compile``),
         ``fused_kernels`` / ``torch_kernels`` / ``compiled_kernels`` (profiler CUDA events of one call),
-        ``compile_s`` or ``compile_skipped`` / ``compile_error``, ``floor_ms`` (``max(bytes / bandwidth,
+        ``compile_s`` or ``compile_skipped`` / ``compile_error``; for shapes of at most 16 tokens also
+        ``fused_gemv_ms`` / ``fused_gemv_kernels`` / ``fused_gemv_ops`` (the experimental
+        ``DINFILL_GEMV=triton`` path) and ``gemv_vs_cublas`` (> 1: it is faster); ``floor_ms`` (``max(bytes / bandwidth,
         FLOPs / peak)`` on the measured H200-class ceilings), ``of_floor`` (floor / fused time),
         ``vs_compile`` (compiled / fused time), ``target_ms``, ``ok``; everywhere ``fused_ops`` /
         ``torch_ops`` (device ops counted by :class:`DeviceOpCounter`), ``ops_per_layer_budget``.
@@ -361,10 +410,16 @@ def forward_phase(
         fn, work, mode = _forward_inputs(model, batch, tokens, min(rows_n, tokens), cached)
         row: dict[str, Any] = {"shape": f"B{batch} x {tokens}", "batch": batch, "tokens": tokens, "mode": mode}
         row["target_ms"] = FORWARD_TARGETS_MS.get((batch, tokens)) if not tiny else None
+        variants = (
+            [("fused", "triton", "cublas"), ("torch", "torch", "cublas")]
+            if fused_ok
+            else [("torch", "torch", "cublas")]
+        )
+        if fused_ok and batch * tokens <= 16:  # the experimental Triton GEMVs (DINFILL_GEMV=triton) apply
+            variants.insert(1, ("fused_gemv", "triton", "triton"))
         with torch.no_grad():  # not inference_mode: torch.compile later reads these inputs
-            for backend in ("triton", "torch") if fused_ok else ("torch",):
-                label = "fused" if backend == "triton" else "torch"
-                with _backend(backend):
+            for label, backend, gemv in variants:
+                with _backend(backend), _env("DINFILL_GEMV", gemv):
                     fn()  # warm-up (compiles the kernels) outside the count
                     with DeviceOpCounter() as counter:
                         fn()
@@ -372,6 +427,8 @@ def forward_phase(
                     if on_gpu:
                         row[f"{label}_ms"] = round(_graph_ms(fn), 4)
                         row[f"{label}_kernels"] = _profiled_kernels(fn)
+        if "fused_gemv_ms" in row:
+            row["gemv_vs_cublas"] = round(row["fused_ms"] / row["fused_gemv_ms"], 3)  # > 1: the Triton GEMVs win
         row["ops_per_layer_budget"] = budget_ops
         if on_gpu:
             floor = roofline.achieved(work, row["fused_ms"] * 1e-3, peaks)

@@ -465,3 +465,41 @@ def activation_ref(x: Tensor, kind: str, *, upcast: bool = True) -> Tensor:
     else:
         raise ValueError(f"kind must be 'swiglu' or 'gelu_tanh', got {kind!r}")
     return y.to(dtype)
+
+
+def skinny_linear_ref(
+    x: Tensor,
+    weight: Tensor,
+    bias: Tensor | None = None,
+    *,
+    norm: str | None = None,
+    norm_weight: Tensor | None = None,
+    norm_bias: Tensor | None = None,
+    eps: float = 1e-6,
+    act: str | None = None,
+    residual: Tensor | None = None,
+    upcast: bool = True,
+) -> Tensor:
+    """Specification of ``dinfill.kernels.skinny_linear``: ``epilogue(norm(x) @ weight.T + bias)``.
+
+    ``norm`` is ``None``, ``"rmsnorm"`` or ``"layernorm"`` (as :func:`add_norm_ref`, without the add);
+    ``act`` is ``None``, ``"swiglu"`` (``weight`` holds gate rows then up rows) or ``"gelu_tanh"``;
+    ``residual`` (``(M, N)``) is added to the output (returned as a new tensor here). ``upcast=True``
+    computes in fp32 and rounds once; ``False`` runs the decoder's torch path in x's dtype.
+    """
+    dtype = x.dtype
+    if upcast:
+        x, weight = x.float(), weight.float()
+        bias, norm_weight, norm_bias = (None if t is None else t.float() for t in (bias, norm_weight, norm_bias))
+    h = x
+    if norm is not None:
+        h = add_norm_ref(x, norm_weight, norm_bias, eps=eps, layernorm=norm == "layernorm", upcast=upcast)[1]
+    y = torch.nn.functional.linear(h, weight, bias)
+    if act == "swiglu":
+        gate, up = y.chunk(2, dim=-1)
+        y = torch.nn.functional.silu(gate) * up
+    elif act == "gelu_tanh":
+        y = torch.nn.functional.gelu(y, approximate="tanh")
+    if residual is not None:
+        y = (residual.float() if upcast else residual) + y
+    return y.to(dtype)

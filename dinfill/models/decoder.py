@@ -19,6 +19,9 @@ Two forward paths share the weights:
   where the torch path launches about 40. The embedding look-up rides in the first add+norm, the
   final residual add, the row selection of ``logits_index`` and the final norm in the last one;
   RoPE reads cos/sin from a table built once at load. No host syncs, static shapes: CUDA-graph safe.
+  ``DINFILL_GEMV=triton`` (experimental, default ``cublas``) runs forwards of at most 16 tokens
+  (decode) with Triton GEMVs that fold the norms, the activation and the residual adds in: 6 ops
+  per layer. It stays off until a GPU run measures it faster than cuBLAS.
 
 Fused weights: q/k/v are one ``qkv_proj`` and gate/up one ``gate_up_proj`` (one GEMM each on the
 fused path; the torch path multiplies by row-block views of them, bit for bit what separate
@@ -29,6 +32,8 @@ HF state dict works, with no second copy of any weight in memory.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -36,6 +41,8 @@ from torch import Tensor, nn
 from dinfill.backend import use_triton
 from dinfill.models.attention import AttentionPlan, attend, plan
 from dinfill.models.config import ModelConfig
+
+_SKINNY_MAX_ROWS = 16  # DINFILL_GEMV=triton applies to forwards of at most this many tokens (decode)
 
 
 class KVCache:
@@ -390,6 +397,9 @@ class Decoder(nn.Module):
         layers = self.model.layers
         embed = self.model.embed_tokens.weight  # (V, H): the first norm gathers its rows by id
         resid, delta = None, None
+        if len(layers) and B * T <= _SKINNY_MAX_ROWS and os.environ.get("DINFILL_GEMV", "cublas") == "triton":
+            resid = self._layers_skinny(input_ids, p, table, position_ids, cache, cache_pos)  # decode: 6 ops/layer
+            layers = ()
         for i, layer in enumerate(layers):
             if resid is None:
                 resid, h = norm(layer.input_layernorm, embed, index=input_ids, index_rows=0)  # (B*T, H)
@@ -423,6 +433,46 @@ class Decoder(nn.Module):
         _, x = norm(self.model.norm, src, store_residual=False, **kw)  # (B * rows, H)
         x = x.view(B, rows, -1)
         return x if return_hidden else F.linear(x.view(B * rows, -1), self.lm_head.weight).view(B, rows, -1)
+
+    def _layers_skinny(self, input_ids, p, table, position_ids, cache, cache_pos) -> Tensor:
+        """The layers of a fused forward of at most 16 tokens with ``DINFILL_GEMV=triton`` (experimental).
+
+        Each projection is one ``skinny_linear`` launch that also runs the norm before it and the
+        residual add or activation after it, so a layer is 6 device ops (7 with split-K attention):
+        qkv(norm), RoPE + cache, attention, o(+= residual), gate_up(norm, SwiGLU), down(+= residual).
+        Returns the residual stream after the last layer, ``(B*T, H)``.
+        """
+        from dinfill.kernels.rope_cache_kernel import rope_cache
+        from dinfill.kernels.skinny_linear_kernel import skinny_linear
+
+        cfg = self.config
+        B, T = input_ids.shape
+        Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+        norm_kind = cfg.norm
+
+        def normed(module: nn.Module) -> dict:
+            return dict(norm=norm_kind, norm_weight=module.weight, norm_bias=getattr(module, "bias", None),
+                        eps=cfg.norm_eps)  # fmt: skip
+
+        resid = F.embedding(input_ids.reshape(-1), self.model.embed_tokens.weight)  # (B*T, H)
+        for i, layer in enumerate(self.model.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = skinny_linear(resid, attn.qkv_proj.weight, attn.qkv_proj.bias, **normed(layer.input_layernorm))
+            k_cache, v_cache = (cache.k[i], cache.v[i]) if cache is not None else (None, None)
+            q, k, v = rope_cache(
+                qkv.view(B, T, -1), table, Hq, Hkv, positions=position_ids, cache_pos=cache_pos,
+                k_out=k_cache, v_out=v_cache,
+            )  # fmt: skip
+            o = attend(q, k, v, p).transpose(1, 2).reshape(B * T, Hq * D)  # (B*T, Hq*D)
+            skinny_linear(o, attn.o_proj.weight, attn.o_proj.bias, residual=resid)
+            post = normed(layer.post_attention_layernorm)
+            if mlp.kind == "swiglu":
+                a = skinny_linear(resid, mlp.gate_up_proj.weight, mlp.gate_up_proj.bias, act="swiglu", **post)
+                skinny_linear(a, mlp.down_proj.weight, mlp.down_proj.bias, residual=resid)
+            else:
+                a = skinny_linear(resid, mlp.c_fc.weight, mlp.c_fc.bias, act="gelu_tanh", **post)
+                skinny_linear(a, mlp.c_proj.weight, mlp.c_proj.bias, residual=resid)
+        return resid
 
     def _check_inputs(self, input_ids, attention_mask, position_ids, cache, cache_pos, logits_index):
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
