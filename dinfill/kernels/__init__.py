@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import importlib
 
-__all__ = ["fused_step", "attention", "add_norm", "rope_cache", "activation"]
+__all__ = ["fused_step", "attention", "add_norm", "rope_cache", "activation", "skinny_linear"]
 
 _LAZY = {
     "fused_step": "dinfill.kernels.fused_step_kernel",
@@ -23,6 +23,7 @@ _LAZY = {
     "add_norm": "dinfill.kernels.add_norm_kernel",
     "rope_cache": "dinfill.kernels.rope_cache_kernel",
     "activation": "dinfill.kernels.activation_kernel",
+    "skinny_linear": "dinfill.kernels.skinny_linear_kernel",  # experimental (DINFILL_GEMV=triton)
 }
 
 
