@@ -13,6 +13,8 @@ import math
 import torch
 from torch import Tensor
 
+from dinfill.kernels.fused_step_options import CONFIDENCES, SELECTIONS, FusedStepOptions
+
 
 def attention_ref(
     q: Tensor,
@@ -91,9 +93,6 @@ def attention_ref(
 # --------------------------------------------------------------------------------------------------
 # fused diffusion step: sample_tokens + choice of positions (sampler-semantics.md, written literally)
 # --------------------------------------------------------------------------------------------------
-
-CONFIDENCES = ("prob", "margin", "neg_entropy")
-SELECTIONS = ("topk", "threshold", "factor", "p2", "bernoulli")
 
 
 def top_p_logits_ref(logits: Tensor, top_p: float) -> Tensor:
@@ -206,24 +205,17 @@ def fused_step_ref(
     logits: Tensor,
     x: Tensor,
     positions: Tensor,
+    options: FusedStepOptions | None = None,
     *,
-    mask_id: int,
-    select: str,
-    confidence: str = "prob",
-    temperature: float | Tensor = 0.0,
-    top_p: float | Tensor | None = None,
-    top_k: int | Tensor | None = None,
-    count: Tensor | None = None,
-    fraction: float | Tensor | None = None,
-    threshold: float = 0.9,
-    factor: float = 1.0,
-    alg_temp: float = 0.0,
     generator: torch.Generator | None = None,
+    **fields,
 ) -> Tensor:
     """Specification of :func:`dinfill.kernels.fused_step`: sample every row, then choose positions.
 
-    Arguments mean the same as in :func:`dinfill.kernels.fused_step` (no seed/offset tensors here:
-    randomness comes from ``generator``). Sampled outputs match the kernel in distribution only.
+    The step's options come as the :class:`FusedStepOptions` the kernels receive, or as its fields
+    given as keyword arguments (``mask_id=..., select=...``), meaning what they mean for
+    :func:`dinfill.kernels.fused_step`. Randomness comes from ``generator`` (no seed/offset tensors
+    here). Sampled outputs match the kernel in distribution only.
     Ties among selection keys go to the lowest canvas position (Python's stable sort on
     ``(-key, position)``). Rows with scalar parameters are sampled as one batch (the reference
     op sequence the benchmarks time); per-row tensors are handled one row at a time.
@@ -233,6 +225,10 @@ def fused_step_ref(
     Tensor
         ``(B*M,)`` fp32 confidences; padding rows (position outside ``[0, L)``) get ``-inf``.
     """
+    opts = options if options is not None else FusedStepOptions(**fields)
+    mask_id, select, confidence, temperature = opts.mask_id, opts.select, opts.confidence, opts.temperature
+    top_p, top_k, count, fraction = opts.top_p, opts.top_k, opts.count, opts.fraction
+    threshold, factor, alg_temp = opts.threshold, opts.factor, opts.alg_temp
     B, L = x.shape
     M = positions.shape[1]
     logits = logits.reshape(B * M, -1)
