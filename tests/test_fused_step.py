@@ -2,9 +2,11 @@
 reference in dinfill/kernels/reference.py.
 
 Exact checks use logits drawn without replacement from values every dtype represents exactly, so
-no two logits of a row tie and no two rows share a confidence; sampled checks are statistical with
-fixed seeds (deterministic). The interpreter is slow: big shapes run greedy only, and the block
-sizes are shrunk so that V=1031 still walks several blocks with a ragged tail.
+no two logits of a row tie and no two rows share a confidence. The sampled path (distribution, kept
+set, split rows, replays) is tested in test_fused_step_sampling.py. The interpreter is slow (each
+reduction costs milliseconds): big shapes run greedy only, and the block sizes are set so V=1031 walks
+two full blocks and a ragged tail in one program per row; rows split across programs and the deep path
+have their own tests.
 """
 
 import importlib
@@ -27,6 +29,10 @@ from dinfill.kernels.reference import (
 )
 
 fs = importlib.import_module("dinfill.kernels.fused_step_kernel")
+# the interpreter computes masked -inf lanes with numpy, which warns about values the kernels then discard
+pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
+rows_mod = importlib.import_module("dinfill.kernels.fused_step_rows")
+select_mod = importlib.import_module("dinfill.kernels.fused_step_select")
 
 MASK = 100_000  # outside every test vocabulary, so a revealed token never looks like a mask
 BACKENDS = ["torch", "triton"]
@@ -36,9 +42,12 @@ FILTERS = {"none": {}, "top_p": {"top_p": 0.8}, "top_k": {"top_k": 7}, "both": {
 def use_backend(monkeypatch, name: str) -> str:
     """Route fused_step to the torch path or to the Triton kernels (small blocks for the interpreter)."""
     monkeypatch.setenv("DINFILL_BACKEND", name)
-    monkeypatch.setattr(fs, "MAX_BLOCK_V", 512)  # V=1031: three blocks, the last one ragged
-    monkeypatch.setattr(fs, "MAX_BLOCK_S", 256)
-    monkeypatch.setattr(fs, "BLOCK_ROWS", 16)
+    monkeypatch.setattr(rows_mod, "MAX_BLOCK_V", 512)  # V=1031: two full blocks, then a ragged tail
+    monkeypatch.setattr(rows_mod, "MIN_CHUNK", 1 << 20)  # one program per row (split rows: the sampling tests)
+    monkeypatch.setattr(rows_mod, "MIN_SPLIT_SAMPLED", 1)
+    monkeypatch.setattr(rows_mod, "BLOCK_F", 512)
+    monkeypatch.setattr(rows_mod, "BLOCK_D", 256)
+    monkeypatch.setattr(select_mod, "BLOCK_ROWS", 16)
     monkeypatch.setattr(fs, "_TORCH_CANDIDATES", 16)  # torch path: both the top-16 shortcut and the full sort run
     return name
 
@@ -104,10 +113,15 @@ ROW_CASES = [  # (B, M, L, V, dtype, filters): the interpreter pays per row, so 
     (1, 7, 17, 1031, torch.float16, list(FILTERS)),
     (1, 97, 97, 1031, torch.bfloat16, ["none"]),
 ]
+ROW_PARAMS = [(case, conf) for case in ROW_CASES for conf in ("prob", "margin", "neg_entropy")]
+ROW_PARAMS = [(case, conf) for case, conf in ROW_PARAMS if case[1] < 97 or conf == "prob"]  # 97 rows: prob only
 
 
-@pytest.mark.parametrize("confidence", ["prob", "margin", "neg_entropy"])
-@pytest.mark.parametrize("case", ROW_CASES, ids=lambda c: f"B{c[0]}M{c[1]}L{c[2]}V{c[3]}-{str(c[4])[6:]}")
+def _row_id(v) -> str:
+    return v if isinstance(v, str) else f"B{v[0]}M{v[1]}L{v[2]}V{v[3]}-{str(v[4])[6:]}"
+
+
+@pytest.mark.parametrize("case,confidence", ROW_PARAMS, ids=_row_id)
 def test_greedy_rows_match_reference(backend, case, confidence):
     """p2 with count 0 writes every masked row's token: tokens and confidences of every row."""
     B, M, L, V, dtype, filters = case
@@ -229,8 +243,6 @@ def test_fp32_count_is_truncated_in_fp32(backend):
 # ------------------------------------------------------------------------------------------------
 
 
-# differences of huge logits overflow to -inf (their exp is 0): intended, so numpy's warning is noise
-@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")
 def test_inf_and_huge_logits(backend):
     """-inf entries are never chosen and never counted; huge finite values do not overflow."""
     V = 111
@@ -269,9 +281,6 @@ def test_inf_and_huge_logits(backend):
     assert x_out[0, positions[0, 1]].item() == V - 1
 
 
-# the interpreter computes with numpy, which warns about the -inf - -inf the kernel masks out afterwards
-@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")
-@pytest.mark.filterwarnings("ignore:divide by zero encountered:RuntimeWarning")
 def test_row_without_finite_logit_ranks_last(backend):
     """A row whose logits are all -inf gets confidence -inf (not NaN), so the other rows still rank right."""
     V = 111
@@ -340,57 +349,8 @@ def test_bernoulli_extremes_and_rate(backend):
 
 
 # ------------------------------------------------------------------------------------------------
-# sampling: allowed set, frequencies, determinism
+# sampling with per-row parameters, determinism (distribution: test_fused_step_sampling.py)
 # ------------------------------------------------------------------------------------------------
-
-
-def _chi2_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
-    """Pearson chi-square p-value; categories expecting fewer than 5 counts are pooled into one."""
-    small = expected < 5
-    if small.any():
-        observed = torch.cat([observed[~small], observed[small].sum(0, keepdim=True)])
-        expected = torch.cat([expected[~small], expected[small].sum(0, keepdim=True)])
-    stat = ((observed - expected) ** 2 / expected).sum()
-    df = observed.numel() - 1
-    return torch.special.gammaincc(torch.tensor(df / 2, dtype=torch.float64), stat.double() / 2).item()
-
-
-SAMPLING_CASES = [("torch", f, 3000) for f in ({"top_p": 0.7}, {"top_k": 5}, {"top_p": 0.9, "top_k": 6}, {})]
-SAMPLING_CASES += [("triton", {"top_p": 0.9, "top_k": 6}, 200)]  # the interpreter pays ~40 ms per sampled row
-
-
-@pytest.mark.parametrize("name,filters,n", SAMPLING_CASES, ids=str)
-def test_samples_follow_the_filtered_distribution(monkeypatch, name, filters, n):
-    """Many rows of the same logits: every sample is allowed, counts pass a chi-square test."""
-    use_backend(monkeypatch, name)
-    V, temperature = 37, 0.8
-    base = -0.25 * torch.randperm(V, generator=torch.Generator().manual_seed(8)).float()[None]  # (1, V)
-    logits = base.expand(n, V).contiguous()
-    x = torch.full((1, n), MASK)
-    fused_step(
-        logits,
-        x,
-        torch.arange(n)[None],
-        mask_id=MASK,
-        select="p2",
-        count=torch.tensor([0]),
-        temperature=temperature,
-        seed=_t(1234),
-        offset=_t(0),
-        **filters,
-    )
-    z = base / torch.tensor(temperature)
-    if "top_p" in filters:
-        z = top_p_logits_ref(z, filters["top_p"])
-    if "top_k" in filters:
-        z = top_k_logits_ref(z, filters["top_k"])
-    probs = torch.softmax(z, dim=-1)[0]  # (V,)
-    allowed = probs > 0
-    assert allowed[x[0]].all(), "a sample outside the top-p / top-k set"
-    observed = torch.bincount(x[0], minlength=V)[allowed].double()
-    expected = probs[allowed].double() * n
-    assert (expected >= 5).sum() > 3, "the case must leave a real choice, with enough samples"
-    assert _chi2_pvalue(observed, expected) > 1e-3
 
 
 def test_per_row_parameters(backend):
@@ -431,7 +391,7 @@ def test_per_row_parameters(backend):
 
 @pytest.mark.parametrize("source", ["seed", "generator"])
 def test_same_seed_same_result(backend, source):
-    B, M, L, V = 2, 9, 17, 111
+    B, M, L, V = 2, 5, 17, 111
     gen = torch.Generator().manual_seed(13)
     logits = distinct_logits(B * M, V, torch.float16, gen) / 4
     x, positions = make_canvas(B, M, L, gen, masked=0.8)
@@ -449,7 +409,7 @@ def test_same_seed_same_result(backend, source):
             positions,
             mask_id=MASK,
             select="topk",
-            count=torch.tensor([5, 5]),
+            count=torch.tensor([3, 3]),
             temperature=1.0,
             top_p=0.95,
             alg_temp=0.5,
@@ -541,33 +501,56 @@ from triton.compiler import ASTSource
 
 if "nvidia" not in importlib.import_module("triton.backends").backends:
     sys.exit(3)
-fs = importlib.import_module("dinfill.kernels.fused_step_kernel")
+rows = importlib.import_module("dinfill.kernels.fused_step_rows")
+select = importlib.import_module("dinfill.kernels.fused_step_select")
 ptr = lambda names, ty: dict.fromkeys(names, ty)
-row_sig = ptr(["logits_ptr"], "*bf16") | ptr(["x_ptr", "pos_ptr", "top_k_ptr", "tok_ptr"], "*i64")
-row_sig |= ptr(["seed_ptr", "offset_ptr"], "*i64")
-row_sig |= ptr(["temp_ptr", "top_p_ptr", "conf_ptr", "key_ptr"], "*fp32") | {"state_ptr": "*i8"}
-row_sig |= ptr(["V", "M", "L", "mask_id", "top_k_val"], "i32") | ptr(["temp_val", "top_p_val", "alg_temp"], "fp32")
-row_sig |= ptr(["stride_lb", "stride_lm", "stride_xb", "stride_xl", "stride_pb", "stride_pm"], "i64")
-row_sig |= ptr(["stride_t", "stride_tp", "stride_tk"], "i32")
+
+
+def row_sig(dtype):
+    sig = ptr(["logits_ptr"], "*" + dtype) | ptr(["x_ptr", "pos_ptr", "top_k_ptr", "tok_ptr"], "*i64")
+    sig |= ptr(["seed_ptr", "offset_ptr"], "*i64")
+    sig |= ptr(["temp_ptr", "top_p_ptr", "u_ptr", "conf_ptr", "key_ptr", "part_f_ptr"], "*fp32") | {"state_ptr": "*i8"}
+    sig |= ptr(["part_i_ptr", "hist_ptr", "arrive_ptr"], "*i32")
+    sig |= ptr(["V", "M", "L", "C", "CHUNK", "mask_id", "top_k_val", "key_lo"], "i32")
+    sig |= ptr(["temp_val", "top_p_val", "alg_temp"], "fp32")
+    sig |= ptr(["stride_lb", "stride_lm", "stride_xb", "stride_xl", "stride_pb", "stride_pm"], "i64")
+    return sig | ptr(["stride_t", "stride_tp", "stride_tk"], "i32")
+
+
 sel_sig = ptr(["x_ptr", "pos_ptr", "tok_ptr", "count_ptr"], "*i64") | ptr(["key_ptr", "frac_ptr"], "*fp32")
 sel_sig |= {"state_ptr": "*i8"} | ptr(["M", "mask_id", "count_val"], "i32") | ptr(["frac_val", "tau", "factor"], "fp32")
 sel_sig |= ptr(["stride_xb", "stride_xl", "stride_pb", "stride_pm", "stride_c", "stride_f"], "i32")
-row = dict(CONFIDENCE=2, TEMP_MODE=2, TOP_P_MODE=2, TOP_K_MODE=2, NOISE=1, BLOCK_V=4096, BLOCK_S=512, PV=8, PK=8,
-           MAX_SWEEPS=48)
-for kernel, sig, consts, warps in (
-    (fs._fused_step_row_kernel, row_sig, row, 8),
-    (fs._fused_step_row_kernel, row_sig, row | dict(CONFIDENCE=1, TEMP_MODE=1, NOISE=2), 8),
-    (fs._fused_step_select_kernel, sel_sig, dict(SELECT=3, COUNT_MODE=4, BLOCK_I=64, BLOCK_J=64), 4),
-    (fs._fused_step_select_kernel, sel_sig, dict(SELECT=2, COUNT_MODE=1, BLOCK_I=64, BLOCK_J=64), 4),
-):
-    src = ASTSource(kernel, sig | dict.fromkeys(consts, "constexpr"), constexprs=consts)
-    assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": warps}).asm["cubin"]
+base = dict(CONFIDENCE=0, TEMP_MODE=0, TOP_P_MODE=0, TOP_K_MODE=0, NOISE=0, KEY_BITS=16, U_FROM_PTR=False,
+            BLOCK_V=4096, W=8, BLOCK_F=rows.BLOCK_F, BLOCK_D=rows.BLOCK_D, NB=rows.WINDOW_KEYS, P=rows.PIVOTS,
+            C_POW2=64)
+row_variants = [  # every constexpr switch is on in at least one of them, with the launcher's real block sizes
+    ("bf16", base),  # greedy prob: the bandwidth-bound pass alone
+    ("bf16", base | dict(CONFIDENCE=1, TEMP_MODE=1, TOP_P_MODE=1)),  # sampled top-p, margin: window + scan
+    ("bf16", base | dict(CONFIDENCE=2, TEMP_MODE=2, TOP_P_MODE=2, TOP_K_MODE=2, NOISE=1, U_FROM_PTR=True)),
+    ("fp16", base | dict(TOP_K_MODE=1, NOISE=2)),
+    ("fp32", base | dict(KEY_BITS=32, CONFIDENCE=2, TEMP_MODE=1, TOP_P_MODE=1, TOP_K_MODE=1)),  # deep path only
+]
+# the launcher specialises pointers and the row / chunk sizes as multiples of 16 (V = 151936 is one): with
+# that, pass 1 must load 16 bytes at a time
+names = rows._fused_step_rows_kernel.arg_names
+div16 = {(names.index(n),): [["tt.divisibility", 16]] for n in names
+         if n.endswith("_ptr") or n in ("V", "CHUNK", "stride_lb", "stride_lm")}
+for dtype, consts in row_variants:
+    src = ASTSource(rows._fused_step_rows_kernel, row_sig(dtype) | dict.fromkeys(consts, "constexpr"),
+                    constexprs=consts, attrs=div16)
+    k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 8})
+    assert k.asm["cubin"] and "ld.global.v4" in k.asm["ptx"], (dtype, consts)
+for consts in (dict(SELECT=3, COUNT_MODE=4), dict(SELECT=2, COUNT_MODE=1), dict(SELECT=4, COUNT_MODE=3)):
+    consts |= dict(BLOCK_I=64, BLOCK_J=64)
+    src = ASTSource(select._fused_step_select_kernel, sel_sig | dict.fromkeys(consts, "constexpr"), constexprs=consts)
+    assert triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": 4}).asm["cubin"]
 print("compiled")
 """
 
 
 def test_kernels_compile_for_sm90():
-    """The interpreter does not type-check like the compiler: compile real sm_90 binaries, no GPU needed."""
+    """The interpreter does not type-check like the compiler: compile real sm_90 binaries of every kernel and
+    constexpr switch, no GPU needed, and check that pass 1 streams the logits with 16-byte loads."""
     pytest.importorskip("triton")
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
