@@ -522,7 +522,7 @@ sel_sig |= {"state_ptr": "*i8"} | ptr(["M", "mask_id", "count_val"], "i32") | pt
 sel_sig |= ptr(["stride_xb", "stride_xl", "stride_pb", "stride_pm", "stride_c", "stride_f"], "i32")
 base = dict(CONFIDENCE=0, TEMP_MODE=0, TOP_P_MODE=0, TOP_K_MODE=0, NOISE=0, KEY_BITS=16, U_FROM_PTR=False,
             BLOCK_V=4096, W=8, BLOCK_F=rows.BLOCK_F, BLOCK_D=rows.BLOCK_D, NB=rows.WINDOW_KEYS, P=rows.PIVOTS,
-            C_POW2=64)
+            C_POW2=64, CB=8)
 row_variants = [  # every constexpr switch is on in at least one of them, with the launcher's real block sizes
     ("bf16", base),  # greedy prob: the bandwidth-bound pass alone
     ("bf16", base | dict(CONFIDENCE=1, TEMP_MODE=1, TOP_P_MODE=1)),  # sampled top-p, margin: window + scan

@@ -102,6 +102,7 @@ def _base(V: int, dtype: torch.dtype, seed: int, scale: float = 1.5) -> torch.Te
     return vals.to(dtype)
 
 
+SPLIT = {"MIN_CHUNK": 64, "PROGRAMS_PER_SM": 64, "FINISH_CHUNKS": 2}  # V=200: 4 programs a row, 2 window steps
 PROBE_CASES = [  # (id, V, dtype, temperature, filters, tunables)
     ("top_p", 40, torch.bfloat16, 0.7, {"top_p": 0.9}, {}),
     ("top_k", 40, torch.bfloat16, 1.0, {"top_k": 5}, {}),
@@ -114,7 +115,7 @@ PROBE_CASES = [  # (id, V, dtype, temperature, filters, tunables)
     ("fp16", 40, torch.float16, 0.7, {"top_p": 0.9}, {}),
     ("fp32-deep", 40, torch.float32, 0.7, {"top_p": 0.9, "top_k": 7}, {}),
     ("bf16-deep", 40, torch.bfloat16, 0.7, {"top_p": 0.9}, {"WINDOW_KEYS": 16}),
-    ("split-rows", 200, torch.bfloat16, 0.8, {"top_p": 0.6}, {"MIN_CHUNK": 64, "PROGRAMS_PER_SM": 64}),
+    ("split-rows", 200, torch.bfloat16, 0.8, {"top_p": 0.6}, SPLIT),
 ]
 
 
@@ -341,9 +342,10 @@ def test_split_rows_match_one_program_per_row(small_blocks):
     logits[1, 150:] = float("-inf")  # whole chunks without a finite logit
     logits[2, 250] = logits[2, 10] = 9.0  # the maximum tied across chunks: the lowest id wins
     outs = []
+    small_blocks.setattr(rows_mod, "PROGRAMS_PER_SM", 64)
+    small_blocks.setattr(rows_mod, "FINISH_CHUNKS", 2)  # the finisher walks the chunks' windows in 3 steps
     for min_chunk in (1 << 20, 64):
         small_blocks.setattr(rows_mod, "MIN_CHUNK", min_chunk)
-        small_blocks.setattr(rows_mod, "PROGRAMS_PER_SM", 64)
         for confidence, filters in (("margin", {}), ("neg_entropy", {"top_p": 0.8}), ("prob", {"top_k": 3})):
             x, x_ref = torch.full((1, N), MASK), torch.full((1, N), MASK)
             kw = dict(mask_id=MASK, select="p2", count=torch.tensor([0]), confidence=confidence, **filters)

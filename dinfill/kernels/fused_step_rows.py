@@ -102,11 +102,12 @@ __all__ = ["launch_rows", "split_rows", "arrival_counters"]
 
 # Launch tunables (module attributes so tests can shrink them to exercise every loop and path).
 MAX_BLOCK_V = 4096  # pass 1 streaming block: 8 KiB of bf16 per load, 16 elements a thread at 8 warps
-BLOCK_F = 1024  # finisher scan / window block
+BLOCK_F = 2048  # finisher scan / window block: 8 KiB of fp32 per step at 8 warps
 GROUP_W = 8  # pass 1 columns per thread-group and block: one 16-byte load of bf16, reduced in-thread
 BLOCK_D = 128  # deep-path sweep block: a (128, 16) pivot tile
 WINDOW_KEYS = 256  # keys counted exactly per chunk: 2 binades of bf16 values below the row max
 PIVOTS = 16  # deep-path sweep: the key bracket of the cut shrinks 16-fold per pass
+FINISH_CHUNKS = 8  # chunks whose windows the finisher loads per step (a (8, 256) tile: independent loads)
 PROGRAMS_PER_SM = 4  # split rows until N * C reaches this many programs per SM
 MIN_CHUNK = 4096  # never split a row into chunks shorter than this
 MIN_SPLIT_SAMPLED = 4  # sampling calls split rows at least this much, so the sample scan hits L2
@@ -245,6 +246,22 @@ def _pass1_block(raw, first, inv_t, m_g, s_g, i_g, h_g, m2_g, nf_g, ring, top, s
 
 
 @_jit
+def _chunk_windows(part_f_ptr, hist_ptr, row, C, c0, kj, NB: tl.constexpr, CB: tl.constexpr, DT: tl.constexpr):
+    """Counts of the row-window keys ``kj`` in chunks ``c0 .. c0 + CB - 1``, as a ``(CB, NB)`` tile.
+
+    Each chunk's ring covers the ``NB`` keys below its own max, so it holds every row-window key up to
+    that max (and none above it).
+    """
+    cg = c0 + tl.arange(0, CB)  # (CB,)
+    cm = cg < C
+    mc = tl.load(part_f_ptr + (row * C + cg) * 4, mask=cm, other=float("-inf"), cache_modifier=".cg")
+    top_c = tl.where(mc == float("-inf"), -1, _key16(mc.to(DT)))  # (CB,) the chunk's largest key
+    ok = (kj[None, :] <= top_c[:, None]) & (kj[None, :] >= 0) & cm[:, None]
+    offs = (row * C + cg)[:, None] * NB + (kj & (NB - 1))[None, :]
+    return tl.load(hist_ptr + offs, mask=ok, other=0, cache_modifier=".cg")
+
+
+@_jit
 def _resolve_window(cnt, w, j, a_cnt, a_mass, total, top_p, k, p_on, k_on):
     """Exact cut inside a window of single-key bins ``j`` (0 = largest key), given what lies above it.
 
@@ -363,6 +380,7 @@ def _fused_step_rows_kernel(
     NB: tl.constexpr,
     P: tl.constexpr,
     C_POW2: tl.constexpr,
+    CB: tl.constexpr,  # chunks whose windows the finisher loads at once
 ):
     DT: tl.constexpr = logits_ptr.dtype.element_ty
     FILTERS: tl.constexpr = TOP_P_MODE + TOP_K_MODE != 0
@@ -501,12 +519,8 @@ def _fused_step_rows_kernel(
                         TOP = _key16(MX.to(DT))
                         kj = TOP - jj  # (NB,) keys, largest first
                         cnt = tl.zeros((NB,), dtype=tl.int32)
-                        for c in range(0, C):
-                            mc = tl.load(part_f_ptr + (row * C + c) * 4, cache_modifier=".cg")
-                            top_c = tl.where(mc == float("-inf"), -1, _key16(mc.to(DT)))
-                            ok = (kj <= top_c) & (kj >= 0)
-                            cnt += tl.load(hist_ptr + (row * C + c) * NB + (kj & (NB - 1)), mask=ok, other=0,
-                                           cache_modifier=".cg")  # fmt: skip
+                        for c0 in range(0, C, CB):  # CB chunks per step: independent loads, one latency
+                            cnt += tl.sum(_chunk_windows(part_f_ptr, hist_ptr, row, C, c0, kj, NB, CB, DT), axis=0)
                         zk = _value16(tl.maximum(kj, key_lo), DT)
                         if TEMP_MODE != 0:
                             zk = tl.where(sampling, tl.math.div_rn(zk, t_safe), zk)
@@ -523,13 +537,13 @@ def _fused_step_rows_kernel(
                                                   cnt.to(tl.float32) * pk * tl.log(tl.maximum(pk, 1e-10)), 0.0),
                                          axis=0)  # fmt: skip
                             # each chunk's kept mass, for the sampler
-                            for c in range(0, C):
-                                mc = tl.load(part_f_ptr + (row * C + c) * 4, cache_modifier=".cg")
-                                top_c = tl.where(mc == float("-inf"), -1, _key16(mc.to(DT)))
-                                ok = (kj <= top_c) & (kj >= 0) & (jj <= j_cut)
-                                cnt_c = tl.load(hist_ptr + (row * C + c) * NB + (kj & (NB - 1)), mask=ok, other=0,
-                                                cache_modifier=".cg")  # fmt: skip
-                                km = tl.where(cc == c, tl.sum(cnt_c.to(tl.float32) * w, axis=0), km)
+                            w_kept = tl.where(jj <= j_cut, w, 0.0)
+                            km = tl.zeros((C_POW2,), dtype=tl.float32)
+                            for c0 in range(0, C, CB):
+                                cnt_t = _chunk_windows(part_f_ptr, hist_ptr, row, C, c0, kj, NB, CB, DT)  # (CB, NB)
+                                km_t = tl.sum(cnt_t.to(tl.float32) * w_kept[None, :], axis=1)  # (CB,)
+                                hit = cc[:, None] == (c0 + tl.arange(0, CB))[None, :]  # (C_POW2, CB)
+                                km += tl.sum(tl.where(hit, km_t[None, :], 0.0), axis=1)
                     if deep != 0:
                         # ---- deep path: the cut lies below the window (or fp32 keys): whole row, bounded ----
                         if WINDOW:
@@ -755,6 +769,7 @@ def launch_rows(
     if not (16 <= PIVOTS <= nb and nb & (nb - 1) == 0 and PIVOTS & (PIVOTS - 1) == 0):
         raise ValueError("fused_step: WINDOW_KEYS and PIVOTS must be powers of two with 16 <= PIVOTS <= WINDOW_KEYS")
 
+    c_pow2 = max(2, triton.next_power_of_2(-(-V // MIN_CHUNK)))  # >= C; depends on V only: fewer variants
     conf = torch.empty(N, dtype=torch.float32, device=dev)
     tok = torch.empty(N, dtype=torch.int64, device=dev)
     state = torch.empty(N, dtype=torch.int8, device=dev)
@@ -820,7 +835,8 @@ def launch_rows(
             BLOCK_D=BLOCK_D,
             NB=nb,
             P=PIVOTS,
-            C_POW2=max(2, triton.next_power_of_2(-(-V // MIN_CHUNK))),  # >= C; depends on V only: fewer variants
+            C_POW2=c_pow2,
+            CB=min(FINISH_CHUNKS, c_pow2),
             num_warps=8 if block_v >= 2048 else 4,
         )
     return conf, key, tok, state
