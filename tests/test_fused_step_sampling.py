@@ -359,3 +359,32 @@ def test_split_rows_match_one_program_per_row(small_blocks):
         assert torch.equal(xa, xb)
         torch.testing.assert_close(ca, cb, rtol=1e-6, atol=1e-7)
     assert math.isfinite(float(outs[-1][1].min()))
+
+
+@pytest.mark.parametrize(
+    "dtype,filters,tunables",
+    [
+        (torch.bfloat16, {"top_p": 0.9}, {}),  # window path
+        (torch.bfloat16, {"top_p": 0.9, "top_k": 5}, {"WINDOW_KEYS": 16}),  # deep path, 16-bit keys
+        (torch.float32, {"top_k": 6}, {}),  # deep path, fp32 keys
+        (torch.float16, {}, {}),  # no filter: the running sums
+    ],
+    ids=["window", "deep-bf16", "deep-fp32", "no-filter"],
+)
+def test_sampled_rows_margin_and_entropy(small_blocks, dtype, filters, tunables):
+    """margin and neg_entropy do not depend on the draw: sampled rows equal the reference exactly."""
+    for attr, value in tunables.items():
+        small_blocks.setattr(rows_mod, attr, value)
+    gen = torch.Generator().manual_seed(31)
+    N, V = 3, 97
+    logits = (torch.randn(N, V, generator=gen) * 2).to(dtype)
+    for confidence in ("margin", "neg_entropy"):
+        x, x_ref = torch.full((1, N), MASK), torch.full((1, N), MASK)
+        kw = dict(mask_id=MASK, select="p2", count=torch.tensor([0]), confidence=confidence, temperature=0.7, **filters)
+        conf = fused_step(logits, x, torch.arange(N)[None], seed=_t(3), offset=_t(0), **kw)
+        conf_ref = fused_step_ref(
+            logits, x_ref, torch.arange(N)[None], generator=torch.Generator().manual_seed(0), **kw
+        )
+        torch.testing.assert_close(conf, conf_ref, rtol=2e-5, atol=2e-6, msg=confidence)
+        p = torch.stack([kept_distribution(logits[r], 0.7, **filters) for r in range(N)])
+        assert (p.gather(1, x[0][:, None]) > 0).all(), "a sample outside the kept set"
