@@ -281,7 +281,9 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     assert summary["type"] == "gpu_check" and summary["ok"] and summary["seed"] == 11
     phases = {p["name"]: p for p in summary["phases"]}
     kernels = phases["kernels"]["rows"]
-    assert {r["kernel"] for r in kernels} == {"attention", "fused_step", "add_norm", "activation", "rope_cache"}
+    assert {r["kernel"] for r in kernels} == {
+        "attention", "fused_step", "add_norm", "activation", "rope_cache", "skinny_linear"
+    }  # fmt: skip
     assert {r["dtype"] for r in kernels} == {"bfloat16", "float32"} and all(r["ok"] for r in kernels)
     e2e = phases["end to end"]["rows"]
     modes = {(r["mode"], r["B"]) for r in e2e}
