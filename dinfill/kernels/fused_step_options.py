@@ -50,7 +50,7 @@ def _check_param(name: str, value, n: int, device: torch.device, *, integer: boo
         fail(f"{name} has dtype {value.dtype}", f"pass {'an integer' if integer else 'a floating-point'} tensor")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)  # fields may be tensors: identity, not element-wise, equality
 class FusedStepOptions:
     """Everything :func:`dinfill.kernels.fused_step` needs besides the tensors and the randomness.
 

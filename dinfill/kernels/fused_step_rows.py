@@ -685,7 +685,14 @@ def arrival_counters(device: torch.device, n: int) -> Tensor:
     device = torch.device(device)
     held = _ARRIVALS.setdefault(device, [])
     if not held or held[-1].numel() < n:
-        held.append(torch.zeros(max(n, 4096, 2 * held[-1].numel() if held else 0), dtype=torch.int32, device=device))
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            # a zeros() captured in a graph only runs at replay: eager calls would find garbage counters
+            raise RuntimeError(
+                f"fused_step: first call with {n} rows inside CUDA-graph capture; run one eager call with at "
+                "least as many rows first (the usual warm-up, which also compiles the kernels)"
+            )
+        size = max(n, 65536, 2 * held[-1].numel() if held else 0)  # 256 KiB: enough for any usual batch
+        held.append(torch.zeros(size, dtype=torch.int32, device=device))
     return held[-1]
 
 
