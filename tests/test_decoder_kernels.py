@@ -264,8 +264,8 @@ BAD = [
         TypeError,
         "integer",
     ),
-    (lambda: rope_cache(_randn(1, 2, 42, **F32), rope_table(_inv_freq(8), 4), 3, 1), ValueError, "num_heads"),
-    (lambda: rope_cache(_randn(1, 2, 9 * 3, **F32), rope_table(_inv_freq(8), 4), 1, 1), ValueError, "odd"),
+    (lambda: rope_cache(_randn(1, 2, 42, **F32), rope_table(_inv_freq(8), 4).to(DEV), 3, 1), ValueError, "num_heads"),
+    (lambda: rope_cache(_randn(1, 2, 9 * 3, **F32), rope_table(_inv_freq(8), 4).to(DEV), 1, 1), ValueError, "odd"),
     (lambda: rope_cache(_randn(1, 2, 64, **F32), torch.ones(4, 16, device=DEV).half(), 2, 1), ValueError, "float32"),
     (
         lambda: rope_cache(
