@@ -413,3 +413,24 @@ def test_rope_table_survives_dtype_casts():
     assert torch.allclose(table[p, : cfg.head_dim // 2], torch.cos(p * inv), atol=1e-6)
     assert torch.allclose(table[p, cfg.head_dim // 2 :], torch.sin(p * inv), atol=1e-6)
     assert math.isclose(cfg.rope_scaling_factor, 4.0)
+
+
+def test_rope_frequencies_stay_fp32_like_from_pretrained():
+    """``model.to(bf16)`` must not round the torch path's RoPE frequencies (nor the transformers twin's).
+
+    transformers' ``from_pretrained(dtype=bf16)`` builds its rotary buffers in fp32 and keeps them; a bf16
+    ``inv_freq`` turns the angle at position 300 by up to ~0.4 rad. Both our decoder and ``hf_twin`` keep fp32.
+    """
+    from dinfill.sampler.autoregressive import hf_twin
+
+    model = dinfill.load_model("tiny-qwen2", random_weights=True, dtype="bf16", kind="ar")
+    want = Decoder(model.config).rotary.inv_freq  # built in fp32, never cast
+    assert model.rotary.inv_freq.dtype == torch.float32 and torch.equal(model.rotary.inv_freq, want)
+    twin = hf_twin(model)
+    freqs = [m.inv_freq for m in twin.modules() if isinstance(getattr(m, "inv_freq", None), torch.Tensor)]
+    assert freqs and all(f.dtype == torch.float32 and torch.equal(f, want) for f in freqs)
+    # the two bf16 models agree on long positions (where a bf16 inv_freq on one side would show)
+    ids = torch.randint(0, model.config.vocab_size, (1, 300))
+    ours = model(ids, causal=True)[0, -8:].float()
+    theirs = twin(ids).logits[0, -8:].float()
+    assert (ours - theirs).abs().max() <= 0.05 * theirs.abs().max()

@@ -102,9 +102,11 @@ class Rotary(nn.Module):
 
     The torch path computes cos/sin from ``inv_freq`` every forward, as transformers does. The fused
     path reads a table of every position up to ``max_position_embeddings``, built once here from an
-    fp32 copy of the frequencies. The table is stored as its int32 bit pattern so that
-    ``model.to(torch.bfloat16)`` (which casts every floating buffer) cannot round it; :attr:`table`
-    views it back as fp32, without a copy.
+    fp32 copy of the frequencies. Both are stored as their int32 bit patterns so that
+    ``model.to(torch.bfloat16)`` (which casts every floating buffer) cannot round them: transformers'
+    ``from_pretrained(dtype=bf16)`` keeps its frequencies fp32 too, and a bf16 ``inv_freq`` would turn
+    the angle at position 300 by up to ~0.4 rad. :attr:`inv_freq` and :attr:`table` view them back as
+    fp32, without a copy.
     """
 
     def __init__(self, config: ModelConfig):
@@ -113,9 +115,14 @@ class Rotary(nn.Module):
         # same expression as transformers, so fp32 rounding matches bit for bit
         inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.int64).float() / D))
         inv_freq = inv_freq / config.rope_scaling_factor
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.register_buffer("inv_freq_bits", inv_freq.view(torch.int32), persistent=False)
         table = rope_table(inv_freq, config.max_position_embeddings)  # (P, D) fp32
         self.register_buffer("table_bits", table.view(torch.int32), persistent=False)
+
+    @property
+    def inv_freq(self) -> Tensor:
+        """The ``(D/2,)`` fp32 frequencies of the torch path (whatever dtype the model was cast to)."""
+        return self.inv_freq_bits.view(torch.float32)
 
     @property
     def table(self) -> Tensor:

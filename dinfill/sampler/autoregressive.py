@@ -826,7 +826,15 @@ def hf_twin(model, attn_implementation: str = "sdpa"):
         missing = [k for k in missing if not (k == "lm_head.weight" and model.config.tie_word_embeddings)]
         if missing or unexpected:
             raise ValueError(f"state dict does not map onto transformers: missing {missing}, unexpected {unexpected}")
-    return hf.to(device=model.device, dtype=model.dtype).eval()
+    hf = hf.to(device=model.device, dtype=model.dtype).eval()
+    # .to(dtype) also rounds the RoPE frequency buffers; from_pretrained(dtype=bf16) keeps them fp32, and so
+    # does our decoder: put the fp32 ones back (same expression as transformers' default / linear RoPE)
+    for module in hf.modules():
+        for name in ("inv_freq", "original_inv_freq"):
+            buf = getattr(module, name, None)
+            if isinstance(buf, torch.Tensor) and buf.is_floating_point() and buf.shape == model.rotary.inv_freq.shape:
+                setattr(module, name, model.rotary.inv_freq.clone())
+    return hf
 
 
 def _sync(device: torch.device) -> None:
