@@ -458,3 +458,15 @@ def test_interpreter_only_marker_skips_where_the_interpreter_is_off(monkeypatch,
     for cuda, interpret in ((True, "1"), (False, None), (False, "1")):
         marked, _ = collect(cuda, interpret)
         assert not [m for m in marked.added if "TRITON_INTERPRET" in m.kwargs.get("reason", "")], (cuda, interpret)
+
+
+def test_kernel_tests_phase_runs_every_kernel_test_file_of_the_repo():
+    """gpu_check's CUDA test phase must not miss a kernel's tests: the decoder kernels, the fused-vs-torch
+    decoder paths and the op-count budget run there too, beside attention, the fused step and the AR path."""
+    from dinfill.bench import gpu_check
+
+    names = {Path(f).name for f in gpu_check.kernel_test_files(Path(__file__).resolve().parent.parent)}
+    for name in ("test_attention.py", "test_fused_step.py", "test_fused_step_sampling.py", "test_ar.py",
+                 "test_decoder_kernels.py", "test_decoder_paths.py", "test_op_count.py"):  # fmt: skip
+        assert name in names
+    assert "test_eval_execution.py" not in names and "test_readme.py" not in names

@@ -423,7 +423,7 @@ def test_rope_frequencies_stay_fp32_like_from_pretrained():
     """
     from dinfill.sampler.autoregressive import hf_twin
 
-    model = dinfill.load_model("tiny-qwen2", random_weights=True, dtype="bf16", kind="ar")
+    model = dinfill.load_model("tiny-qwen2", random_weights=True, dtype="bf16", kind="ar", device="cpu")
     want = Decoder(model.config).rotary.inv_freq  # built in fp32, never cast
     assert model.rotary.inv_freq.dtype == torch.float32 and torch.equal(model.rotary.inv_freq, want)
     twin = hf_twin(model)

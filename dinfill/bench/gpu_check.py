@@ -405,8 +405,10 @@ def _pytest(args: list[str], timeout: float, env: dict[str, str], log: Path) -> 
 
 
 def kernel_test_files(repo: Path) -> list[str]:
-    """The kernel test files of ``tests/``: the AR path, attention, the fused step, and one per kernel module."""
-    stems = {"attention", "fused_step", "ar"} | {p.stem for p in (repo / "dinfill" / "kernels").glob("[!_]*.py")}
+    """The kernel test files of ``tests/``: the AR path, attention, the fused step, the fused decoder (its kernels,
+    fused vs torch path, device-op budget), and one per kernel module."""
+    stems = {"attention", "fused_step", "ar", "decoder", "op_count"}
+    stems |= {p.stem for p in (repo / "dinfill" / "kernels").glob("[!_]*.py")}
     stems -= {"reference"}
     pattern = re.compile(r"test_(" + "|".join(sorted(map(re.escape, stems))) + r")(_\w+)?\.py$")
     return sorted(str(p) for p in (repo / "tests").glob("test_*.py") if pattern.match(p.name))
