@@ -11,16 +11,19 @@ gpt-fast recipe on our decoder:
   run of columns, and each row's RoPE positions count its own real tokens only, so a row's tokens
   do not depend on what else is in the batch (greedy batched == rows alone).
 * **No per-token host sync.** Sampling, the stop test and the bookkeeping are device ops on fixed
-  buffers (a ``done`` mask; rows that are done keep running and write the pad id). The host looks at
-  the device only every ``check_every`` steps: to leave early once every row is done (otherwise a
-  batch that ends at token 20 would run all 512 steps) and to search the decoded text for stop
-  strings, which needs the tokenizer. One sync per ``check_every`` steps costs one pipeline drain
-  amortised over that many steps.
-* **CUDA graph.** On CUDA the decode step (forward, sampling, bookkeeping) is captured once per call
-  and replayed; everything it touches is a static buffer updated in place, the cache column
-  included. Sampling noise is drawn *outside* the graph with the caller's generator (custom
-  generators cannot be used inside a graph on every torch version), and the eager path draws it the
-  same way, so graph and eager runs give identical tokens. ``cuda_graph=False`` turns it off.
+  buffers (a ``done`` mask; rows that are done keep running and write the pad id). To leave early once
+  every row is done (otherwise a batch that ends at token 20 would run all 512 steps) the host reads, before
+  launching step ``j``, the "all done" flag of step ``j - 4`` (copied to pinned memory, awaited through an
+  event): the device queue stays four steps deep and at most three no-op steps run after the last row
+  finished. Stop *strings* need the decoded text, so they are searched every ``check_every`` steps (a sync).
+* **CUDA graphs, captured once per shape bucket.** On CUDA the prefill (one graph per padded prompt width)
+  and the decode step (forward, sampling, bookkeeping) are graphs kept across calls in the pool of
+  :mod:`dinfill.sampler.graphs`, keyed by the (batch, cache length) bucket; a call pads up to its bucket and
+  replays. Everything a graph touches is a static buffer updated in place, the cache column, the stop ids
+  and the temperature included. Sampling noise is drawn *outside* the graph with the caller's generator
+  (custom generators cannot be used inside a graph on every torch version), and the eager path draws it the
+  same way, so graph and eager runs give identical tokens. ``cuda_graph=False`` turns graphs off;
+  ``cuda_graph="emulate"`` runs the same bucket / pool bookkeeping without CUDA (the CPU tests use it).
 
 The token-level API is :func:`ar_generate`; :func:`infill` builds the family's FIM prompt
 (:mod:`dinfill.sampler.fim`), generates and returns the middles as text; :func:`benchmark` times
