@@ -102,21 +102,11 @@ def _backend(name: str) -> Iterator[None]:
             os.environ["DINFILL_BACKEND"] = old
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _median_s(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
-    """Median wall seconds of ``repeats`` calls, synchronised on both sides."""
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append(time.perf_counter() - t0)
-    return sorted(times)[len(times) // 2]
+    """Median wall seconds of ``repeats`` calls, synchronised on both sides (the callers warm up themselves)."""
+    from dinfill.bench.roofline import median_seconds
+
+    return median_seconds(fn, device, repeats, warmup=False)
 
 
 # --------------------------------------------------------------------------------------------------

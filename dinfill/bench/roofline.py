@@ -154,19 +154,23 @@ def forward_work(
     return Work(flops=flops, bytes=block_weights * itemsize + head_bytes + kv_bytes + act_bytes)
 
 
-def _sync(device: torch.device) -> None:
+def sync(device: torch.device) -> None:
+    """Wait for the device (a no-op on the CPU): the two sides of every wall-clock measurement here."""
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def _median_seconds(fn, device: torch.device, repeats: int) -> float:
-    fn()  # warm-up: allocation, cuBLAS handle
+def median_seconds(fn, device: torch.device, repeats: int, warmup: bool = True) -> float:
+    """Median wall seconds of ``repeats`` calls of ``fn``, synchronised on both sides (after one untimed
+    call when ``warmup``: allocation, cuBLAS handles, compilation)."""
+    if warmup:
+        fn()
     times = []
     for _ in range(repeats):
-        _sync(device)
+        sync(device)
         t0 = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         times.append(time.perf_counter() - t0)
     times.sort()
     return times[len(times) // 2]
@@ -197,11 +201,11 @@ def measure_ceilings(
     n = matmul_n or (8192 if on_gpu else 1024)
     bufs = {"src": torch.rand(copy_mb * 2**20 // 4, device=device)}  # random, never zeros (docs/gpu.md)
     bufs["dst"] = torch.empty_like(bufs["src"])
-    t_copy = _median_seconds(lambda: bufs["dst"].copy_(bufs["src"]), device, 5)
+    t_copy = median_seconds(lambda: bufs["dst"].copy_(bufs["src"]), device, 5)
     bufs.clear()  # free the copy buffers before the matmul operands
     a = torch.randn(n, n, device=device, dtype=dtype)
     b = torch.randn(n, n, device=device, dtype=dtype)
-    t_mm = _median_seconds(lambda: a @ b, device, 5)
+    t_mm = median_seconds(lambda: a @ b, device, 5)
     return {"bandwidth": 2 * copy_mb * 2**20 / t_copy, "flops": 2.0 * n**3 / t_mm, "dtype": str(dtype).split(".")[-1]}
 
 

@@ -170,16 +170,11 @@ def percentile(values: Sequence[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (pos - lo)
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def _timed(fn: Callable[[], Any], device: torch.device) -> tuple[float, Any]:
-    _sync(device)
+    roofline.sync(device)
     t0 = time.perf_counter()
     result = fn()
-    _sync(device)
+    roofline.sync(device)
     return time.perf_counter() - t0, result
 
 
