@@ -101,6 +101,19 @@ def test_summary_files_come_from_records(toy_data, tmp_path):
     assert run_info["identity"]["dataset_sha256"] and run_info["identity"]["batch_size"] == 4
 
 
+def test_graph_capture_time_is_recorded_and_reported_apart(toy_data, tmp_path):
+    """A generator that keeps CUDA graphs per bucket pays their capture in its first batch: the records carry
+    that time and the report gives the throughput with and without it."""
+    generator = fakes.Capturing()
+    summary = run_eval(spec_for(toy_data, generator, seeds=(0,)), generator, tmp_path, progress=False)
+    assert generator.calls > 1
+    assert summary["graph_capture_s"] == pytest.approx(0.04, abs=1e-3)
+    assert summary["problems_per_s_steady"] > summary["problems_per_s"]
+    steady = summary["total"] / (summary["generate_s"] - 0.04)
+    assert steady == pytest.approx(summary["problems_per_s_steady"], rel=0.05)
+    assert "without 0.04 s of graph capture" in (tmp_path / "summary.md").read_text()
+
+
 def test_rerun_of_a_complete_run_generates_nothing(toy_data, tmp_path):
     calls = []
 

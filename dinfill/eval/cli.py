@@ -242,6 +242,7 @@ class ModelGenerator:
     def __init__(self, model, tokenizer, settings: dict) -> None:
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.kind = model.kind
+        self.last_capture_s = 0.0
 
     def __call__(self, prefixes: list[str], suffixes: list[str], middles: list[str], *, seed: int) -> list[str]:
         import torch
@@ -251,10 +252,16 @@ class ModelGenerator:
         device = next(self.model.parameters()).device if hasattr(self.model, "parameters") else torch.device("cpu")
         # One generator per batch, seeded by the runner: the batch's middles do not depend on what ran before.
         generator = torch.Generator(device=device).manual_seed(seed)
+        from dinfill.sampler.graphs import graph_pool
+
+        captured = graph_pool().stats.capture_s
         # The oracle length mode (the published setting) reads the canonical middles; other modes ignore them.
-        return infill(
+        out = infill(
             self.model, self.tokenizer, prefixes, suffixes, middles=middles, generator=generator, **self.settings
         )
+        # seconds this batch spent capturing CUDA graphs (a new shape bucket); the runner records them
+        self.last_capture_s = graph_pool().stats.capture_s - captured
+        return out
 
 
 def build_model_generator(args: argparse.Namespace, local_rank: int, settings: dict | None = None) -> ModelGenerator:

@@ -37,6 +37,11 @@ def summarize_run(records: Sequence[dict]) -> dict:
     generate_s = sum(float(r.get("timings", {}).get("generate_s", 0.0)) for r in records)
     summary["generate_s"] = round(generate_s, 3)
     summary["problems_per_s"] = round(len(records) / generate_s, 4) if generate_s > 0 else None
+    # the part of it spent capturing CUDA graphs (first batch of each shape bucket), and the rate without it
+    capture_s = sum(float(r.get("timings", {}).get("graph_capture_s", 0.0)) for r in records)
+    summary["graph_capture_s"] = round(capture_s, 3)
+    steady_s = generate_s - capture_s
+    summary["problems_per_s_steady"] = round(len(records) / steady_s, 4) if steady_s > 0 else None
     # Complete means every problem for every seed and sample; a resumed run may still be short.
     sizes = {r["task_size"] for r in records if "task_size" in r}
     if sizes:
@@ -74,6 +79,16 @@ def _percent(rate: dict) -> str:
     return text + (f" ± {100 * rate['sd']:.2f}" if rate["n"] > 1 else "")
 
 
+def _throughput_text(summary: dict) -> str:
+    rate = summary.get("problems_per_s")
+    if not rate:
+        return "-"
+    text = f"{rate:.2f} problems/s"
+    if summary.get("graph_capture_s") and summary.get("problems_per_s_steady"):
+        text += f" ({summary['problems_per_s_steady']:.2f} without {summary['graph_capture_s']:.3g} s of graph capture)"
+    return text
+
+
 def table_rows(summary: dict) -> list[dict]:
     """One table row per metric of a run (pass@k; exact match under each rule)."""
     base = {
@@ -83,7 +98,7 @@ def table_rows(summary: dict) -> list[dict]:
         "middle length": _length_mode(summary),
         "seeds": ",".join(map(str, summary["seeds"])) + (" (mean ± sd)" if len(summary["seeds"]) > 1 else ""),
         "sampler": _sampler_text(summary),
-        "throughput": f"{summary['problems_per_s']:.2f} problems/s" if summary.get("problems_per_s") else "-",
+        "throughput": _throughput_text(summary),
     }
     rule = PostProcess.from_dict(summary["postprocess"] or {}).describe()
     counts, total, rates = summary["counts"], summary["total"], summary["rates"]

@@ -348,6 +348,9 @@ def _run_batch(
     # The canonical middles are for the oracle length mode only; generators must not copy them.
     middles = generator(prefixes, suffixes, [p.canonical for p in chosen], seed=batch.generator_seed)
     generate_s = time.perf_counter() - start
+    # CUDA-graph captures inside this call (a generator that keeps graphs per shape bucket says how long they
+    # took): the first batch of each bucket pays them, so the report can show the steady throughput too.
+    capture_s = min(generate_s, max(0.0, float(getattr(generator, "last_capture_s", 0.0) or 0.0)))
     if not isinstance(middles, list) or len(middles) != len(chosen) or not all(isinstance(m, str) for m in middles):
         raise TypeError(f"the generator must return a list of {len(chosen)} strings, got {type(middles).__name__}")
     # Only the missing problems are scored and written; the rest of the batch is already on disk.
@@ -376,6 +379,7 @@ def _run_batch(
                     # Each record's share of the batch, so that sums over records give the generation time.
                     "generate_s": round(generate_s / len(chosen), 6),
                     "batch_generate_s": round(generate_s, 6),
+                    "graph_capture_s": round(capture_s / len(chosen), 6),
                     "batch_size": len(chosen),
                     "score_s": round(score_s / len(todo), 6),
                 },

@@ -57,3 +57,16 @@ pass_body = PassBody()
 mixed = Mixed()
 slow_mixed = SlowMixed()
 rejecting = Rejecting()
+
+
+class Capturing(Mixed):
+    """``mixed`` that reports CUDA-graph capture time on its first batch, as a real sampler's first bucket does."""
+
+    def __init__(self):
+        self.calls, self.last_capture_s = 0, 0.0
+
+    def __call__(self, prefixes, suffixes, middles, *, seed):
+        self.calls += 1
+        time.sleep(0.05 if self.calls == 1 else 0.0)
+        self.last_capture_s = 0.04 if self.calls == 1 else 0.0
+        return super().__call__(prefixes, suffixes, middles, seed=seed)
