@@ -304,6 +304,26 @@ def test_gpu_check_dry_run(tmp_path, capsys):
         assert phases["forward"]["ok"], phases["forward"]
 
 
+def test_ar_with_stops_survives_a_baseline_that_ends_sooner():
+    """In bf16 generate's greedy tokens can diverge from ours and hit a stop id first: its output is then
+    narrower than our longest row. The row must still be measured, the missing tokens counted as disagreeing."""
+    from dinfill.bench import gpu_check
+    from dinfill.sampler.autoregressive import ar_generate
+
+    sh = gpu_check._shapes(True)
+    model = dinfill.load_model(sh.ar, random_weights=True, kind="ar")
+
+    class TwoTokenGenerate:  # agrees on the first two tokens, then every row "stops"
+        def generate(self, ids, **_kw):
+            first = ar_generate(model, ids, max_new_tokens=2, stop_ids=()).tokens  # (B, 2)
+            return torch.cat([ids, first], dim=1)
+
+    row = gpu_check._ar_with_stops(model, TwoTokenGenerate(), 2, sh, torch.device("cpu"), 0, True)
+    per_row = float(row["note"].split()[0])  # rows end by sh.stop_at = 3 tokens
+    assert per_row > 2, "the stub must end before our rows (and every row reach 2 tokens) for this test to mean much"
+    assert row["agree"] == pytest.approx(2 / per_row) and row["x ref"] > 0
+
+
 def test_gpu_check_refuses_without_cuda(capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")
