@@ -1,5 +1,8 @@
-"""fused_step: the Triton kernels (through the interpreter on the CPU) and the torch path against the
-reference in dinfill/kernels/reference.py.
+"""fused_step: the Triton kernels and the torch path against the reference in dinfill/kernels/reference.py.
+
+The op runs on CUDA when there is one (compiled kernels: the only place where the split rows' arrival
+counters meet real concurrency), else through Triton's interpreter on the CPU; the reference always runs on
+the CPU.
 
 Exact checks use logits drawn without replacement from values every dtype represents exactly, so
 no two logits of a row tie and no two rows share a confidence. The sampled path (distribution, kept
@@ -35,6 +38,9 @@ rows_mod = importlib.import_module("dinfill.kernels.fused_step_rows")
 select_mod = importlib.import_module("dinfill.kernels.fused_step_select")
 
 MASK = 100_000  # outside every test vocabulary, so a revealed token never looks like a mask
+# where the op runs: the compiled kernels on a CUDA machine (whose Triton has no interpreter switched on), the
+# interpreter on the CPU. Inputs are built and checked on the CPU; step() moves them there and back.
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch", "triton"]
 FILTERS = {"none": {}, "top_p": {"top_p": 0.8}, "top_k": {"top_k": 7}, "both": {"top_p": 0.9, "top_k": 4}}
 
@@ -90,10 +96,23 @@ def _t(v: int) -> torch.Tensor:
     return torch.tensor([v], dtype=torch.int64)
 
 
+def _on_dev(value):
+    return value.to(DEV) if isinstance(value, torch.Tensor) else value
+
+
+def step(logits, x, positions, **kw):
+    """``fused_step`` on DEV: tensor arguments travel there, the CPU canvas ``x`` is updated in place like the
+    op's own, and the confidences come back to the CPU (a no-op round trip on the CPU itself)."""
+    x_dev = x.to(DEV)
+    conf = fused_step(_on_dev(logits), x_dev, _on_dev(positions), **{k: _on_dev(v) for k, v in kw.items()})
+    x.copy_(x_dev)
+    return conf.cpu()
+
+
 def both(logits, x, positions, **kw):
-    """Run fused_step and the reference on copies of the canvas."""
+    """Run fused_step (on DEV) and the reference (on the CPU) on copies of the canvas."""
     x_out, x_ref = x.clone(), x.clone()
-    conf = fused_step(logits, x_out, positions, mask_id=MASK, **kw)
+    conf = step(logits, x_out, positions, mask_id=MASK, **kw)
     conf_ref = fused_step_ref(logits, x_ref, positions, mask_id=MASK, **kw)
     return conf, x_out, conf_ref, x_ref
 
@@ -180,9 +199,7 @@ def test_ties_go_to_the_lowest_id_and_position(backend):
     positions = torch.tensor([[9, 2, 7, 4, 11, 0]])
     for select, count in (("topk", 2), ("p2", 2)):
         x = torch.full((1, 12), MASK)
-        conf = fused_step(
-            logits, x, positions, mask_id=MASK, select=select, count=torch.tensor([count]), confidence="margin"
-        )
+        conf = step(logits, x, positions, mask_id=MASK, select=select, count=torch.tensor([count]), confidence="margin")
         assert (conf == 0).all(), "margin of a tie at the top is 0"
         expected = torch.full((12,), MASK)
         fills = [0, 2] if select == "topk" else [4, 7, 9, 11]  # topk reveals, p2 re-masks, the lowest positions
@@ -197,7 +214,7 @@ def test_ties_go_to_the_lowest_id_and_position(backend):
     # a plain sorted prefix would keep 4.0 and two of the 2.0s (cumulative[2] > top_p removes the third)
     assert cumulative[1] <= top_p < cumulative[2]
     x = torch.full((1, 1), MASK)
-    conf = fused_step(row, x, torch.tensor([[0]]), mask_id=MASK, select="p2", count=torch.tensor([0]), top_p=top_p)
+    conf = step(row, x, torch.tensor([[0]]), mask_id=MASK, select="p2", count=torch.tensor([0]), top_p=top_p)
     kept = sorted_probs[:4]  # 4.0 and all three 2.0s
     torch.testing.assert_close(conf, (kept[0] / kept.sum())[None], rtol=2e-6, atol=0)
 
@@ -210,10 +227,8 @@ def test_alg_temp_tiny_equals_plain_topk(backend):
     x, positions = make_canvas(B, M, L, gen, masked=1.0)
     count = torch.tensor([4, 7])
     x_noisy, x_plain = x.clone(), x.clone()
-    fused_step(
-        logits, x_noisy, positions, mask_id=MASK, select="topk", count=count, alg_temp=1e-9, seed=_t(1), offset=_t(0)
-    )
-    fused_step(logits, x_plain, positions, mask_id=MASK, select="topk", count=count)
+    step(logits, x_noisy, positions, mask_id=MASK, select="topk", count=count, alg_temp=1e-9, seed=_t(1), offset=_t(0))
+    step(logits, x_plain, positions, mask_id=MASK, select="topk", count=count)
     assert torch.equal(x_noisy, x_plain)
     assert ((x_plain != MASK).sum(1) == count).all()
 
@@ -234,7 +249,7 @@ def test_fp32_count_is_truncated_in_fp32(backend):
     expected = _fp32_count(n, f)
     logits = distinct_logits(n, 111, torch.float32, torch.Generator().manual_seed(0))
     x = torch.full((1, n), MASK)
-    fused_step(logits, x, torch.arange(n)[None], mask_id=MASK, select="topk", fraction=f)
+    step(logits, x, torch.arange(n)[None], mask_id=MASK, select="topk", fraction=f)
     assert (x != MASK).sum().item() == expected != math.floor(n * f)
 
 
@@ -264,7 +279,7 @@ def test_inf_and_huge_logits(backend):
             assert_conf_close(conf, conf_ref)
             assert torch.isfinite(conf).all()
     x_out = x.clone()
-    fused_step(
+    step(
         logits,
         x_out,
         positions,
@@ -308,7 +323,7 @@ def test_rows_with_nothing_masked(backend):
         ("bernoulli", {"fraction": 1.0}),
     ):
         x_out = x.clone()
-        conf = fused_step(logits, x_out, positions, mask_id=MASK, select=select, **kw)
+        conf = step(logits, x_out, positions, mask_id=MASK, select=select, **kw)
         assert torch.equal(x_out, x), select
         assert torch.isfinite(conf).all() and (conf > 0).all()
     # p2 treats every row as variable: it re-masks the least confident ones even if none is a mask
@@ -324,11 +339,11 @@ def test_counts_larger_than_candidates(backend):
     x, positions = make_canvas(B, M, L, gen, masked=0.5)
     masked_rows = x.gather(1, positions) == MASK
     x_out = x.clone()
-    fused_step(logits, x_out, positions, mask_id=MASK, select="topk", count=torch.tensor([1000, 8]))
+    step(logits, x_out, positions, mask_id=MASK, select="topk", count=torch.tensor([1000, 8]))
     assert not (x_out.gather(1, positions) == MASK).any(), "every masked row was revealed"
     assert torch.equal(x_out.gather(1, positions)[~masked_rows], x.gather(1, positions)[~masked_rows])
     x_out = x.clone()
-    fused_step(logits, x_out, positions, mask_id=MASK, select="p2", count=torch.tensor([1000, -5]))
+    step(logits, x_out, positions, mask_id=MASK, select="p2", count=torch.tensor([1000, -5]))
     assert (x_out.gather(1, positions)[0] == MASK).all(), "count > rows re-masks all of them"
     assert not (x_out.gather(1, positions)[1] == MASK).any(), "a negative count re-masks nothing"
 
@@ -341,7 +356,7 @@ def test_bernoulli_extremes_and_rate(backend):
     x = torch.full((B, M), MASK)
     positions = torch.arange(M).expand(B, M).contiguous()
     fraction = torch.tensor([0.0] * 3 + [1.0] * 3 + [0.3] * 10)
-    fused_step(logits, x, positions, mask_id=MASK, select="bernoulli", fraction=fraction, seed=_t(9), offset=_t(2))
+    step(logits, x, positions, mask_id=MASK, select="bernoulli", fraction=fraction, seed=_t(9), offset=_t(2))
     revealed = (x != MASK).sum(dim=1)  # (B,)
     assert (revealed[:3] == 0).all() and (revealed[3:6] == M).all()
     rate = revealed[6:].sum().item()  # binomial(100, 0.3): mean 30, sd 4.6
@@ -363,7 +378,7 @@ def test_per_row_parameters(backend):
     top_k = torch.tensor([0, 3, 9, 0] * 3)
     x = torch.full((1, N), MASK)
     positions = torch.arange(N)[None]
-    conf = fused_step(
+    conf = step(
         logits,
         x,
         positions,
@@ -403,7 +418,7 @@ def test_same_seed_same_result(backend, source):
             else {"generator": torch.Generator().manual_seed(77 + stream)}
         )
         x_out = x.clone()
-        conf = fused_step(
+        conf = step(
             logits,
             x_out,
             positions,
@@ -474,7 +489,7 @@ def test_triton_path_rejects_non_unit_vocab_stride(monkeypatch):
     monkeypatch.setenv("DINFILL_BACKEND", "triton")
     logits, x, positions = _ok_args()
     with pytest.raises(ValueError, match="unit stride along the vocabulary"):
-        fused_step(logits.t().contiguous().t(), x, positions, mask_id=MASK, select="threshold")
+        step(logits.t().contiguous().t(), x, positions, mask_id=MASK, select="threshold")
 
 
 def test_empty_batch(backend):

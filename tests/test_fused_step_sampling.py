@@ -45,6 +45,9 @@ select_mod = importlib.import_module("dinfill.kernels.fused_step_select")
 fs = importlib.import_module("dinfill.kernels.fused_step_kernel")
 
 MASK = 100_000
+# where the kernels run: compiled on a CUDA machine (no interpreter there), the interpreter on the CPU. Inputs are
+# built and checked on the CPU; step() and run_rows() move them there and back.
+DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # the interpreter computes masked -inf lanes with numpy, which warns about values the kernel discards
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -63,6 +66,19 @@ def _t(v: int) -> torch.Tensor:
     return torch.tensor([v], dtype=torch.int64)
 
 
+def _on_dev(value):
+    return value.to(DEV) if isinstance(value, torch.Tensor) else value
+
+
+def step(logits, x, positions, **kw):
+    """``fused_step`` on DEV: tensor arguments travel there, the CPU canvas ``x`` is updated in place like the
+    op's own, and the confidences come back to the CPU (a no-op round trip on the CPU itself)."""
+    x_dev = x.to(DEV)
+    conf = fused_step(_on_dev(logits), x_dev, _on_dev(positions), **{k: _on_dev(v) for k, v in kw.items()})
+    x.copy_(x_dev)
+    return conf.cpu()
+
+
 def kept_distribution(base: torch.Tensor, temperature: float, top_p=None, top_k=None) -> torch.Tensor:
     """``(V,)`` float64 probabilities of the reference's filtered distribution (0 outside the kept set)."""
     z = base.float()[None] / torch.tensor(temperature, dtype=torch.float32)
@@ -76,11 +92,12 @@ def kept_distribution(base: torch.Tensor, temperature: float, top_p=None, top_k=
 def run_rows(base: torch.Tensor, uniforms: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor]:
     """Every row holds ``base``; row r samples with uniform ``uniforms[r]``. Returns (tokens, conf)."""
     N, V = uniforms.numel(), base.numel()
-    logits = base[None].expand(N, V).contiguous()
-    x = torch.full((1, N), MASK)
-    opts = FusedStepOptions(mask_id=MASK, select="p2", count=0, **kw).check(N, 1, "cpu")
-    conf, _, tok, _ = rows_mod.launch_rows(logits, x, torch.arange(N)[None], opts, _t(1), _t(0), uniforms=uniforms)
-    return tok, conf
+    logits = base[None].expand(N, V).contiguous().to(DEV)
+    x = torch.full((1, N), MASK, device=DEV)
+    opts = FusedStepOptions(mask_id=MASK, select="p2", count=0, **kw).check(N, 1, DEV)
+    seed, offset, positions = _t(1).to(DEV), _t(0).to(DEV), torch.arange(N, device=DEV)[None]
+    conf, _, tok, _ = rows_mod.launch_rows(logits, x, positions, opts, seed, offset, uniforms=uniforms.to(DEV))
+    return tok.cpu(), conf.cpu()
 
 
 def probes(p: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -189,7 +206,7 @@ def test_kept_set_on_adversarial_rows(small_blocks, dtype):
             logits = row.to(dtype)[None]
             x_out, x_ref = torch.full((1, 1), MASK), torch.full((1, 1), MASK)
             kw = dict(mask_id=MASK, select="p2", count=torch.tensor([0]), confidence=confidence, **filters)
-            conf = fused_step(logits, x_out, torch.tensor([[0]]), **kw)
+            conf = step(logits, x_out, torch.tensor([[0]]), **kw)
             conf_ref = fused_step_ref(logits, x_ref, torch.tensor([[0]]), **kw)
             assert torch.equal(x_out, x_ref), (name, confidence)
             torch.testing.assert_close(conf, conf_ref, rtol=2e-5, atol=2e-6, msg=f"{name} {confidence}")
@@ -232,8 +249,9 @@ def test_philox_uniforms_are_uniform():
     """The kernel's uniforms over many (row, offset) pairs: equal-bin chi-square, and no repeated stream."""
     pytest.importorskip("triton")
     n_rows, n_offsets = 64, 1024
-    out = torch.full((n_rows * n_offsets,), -1, dtype=torch.int32)
-    _uniform_kernel()[(1,)](_t(1234), out, N_ROWS=n_rows, N_OFFSETS=n_offsets)
+    out = torch.full((n_rows * n_offsets,), -1, dtype=torch.int32, device=DEV)
+    _uniform_kernel()[(1,)](_t(1234).to(DEV), out, N_ROWS=n_rows, N_OFFSETS=n_offsets)
+    out = out.cpu()
     assert int(out.min()) >= 0 and int(out.max()) < 2**24
     counts = torch.bincount(out >> 16, minlength=256).double()  # 256 bins of the top 8 bits
     expected = out.numel() / 256
@@ -261,7 +279,7 @@ def _chi2_pvalue(observed: torch.Tensor, expected: torch.Tensor) -> float:
 def _sample_counts(base, n, temperature, filters, rng) -> torch.Tensor:
     logits = base[None].expand(n, base.numel()).contiguous()
     x = torch.full((1, n), MASK)
-    fused_step(logits, x, torch.arange(n)[None], mask_id=MASK, select="p2", count=torch.tensor([0]),
+    step(logits, x, torch.arange(n)[None], mask_id=MASK, select="p2", count=torch.tensor([0]),
                temperature=temperature, **filters, **rng)  # fmt: skip
     return torch.bincount(x[0], minlength=base.numel()).double()
 
@@ -317,11 +335,11 @@ def test_replays_repeat_and_advance(small_blocks):
     base = _base(40, torch.bfloat16, seed=5)
     N = 6
     logits = base[None].expand(N, 40).contiguous()
-    seed, offset = _t(2024), _t(0)
+    seed, offset = _t(2024).to(DEV), _t(0).to(DEV)  # device tensors, advanced in place like a captured step's
 
     def replay() -> torch.Tensor:
         x = torch.full((1, N), MASK)
-        fused_step(logits, x, torch.arange(N)[None], mask_id=MASK, select="p2", count=torch.tensor([0]),
+        step(logits, x, torch.arange(N)[None], mask_id=MASK, select="p2", count=torch.tensor([0]),
                    temperature=1.0, top_p=0.95, seed=seed, offset=offset)  # fmt: skip
         offset.add_(1)
         return x[0].clone()
@@ -331,7 +349,7 @@ def test_replays_repeat_and_advance(small_blocks):
     again = [replay() for _ in range(3)]
     assert all(torch.equal(a, b) for a, b in zip(first, again, strict=True)), "same seed and offset, other tokens"
     assert not torch.equal(first[0], first[1]) and not torch.equal(first[1], first[2]), "an offset gave no new draws"
-    assert int(rows_mod.arrival_counters(torch.device("cpu"), 1).abs().sum()) == 0
+    assert int(rows_mod.arrival_counters(DEV, 1).abs().sum()) == 0
 
 
 def test_split_rows_match_one_program_per_row(small_blocks):
@@ -349,7 +367,7 @@ def test_split_rows_match_one_program_per_row(small_blocks):
         for confidence, filters in (("margin", {}), ("neg_entropy", {"top_p": 0.8}), ("prob", {"top_k": 3})):
             x, x_ref = torch.full((1, N), MASK), torch.full((1, N), MASK)
             kw = dict(mask_id=MASK, select="p2", count=torch.tensor([0]), confidence=confidence, **filters)
-            conf = fused_step(logits, x, torch.arange(N)[None], **kw)
+            conf = step(logits, x, torch.arange(N)[None], **kw)
             conf_ref = fused_step_ref(logits, x_ref, torch.arange(N)[None], **kw)
             assert torch.equal(x, x_ref), (min_chunk, confidence)
             torch.testing.assert_close(conf, conf_ref, rtol=2e-5, atol=2e-6)
@@ -381,7 +399,7 @@ def test_sampled_rows_margin_and_entropy(small_blocks, dtype, filters, tunables)
     for confidence in ("margin", "neg_entropy"):
         x, x_ref = torch.full((1, N), MASK), torch.full((1, N), MASK)
         kw = dict(mask_id=MASK, select="p2", count=torch.tensor([0]), confidence=confidence, temperature=0.7, **filters)
-        conf = fused_step(logits, x, torch.arange(N)[None], seed=_t(3), offset=_t(0), **kw)
+        conf = step(logits, x, torch.arange(N)[None], seed=_t(3), offset=_t(0), **kw)
         conf_ref = fused_step_ref(
             logits, x_ref, torch.arange(N)[None], generator=torch.Generator().manual_seed(0), **kw
         )
