@@ -180,6 +180,24 @@ def test_rope_cache_writes_only_its_columns(dtype):
     assert torch.equal(v_cache[:, :, cols], vr[:, :, cols].to(dtype))
 
 
+def test_rope_cache_drops_columns_outside_the_cache():
+    """cache_pos lives on the device, unchecked: a column outside [0, L) writes nothing, not the memory beside
+    the cache (here guard columns of the buffer the cache is a view of); the other columns are written."""
+    B, T, Hq, Hkv, D, L = 2, 4, 2, 1, 16, 6
+    table = rope_table(_inv_freq(D), 16).to(DEV)
+    qkv = _randn(B, T, (Hq + 2 * Hkv) * D, dtype=torch.float32, seed=23)
+    k_buf = torch.full((B, Hkv, L + 2, D), float("nan"), device=DEV)  # (B, Hkv, guard | L columns | guard, D)
+    v_buf = torch.full_like(k_buf, float("nan"))
+    cols = torch.tensor([-1, 2, L, 5], device=DEV)  # two columns outside the cache
+    k_cache, v_cache = k_buf[:, :, 1 : L + 1], v_buf[:, :, 1 : L + 1]  # (B, Hkv, L, D) views
+    _, k, v = rope_cache(qkv, table, Hq, Hkv, cache_pos=cols, k_out=k_cache, v_out=v_cache)
+    for buf in (k_buf, v_buf):
+        assert torch.isnan(buf[:, :, [0, L + 1]]).all(), "a column outside the cache was written"
+        assert not torch.isnan(buf[:, :, [3, 6]]).any(), "columns 2 and 5 of the cache must be written"
+        assert torch.isnan(buf[:, :, [1, 2, 4, 5]]).all()
+    assert torch.equal(v[:, :, [2, 5]], qkv[:, [1, 3], (Hq + Hkv) * D :].view(B, 2, Hkv, D).transpose(1, 2))
+
+
 def test_rope_cache_clamps_positions_to_the_table():
     """Positions beyond the table read its last row instead of memory past it (the model checks lengths)."""
     inv = _inv_freq(16)
@@ -336,7 +354,8 @@ for dt in ("bf16", "fp16", "fp32"):
                 BLOCK_H=1024, EMULATE_BF16=False)
     build(an._add_norm_kernel, s_norm, norm)
     s = sig(["QKV", "Q_OUT", "K_OUT", "V_OUT"], f"*{dt}") | {"TABLE": "*fp32", "POS": "*i64", "CACHE_POS": "*i64"}
-    s |= sig(["n_tokens", "T", "n_pos"], "i32") | sig(["stride_xb", "stride_xt", "stride_pb", "stride_pt"], "i64")
+    s |= sig(["n_tokens", "T", "n_pos", "n_cols"], "i32")
+    s |= sig(["stride_xb", "stride_xt", "stride_pb", "stride_pt"], "i64")
     s |= sig(["stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kh", "stride_kl"], "i64")
     s |= sig(["stride_vb", "stride_vh", "stride_vl"], "i64")
     rope = dict(HQ=14, HKV=2, HALF=32, HQ_PAD=16, HKV_PAD=2, HALF_PAD=32, BLOCK_R=1, HAS_POS=False,

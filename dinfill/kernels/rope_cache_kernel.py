@@ -18,6 +18,8 @@ Supports
 * ``positions`` ``(B, T)`` (default: the token's cache column), ``cache_pos`` ``(T,)`` (default
   ``arange(T)``), and k / v outputs of any strides with a unit last stride: the static cache
   ``(B, Hkv, max_len, D)``, or fresh ``(B, Hkv, T, D)`` buffers when there is no cache.
+* A cache column outside ``[0, max_len)`` (it lives on the device, so the launcher cannot check it
+  without a sync) writes nothing, instead of another layer's cache or unrelated memory.
 
 Limitations
 -----------
@@ -58,6 +60,7 @@ def _rope_cache_kernel(
     n_tokens,
     T,
     n_pos,
+    n_cols,
     # strides
     stride_xb,
     stride_xt,
@@ -93,6 +96,7 @@ def _rope_cache_kernel(
     col = t
     if HAS_CACHE_POS:
         col = tl.load(CACHE_POS + t, mask=tok_ok, other=0).to(tl.int64)
+    col_ok = tok_ok & (col >= 0) & (col < n_cols)  # a column outside the cache writes nothing
     pos = col
     if HAS_POS:
         pos = tl.load(POS + b * stride_pb + t * stride_pt, mask=tok_ok, other=0).to(tl.int64)
@@ -130,15 +134,16 @@ def _rope_cache_kernel(
     if EMULATE_BF16:
         o1 = round_to_bf16(o1)
         o2 = round_to_bf16(o2)
+    kv_ok = k_ok & col_ok[:, None, None]
     k_dst = K_OUT + (b * stride_kb + col * stride_kl)[:, None, None] + hk * stride_kh + j
-    tl.store(k_dst, o1.to(DTYPE), mask=k_ok)
-    tl.store(k_dst + HALF, o2.to(DTYPE), mask=k_ok)
+    tl.store(k_dst, o1.to(DTYPE), mask=kv_ok)
+    tl.store(k_dst + HALF, o2.to(DTYPE), mask=kv_ok)
 
     # v heads: copied bit for bit
     v_src = row + (HQ + HKV + hk) * D + j
     v_dst = V_OUT + (b * stride_vb + col * stride_vl)[:, None, None] + hk * stride_vh + j
-    tl.store(v_dst, tl.load(v_src, mask=k_ok, other=0.0), mask=k_ok)
-    tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=k_ok, other=0.0), mask=k_ok)
+    tl.store(v_dst, tl.load(v_src, mask=kv_ok, other=0.0), mask=kv_ok)
+    tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=kv_ok, other=0.0), mask=kv_ok)
 
 
 def rope_cache(
@@ -165,7 +170,8 @@ def rope_cache(
     positions : Tensor, optional
         ``(B, T)`` integer RoPE positions (clamped to ``[0, P)``). Default: each token's column.
     cache_pos : Tensor, optional
-        ``(T,)`` integer columns of ``k_out`` / ``v_out`` to write. Default: ``arange(T)``.
+        ``(T,)`` integer columns of ``k_out`` / ``v_out`` to write (a column outside ``[0, L)`` writes
+        nothing). Default: ``arange(T)``.
     k_out, v_out : Tensor, optional
         ``(B, Hkv, L, D)`` destinations (the static KV cache of this layer); fresh ``(B, Hkv, T, D)``
         buffers when ``None`` (then ``cache_pos`` must be ``None``).
@@ -234,7 +240,7 @@ def rope_cache(
         _rope_cache_kernel[(triton.cdiv(n_tokens, block_r),)](
             qkv, table, positions if positions is not None else dummy,
             cache_pos if cache_pos is not None else dummy, q_buf, k_out, v_out,
-            n_tokens, T, table.shape[0],
+            n_tokens, T, table.shape[0], k_out.shape[2],
             qkv.stride(0), qkv.stride(1),
             positions.stride(0) if positions is not None else 0, positions.stride(1) if positions is not None else 0,
             q_buf.stride(0), q_buf.stride(1), q_buf.stride(2),
