@@ -324,6 +324,39 @@ def test_ar_with_stops_survives_a_baseline_that_ends_sooner():
     assert row["agree"] == pytest.approx(2 / per_row) and row["x ref"] > 0
 
 
+@pytest.mark.usefixtures("one_thread")
+def test_gpu_check_phases_fail_row_by_row(tmp_path, monkeypatch):
+    """One row that raises (a failed capture, out of memory) is a failed row naming the error: the other rows of
+    the end-to-end and agreement phases still run, and the records measured are still written."""
+    import dataclasses
+    import time
+
+    from dinfill.bench import gpu_check
+
+    def broken(*_args, **_kwargs):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    shapes = dataclasses.replace(gpu_check._shapes(True), steps=2, sizes=((1, 1),))  # the dry run's, smaller
+    monkeypatch.setattr(gpu_check, "_shapes", lambda small: shapes)
+    monkeypatch.setattr(gpu_check, "_ar_with_stops", broken)
+    results = tmp_path / "r.jsonl"
+    e2e = gpu_check.phase_e2e(torch.device("cpu"), True, results, 0, "none", time.perf_counter() + 600)
+    failed = [r for r in e2e.rows if r.get("ok") is False]
+    assert not e2e.ok and [(r["mode"], r["B"]) for r in failed] == [("ar + stops", 1)]
+    assert failed[0]["note"].startswith("failed: RuntimeError: operation not permitted")
+    measured = [r["mode"] for r in e2e.rows if r.get("ok") is not False]
+    assert measured == ["p2 published", "dual+threshold", "ar 64 new", "ar decode (steady)"]
+    assert all(r["graphs"] is False for r in e2e.rows if "graphs" in r)  # the CPU replays no CUDA graph
+    records = report.read_records(results)
+    assert sum(r["type"] == "bench" for r in records) == 3 and sum(r["type"] == "gpu_check_e2e" for r in records) == 5
+
+    monkeypatch.setattr(throughput, "run_config", broken)
+    agreement = gpu_check.phase_agreement(torch.device("cpu"), True, 0)
+    rows = {r["check"]: r for r in agreement.rows}
+    assert not agreement.ok and rows["p2 exact vs reference loop"]["note"].startswith("failed: RuntimeError")
+    assert rows["diffusion graph vs eager, own bucket"]["ok"] and rows["ar graph vs eager, own bucket"]["ok"]
+
+
 def test_gpu_check_refuses_without_cuda(capsys):
     if torch.cuda.is_available():
         pytest.skip("this machine has CUDA")

@@ -23,10 +23,12 @@ Phases, in this order; each has a time allowance and is reported as skipped when
    loop; AR (qwen2.5-coder-0.5b shape, a 260-token prompt) with 64 new tokens and no stop against
    transformers' ``generate``, AR with stop ids that end every row after about 16 tokens (the length of a
    real single-line middle), and AR steady decode (the time of 128 extra decode steps at batch 1). Graphs
-   are warmed up per bucket first; the table counts the graphs captured while timing (should be 0).
+   are warmed up per bucket first; the table says whether CUDA graphs were replayed (``graphs``: False on CUDA
+   means a capture failed and the sampler ran eagerly) and counts the graphs captured while timing (should be 0).
+   A row that raises becomes a failed row naming the error; the other rows still run and their records are kept.
 3. **agreement**: bf16 greedy tokens (temperature 0) of the exact sampler against the reference loop, and of
-   the CUDA-graph path against the eager path at one shape (must be identical: the same kernels run) and
-   padded into a bucket (reported).
+   the CUDA-graph path against the eager path at one shape (must be identical: the same kernels run, and the
+   graph side must really have replayed graphs) and padded into a bucket (reported).
 4. **forward**: issue 10's forward phase (``dinfill.bench.forward.forward_phase``), when it exists.
 5. **sampling**: issue 11's micro-benchmarks of the fused step (``pytest bench/test_bench_fused_step.py``).
 6. **micro-benchmarks**: the other files of ``bench/`` (``--benchmark-json OUT/micro.json``).
@@ -555,7 +557,7 @@ def _bench_row(rec: dict[str, Any], mode: str, batch: int) -> dict[str, Any]:
     row = {"mode": mode, "B": batch, "ms/prob": m["ms_per_problem"], "tok/s": m["tokens_per_s"]}
     row.update(_target_cells(mode, batch, m["ms_per_problem"], m["tokens_per_s"], ref.get("speedup")))
     row.update({"ref ms/prob": ref.get("ms_per_problem"), "x ref": ref.get("speedup"),
-                "agree": ref.get("agreement"), "captured": m.get("graph_captures_timed"),
+                "agree": ref.get("agreement"), "graphs": m.get("cuda_graph"), "captured": m.get("graph_captures_timed"),
                 "note": ref.get("error") or ref.get("baseline")})  # fmt: skip
     return row
 
@@ -659,56 +661,65 @@ def phase_e2e(device: torch.device, small: bool, results: Path, seed: int, basel
                                        f"baselines {baselines}")  # fmt: skip
     records: list[dict[str, Any]] = []
 
-    def late(mode: str, batch: int) -> bool:
-        if time.perf_counter() < deadline:
-            return False
-        out.rows.append({"mode": mode, "B": batch, "note": "skipped: the phase's time allowance is spent"})
-        return True
-
-    model = _load(sh.diffusion, "diffusion", device, sh.dtype)
-    canvas = Problem(*sh.canvas)
-    published = throughput.Sampling(temperature=0.6, top_p=0.95, threshold=0.9, seed=seed)
-    for mode, alg, cache in (("p2 published", "p2", "none"), ("dual+threshold", "threshold", "dual")):
-        for batch, problems in sh.sizes:
-            if late(mode, batch):
-                continue
-            workload = Workload([canvas] * problems, source="fixed {}/{}/{}".format(*sh.canvas))
-            cfg = throughput.BenchConfig("diffusion", batch, "oracle", None, sh.steps, alg, cache,
-                                         8 if cache == "dual" else None)  # fmt: skip
-            lim = None if limit is None else (2 if batch == 1 else 1)
-            rec = throughput.run_config(model, workload, cfg, published, vs=vs, warmup=True, peaks=peaks,
-                                        ceilings=ceilings, reference_limit=lim)  # fmt: skip
+    def run(mode: str, batch: int, fn: Callable[[], tuple[dict[str, Any], dict[str, Any] | None]]) -> None:
+        """One row: skipped once the allowance is spent; a row that raises (a failed capture, out of memory)
+        becomes a failed row naming the error, and the other rows still run."""
+        if time.perf_counter() >= deadline:
+            out.rows.append({"mode": mode, "B": batch, "note": "skipped: the phase's time allowance is spent"})
+            return
+        try:
+            row, rec = fn()
+        except Exception as err:
+            out.ok = False
+            out.rows.append({"mode": mode, "B": batch, "ok": False,
+                             "note": f"failed: {type(err).__name__}: {err}"[:200]})  # fmt: skip
+            _release(device)
+            return
+        if rec is not None:
             records.append(rec)
-            out.rows.append(_bench_row(rec, mode, batch))
-    del model
-    _release(device)
+        out.rows.append(row)
 
-    model = _load(sh.ar, "ar", device, sh.dtype)
-    hf = hf_twin(model) if vs == "reference" else None
-    prefix, new, suffix = sh.prompt
-    greedy = throughput.Sampling(temperature=0.0, top_p=None, seed=seed)
-    for batch, _ in sh.sizes:
-        if late("ar 64 new", batch):
-            continue
-        problems = max(4, batch) if not small else batch
-        workload = Workload([Problem(prefix, new, suffix)] * problems, source="fixed {}/{}/{}".format(*sh.prompt))
-        rec = throughput.run_config(model, workload, throughput.BenchConfig("ar", batch), greedy, vs=vs, hf_model=hf,
-                                    warmup=True, peaks=peaks, ceilings=ceilings,
-                                    reference_limit=None if limit is None else 1)  # fmt: skip
-        records.append(rec)
-        out.rows.append(_bench_row(rec, "ar 64 new", batch))
-    for batch, _ in sh.sizes:
-        if not late("ar + stops", batch):
-            out.rows.append(_ar_with_stops(model, hf, batch, sh, device, seed, vs == "reference"))
-    if not late("ar decode (steady)", 1):
-        out.rows.append(_ar_steady_decode(model, sh, device, seed))
-    del model, hf
-    _release(device)
+    def bench(mode: str, batch: int, model, workload, cfg, sampling, **kw) -> tuple[dict, dict]:
+        rec = throughput.run_config(model, workload, cfg, sampling, vs=vs, warmup=True, peaks=peaks,
+                                    ceilings=ceilings, **kw)  # fmt: skip
+        return _bench_row(rec, mode, batch), rec
 
-    for rec in records:
-        rec.update(env=env, peaks=roofline.peaks_dict(peaks), ceilings=ceilings, source="gpu_check")
-    rows = [{"type": "gpu_check_e2e", "env": env, **r} for r in out.rows]
-    report.append_records(results, records + rows)
+    try:
+        model = _load(sh.diffusion, "diffusion", device, sh.dtype)
+        canvas = Problem(*sh.canvas)
+        published = throughput.Sampling(temperature=0.6, top_p=0.95, threshold=0.9, seed=seed)
+        for mode, alg, cache in (("p2 published", "p2", "none"), ("dual+threshold", "threshold", "dual")):
+            for batch, problems in sh.sizes:
+                workload = Workload([canvas] * problems, source="fixed {}/{}/{}".format(*sh.canvas))
+                cfg = throughput.BenchConfig("diffusion", batch, "oracle", None, sh.steps, alg, cache,
+                                             8 if cache == "dual" else None)  # fmt: skip
+                lim = None if limit is None else (2 if batch == 1 else 1)
+                run(mode, batch, lambda m=mode, b=batch, w=workload, c=cfg, lim=lim: bench(
+                    m, b, model, w, c, published, reference_limit=lim))  # fmt: skip
+        model = None  # frees it (not del: the row closures read the name)
+        _release(device)
+
+        model = _load(sh.ar, "ar", device, sh.dtype)
+        hf = hf_twin(model) if vs == "reference" else None
+        prefix, new, suffix = sh.prompt
+        greedy = throughput.Sampling(temperature=0.0, top_p=None, seed=seed)
+        for batch, _ in sh.sizes:
+            problems = max(4, batch) if not small else batch
+            workload = Workload([Problem(prefix, new, suffix)] * problems, source="fixed {}/{}/{}".format(*sh.prompt))
+            run("ar 64 new", batch, lambda b=batch, w=workload: bench(
+                "ar 64 new", b, model, w, throughput.BenchConfig("ar", b), greedy, hf_model=hf,
+                reference_limit=None if limit is None else 1))  # fmt: skip
+        for batch, _ in sh.sizes:
+            run("ar + stops", batch,
+                lambda b=batch: (_ar_with_stops(model, hf, b, sh, device, seed, vs == "reference"), None))  # fmt: skip
+        run("ar decode (steady)", 1, lambda: (_ar_steady_decode(model, sh, device, seed), None))
+        model = hf = None  # (not del: the row closures read these names)
+        _release(device)
+    finally:  # what was measured is kept even when a model or the baseline cannot be built
+        for rec in records:
+            rec.update(env=env, peaks=roofline.peaks_dict(peaks), ceilings=ceilings, source="gpu_check")
+        rows = [{"type": "gpu_check_e2e", "env": env, **r} for r in out.rows]
+        report.append_records(results, records + rows)
     return out
 
 
@@ -736,44 +747,68 @@ def phase_agreement(device: torch.device, small: bool, seed: int) -> Outcome:
     sh = _shapes(small)
     graph = True if device.type == "cuda" else "emulate"  # the CPU dry run goes through the pool's bookkeeping
     out = Outcome("agreement", detail=f"greedy, {str(sh.dtype)[6:]}")
-    model = _load(sh.diffusion, "diffusion", device, sh.dtype)
+
+    def check(name: str, B: int, fn: Callable[[], dict[str, Any]]) -> None:
+        try:
+            out.rows.append({"check": name, "B": B, **fn()})
+        except Exception as err:  # a failed row naming the error; the other checks still run
+            out.rows.append({"check": name, "B": B, "ok": False, "note": f"failed: {type(err).__name__}: {err}"[:200]})
+            _release(device)
+
+    def graph_row(label: str, agree: float, tokens: int, graphs_ran: bool) -> dict[str, Any]:
+        # on CUDA the graph side must really have replayed graphs: a capture that failed (the AR path then runs
+        # eagerly) or a backend without graphs would compare eager with eager and pass for nothing
+        ran = graphs_ran or graph == "emulate"
+        return {"tokens": tokens, "agree": agree, "ok": (agree == 1.0 and ran) if "own" in label else None,
+                "note": None if ran else "no CUDA graph ran (capture failed or the backend has none)"}  # fmt: skip
+
     batch = 2 if small else 4
-    greedy = throughput.Sampling(temperature=0.0, top_p=None, seed=seed)
-    wl = Workload([Problem(*sh.canvas)] * batch, source="fixed")
-    cfg = throughput.BenchConfig("diffusion", batch, "oracle", None, sh.steps, "p2", "none")
-    rec = throughput.run_config(model, wl, cfg, greedy, vs="reference", warmup=False)
-    ref = rec["reference"] or {}
-    out.rows.append({"check": "p2 exact vs reference loop", "B": batch, "tokens": rec["metrics"]["tokens"],
-                     "agree": ref.get("agreement"), "ok": None, "note": ref.get("error")})  # fmt: skip
+    model = _load(sh.diffusion, "diffusion", device, sh.dtype)
+
+    def exact() -> dict[str, Any]:
+        greedy = throughput.Sampling(temperature=0.0, top_p=None, seed=seed)
+        wl = Workload([Problem(*sh.canvas)] * batch, source="fixed")
+        cfg = throughput.BenchConfig("diffusion", batch, "oracle", None, sh.steps, "p2", "none")
+        rec = throughput.run_config(model, wl, cfg, greedy, vs="reference", warmup=False)
+        ref = rec["reference"] or {}
+        return {"tokens": rec["metrics"]["tokens"], "agree": ref.get("agreement"), "ok": None, "note": ref.get("error")}
+
+    check("p2 exact vs reference loop", batch, exact)
     mask_id = model.config.vocab_size - 1
     gen = torch.Generator().manual_seed(seed)
     prefix, masks, _ = sh.canvas
+
+    def diffusion_pair(label: str, ids: torch.Tensor) -> dict[str, Any]:
+        kw = dict(mask_id=mask_id, steps=sh.steps, alg="p2", return_stats=True)
+        a, stats = diffusion_generate(model, ids.to(device), cuda_graph=graph, **kw)
+        b, _ = diffusion_generate(model, ids.to(device), cuda_graph=False, **kw)
+        where = ids == mask_id
+        return graph_row(label, _agree(a.cpu(), b.cpu(), where), int(where.sum()), stats.cuda_graph)
+
     for label, B, L in (("graph vs eager, own bucket", batch, 32 if small else 288),
                         ("graph vs eager, padded", batch - 1, sum(sh.canvas))):  # fmt: skip
         ids = torch.randint(0, mask_id, (B, L), generator=gen)  # (B, L)
         ids[:, prefix : prefix + masks] = mask_id
-        kw = dict(mask_id=mask_id, steps=sh.steps, alg="p2")
-        a = diffusion_generate(model, ids.to(device), cuda_graph=graph, **kw).cpu()
-        b = diffusion_generate(model, ids.to(device), cuda_graph=False, **kw).cpu()
-        agree = _agree(a, b, ids == mask_id)
-        out.rows.append({"check": f"diffusion {label}", "B": B, "tokens": int((ids == mask_id).sum()), "agree": agree,
-                         "ok": agree == 1.0 if "own" in label else None})  # fmt: skip
-    del model
+        check(f"diffusion {label}", B, lambda label=label, ids=ids: diffusion_pair(label, ids))
+    model = None  # frees it (not del: the check closures read the name)
     _release(device)
 
     model = _load(sh.ar, "ar", device, sh.dtype)
     P, new = (32, 33) if small else (256, 65)  # prompt + new - 1 = 64 / 320: the cache is its own bucket
-    for label, B, prompt, n_new in (("graph vs eager, own bucket", batch, P, new),
-                                    ("graph vs eager, padded", batch - 1, P - 6, new - 1)):  # fmt: skip
-        prompts = torch.randint(0, model.config.vocab_size, (B, prompt), generator=gen)
+
+    def ar_pair(label: str, prompts: torch.Tensor, n_new: int) -> dict[str, Any]:
         a = ar_generate(model, prompts, max_new_tokens=n_new, stop_ids=(), cuda_graph=graph)
         b = ar_generate(model, prompts, max_new_tokens=n_new, stop_ids=(), cuda_graph=False)
         agree = float((a.tokens.cpu() == b.tokens.cpu()).float().mean())
-        out.rows.append({"check": f"ar {label}", "B": B, "tokens": B * n_new, "agree": agree,
-                         "ok": agree == 1.0 if "own" in label else None})  # fmt: skip
-    del model
+        return graph_row(label, agree, prompts.shape[0] * n_new, a.cuda_graph)
+
+    for label, B, prompt, n_new in (("graph vs eager, own bucket", batch, P, new),
+                                    ("graph vs eager, padded", batch - 1, P - 6, new - 1)):  # fmt: skip
+        prompts = torch.randint(0, model.config.vocab_size, (B, prompt), generator=gen)
+        check(f"ar {label}", B, lambda label=label, prompts=prompts, n_new=n_new: ar_pair(label, prompts, n_new))
+    model = None  # frees it (not del: the check closures read the name)
     _release(device)
-    out.ok = all(r["ok"] is not False for r in out.rows)
+    out.ok = all(r.get("ok") is not False for r in out.rows)
     return out
 
 
