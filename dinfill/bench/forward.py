@@ -291,7 +291,9 @@ def _graph_ms(fn, replays: int = 20, groups: int = 5) -> float:
             fn()
     torch.cuda.current_stream().wait_stream(side)
     graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
+    # the outer context restores the stream even when a failed capture makes torch.cuda.graph's exit raise
+    # before it does (the phase then goes on with the next variant)
+    with torch.cuda.stream(torch.cuda.current_stream()), torch.cuda.graph(graph):
         fn()
     graph.replay()
     torch.cuda.synchronize()

@@ -149,7 +149,9 @@ class Graph:
         self.fn, self.graph = fn, None
         if not emulate:
             self.graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(self.graph, pool=pool):
+            # the outer context gives the caller its stream back even when a failed capture makes
+            # torch.cuda.graph's exit raise before it restores the stream (the AR sampler then runs on eagerly)
+            with torch.cuda.stream(torch.cuda.current_stream()), torch.cuda.graph(self.graph, pool=pool):
                 fn()
 
     def replay(self) -> None:
