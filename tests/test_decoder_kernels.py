@@ -271,6 +271,19 @@ def test_skinny_linear_matches_reference(case, dtype):
 # ------------------------------------------------------------------------------------------------
 
 F32 = dict(dtype=torch.float32, seed=0)
+
+
+def _aliased(case: str):
+    """Launch with an output that overlaps an input other programs read (each case must be refused)."""
+    x, w = _randn(6, 8, **F32), _randn(8, **F32)
+    if case == "skinny":  # residual = x: every program reads all of x while the others add into their columns
+        return skinny_linear(x[:2], _randn(8, 8, **F32), residual=x[:2])
+    if case == "shifted":  # row r's residual lands on row r + 1, which another program reads
+        return add_norm(x[:5], w, eps=1e-6, residual_out=x[1:])
+    ids = torch.tensor([[5, 0, 1, 2, 3, 4]], device=DEV)  # in place with a gather: program r reads row r - 1
+    return add_norm(x, w, eps=1e-6, index=ids, index_rows=0, residual_out=x)
+
+
 BAD = [
     (lambda: add_norm(_randn(4, 8, **F32).double(), _randn(8, **F32).double(), eps=1e-6), TypeError, "float64"),
     (lambda: add_norm(_randn(2, 4, 8, **F32), _randn(8, **F32), eps=1e-6), ValueError, "2-D"),
@@ -304,6 +317,10 @@ BAD = [
         ValueError,
         "exclusive",
     ),
+    # outputs overlapping an input that other programs read: a race on the GPU (the interpreter runs programs in turn)
+    (lambda: _aliased("skinny"), ValueError, "residual overlaps x"),
+    (lambda: _aliased("shifted"), ValueError, "residual_out overlaps x other than as the very same rows; pass"),
+    (lambda: _aliased("index"), ValueError, "with index"),
 ]
 
 

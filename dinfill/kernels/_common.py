@@ -1,6 +1,7 @@
 """Small pieces shared by the decoder's Triton kernels (``add_norm``, ``rope_cache``, ``activation``).
 
-Not an op: device-side rounding helpers and the host-side checks every launcher repeats.
+Not an op: device-side rounding helpers and the host-side checks every launcher repeats (devices,
+dtypes, and outputs that would alias an input other programs read).
 
 Why a rounding helper: the decoder's torch path rounds intermediate results to the model dtype at
 fixed points (the residual sum, the normalised activations before the weight multiply, SiLU before
@@ -65,6 +66,30 @@ def check_int(op: str, name: str, t: Tensor) -> None:
     """An integer tensor, or a clear TypeError."""
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
         raise TypeError(f"{op}: {name} must be an integer tensor, got {t.dtype}")
+
+
+def overlaps(a: Tensor, b: Tensor) -> bool:
+    """True when the memory spans of ``a`` and ``b`` intersect (conservative: interleaved views count).
+
+    The kernels' programs run concurrently on a GPU: an output that overlaps an input another program
+    reads is a race there, while the interpreter (one program after another) may still give plausible
+    results. Launchers use this to refuse such aliasing with a clear message.
+    """
+    if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
+        return False
+
+    def span(t: Tensor) -> tuple[int, int]:
+        last = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
+        return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+    (a0, a1), (b0, b1) = span(a), span(b)
+    return a0 < b1 and b0 < a1
+
+
+def same_view(a: Tensor, b: Tensor) -> bool:
+    """``a`` and ``b`` are the very same elements in the same order (an in-place update of one row by its
+    own program is safe; any other overlap is not)."""
+    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
 
 
 def device_context(t: Tensor):

@@ -17,8 +17,10 @@ Supports
   ``b * index_rows + index[b, n]`` (``index_rows=0`` for an embedding table and token ids,
   ``index_rows=T`` to pick ``N`` positions out of each sequence of ``T`` rows); indices are clamped
   to the input rows, so a bad id cannot read out of bounds (the model checks ids on the CPU).
-* The new residual written to a caller's buffer (in place into ``x`` is fine: each program reads its
-  row before writing it) or not at all (``store_residual=False``).
+* The new residual written to a caller's buffer (in place into ``x`` or ``delta`` is fine without
+  ``index``: each program reads its row before writing it) or not at all (``store_residual=False``).
+  Any other overlap with an input (a shifted view, or in place with ``index``, where a program reads
+  rows that other programs write) would race on the GPU and is refused.
 
 Limitations
 -----------
@@ -46,7 +48,9 @@ from dinfill.kernels._common import (
     check_int,
     device_context,
     emulate_bf16,
+    overlaps,
     round_to_bf16,
+    same_view,
 )
 
 _MAX_H = 65536
@@ -203,6 +207,13 @@ def add_norm(
             residual_out = torch.empty(rows_out, H, device=x.device, dtype=x.dtype)
         elif tuple(residual_out.shape) != (rows_out, H) or residual_out.stride(-1) != 1:
             raise ValueError(f"{op}: residual_out must be ({rows_out}, {H}) with unit stride along H")
+        for name, t in (("x", x), ("delta", delta)):
+            if t is not None and overlaps(residual_out, t) and (index is not None or not same_view(residual_out, t)):
+                raise ValueError(
+                    f"{op}: residual_out overlaps {name} other than as the very same rows"
+                    f"{' (with index, programs read rows other programs write)' if index is not None else ''}; "
+                    "pass a separate buffer"
+                )
     else:
         residual_out = None
     y = torch.empty(rows_out, H, device=x.device, dtype=x.dtype)  # (rows out, H)

@@ -22,7 +22,8 @@ Supports
   rows, then up rows: the fused ``gate_up_proj``), optional bias; fp16 / bf16 / fp32.
 * Prologue: none, RMSNorm (Qwen2 / Llama: rounded to the dtype before the weight, as the torch path)
   or LayerNorm with optional bias (Starcoder2).
-* Epilogue: none, SwiGLU (``silu(gate) * up``), GELU-tanh, or ``residual += y`` in place.
+* Epilogue: none, SwiGLU (``silu(gate) * up``), GELU-tanh, or ``residual += y`` in place (``residual``
+  must not overlap ``x``, which every program reads whole: that would race on the GPU).
 
 Limitations
 -----------
@@ -42,7 +43,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dinfill.kernels._common import check_device, check_float, device_context, emulate_bf16, round_to_bf16
+from dinfill.kernels._common import check_device, check_float, device_context, emulate_bf16, overlaps, round_to_bf16
 
 NORMS = (None, "rmsnorm", "layernorm")
 ACTIVATIONS = (None, "swiglu", "gelu_tanh")
@@ -241,6 +242,8 @@ def skinny_linear(
             raise ValueError(f"{op}: residual and act are exclusive (a block adds the residual after projections)")
         if tuple(residual.shape) != (M, N) or residual.dtype != x.dtype or residual.stride(-1) != 1:
             raise ValueError(f"{op}: residual must be ({M}, {N}) in {x.dtype} with a unit last stride")
+        if overlaps(residual, x):  # every program reads all of x while the others write their residual columns
+            raise ValueError(f"{op}: residual overlaps x, which every program reads whole; pass a copy of one")
     if x.stride(-1) != 1:
         x = x.contiguous()
     out = residual if residual is not None else torch.empty(M, N, device=x.device, dtype=x.dtype)  # (M, N)
