@@ -368,7 +368,8 @@ def test_gpu_check_refuses_without_cuda(capsys):
 
 def test_micro_benchmarks_smoke_run_on_cpu(tmp_path):
     """``bench/test_bench_model.py`` on its tiny CPU shapes, once each (pytest-benchmark disabled)."""
-    env = dict(os.environ, DINFILL_BENCH_RESULTS=str(tmp_path / "micro.jsonl"))
+    # CUDA hidden: on a GPU machine the file would otherwise load the 0.5B shape and time it (gpu_check's job)
+    env = dict(os.environ, DINFILL_BENCH_RESULTS=str(tmp_path / "micro.jsonl"), CUDA_VISIBLE_DEVICES="")
     cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--benchmark-disable",
            str(REPO / "bench" / "test_bench_model.py")]  # fmt: skip
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=REPO)
