@@ -192,6 +192,44 @@ def test_warmup_captures_before_the_first_call(dmodel, amodel, pool):
     assert dinfill.sampler.warmup is warmup
 
 
+def test_captured_graph_keeps_no_cycle_to_its_owner(monkeypatch):
+    """A captured graph drops ``fn`` (a replay never calls it): the owner (a sampler's step runner, whose
+    method ``fn`` is) is then freed by reference counting the moment the pool evicts it, device memory with it,
+    instead of waiting for the cyclic GC. The CUDA graph API is stubbed so this runs on the CPU."""
+    import contextlib
+    import weakref
+
+    from dinfill.sampler.graphs import Graph
+
+    class FakeGraph:
+        def replay(self):
+            calls.append("replay")
+
+    calls: list[str] = []
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", FakeGraph)
+    monkeypatch.setattr(torch.cuda, "graph", lambda graph, pool=None: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "stream", lambda stream: contextlib.nullcontext())
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda: None)
+
+    class Owner:  # like _StepRunner / _Decode: holds its graphs, which were captured from its own methods
+        def __init__(self):
+            self.graphs = {"step": Graph(self.step, emulate=False)}
+
+        def step(self):
+            calls.append("captured")
+
+    owner = Owner()
+    owner.graphs["step"].replay()
+    assert calls == ["captured", "replay"]
+    gone = weakref.ref(owner)
+    gc.disable()
+    try:
+        del owner
+        assert gone() is None, "a reference cycle keeps an evicted entry (and its graph memory) alive"
+    finally:
+        gc.enable()
+
+
 def test_tensor_bytes_counts_shared_storage_once():
     t = torch.zeros(10, dtype=torch.float32)
     assert tensor_bytes([t, t[2:], torch.zeros(3, dtype=torch.int64), "not a tensor"]) == 40 + 24

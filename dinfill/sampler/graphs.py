@@ -153,6 +153,9 @@ class Graph:
             # torch.cuda.graph's exit raise before it restores the stream (the AR sampler then runs on eagerly)
             with torch.cuda.stream(torch.cuda.current_stream()), torch.cuda.graph(self.graph, pool=pool):
                 fn()
+            # a replay never calls fn again; keeping it (a method of the object that holds this graph) would
+            # make a reference cycle, so an evicted pool entry's device memory would wait for the cyclic GC
+            self.fn = None
 
     def replay(self) -> None:
         """Run the captured work (or, emulated, ``fn`` itself)."""
