@@ -165,6 +165,26 @@ def test_diffusion_new_bucket_captures_and_lru_evicts(dmodel, pool):
     assert all(e["static_bytes"] > 0 and e["graphs"] == 2 for e in pool.entries())
 
 
+def test_backend_and_gemv_switches_are_part_of_the_key(dmodel, amodel, pool, monkeypatch):
+    """DINFILL_BACKEND / DINFILL_GEMV are read at call time and change the captured code: flipping one between
+    two calls of a bucket (a benchmark comparing the paths in one process) must capture, not replay the other."""
+    x = _canvas(1, 30, 4, 6, seed=0)[0]
+    kw = dict(mask_id=MASK, steps=2, alg="p2", cuda_graph="emulate", return_stats=True)
+    ar_kw = dict(max_new_tokens=4, stop_ids=(), cuda_graph="emulate")
+
+    def captured() -> tuple[bool, bool]:
+        diffusion_stats = diffusion_generate(dmodel, x, **kw)[1]
+        return diffusion_stats.graph_captured, ar_generate(amodel, [[3] * 9], **ar_kw).graph_captured
+
+    monkeypatch.delenv("DINFILL_GEMV", raising=False)
+    assert captured() == (True, True) and captured() == (False, False)
+    monkeypatch.setenv("DINFILL_GEMV", "triton")
+    assert captured() == (True, True)
+    monkeypatch.setenv("DINFILL_BACKEND", "torch")  # the CPU's own path, spelled out: still another key
+    assert ar_generate(amodel, [[3] * 9], **ar_kw).graph_captured
+    assert not ar_generate(amodel, [[3] * 9], **ar_kw).graph_captured
+
+
 def test_pool_forgets_a_dead_model(pool):
     model = _model("diffusion", seed=2)
     diffusion_generate(model, _canvas(1, 20, 3, 4, seed=0)[0], mask_id=MASK, steps=2, cuda_graph="emulate")

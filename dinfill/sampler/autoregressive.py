@@ -49,6 +49,7 @@ from dinfill.sampler.graphs import (
     Graph,
     bucket_batch,
     bucket_length,
+    code_switches,
     graph_pool,
     side_stream,
     tensor_bytes,
@@ -555,8 +556,8 @@ def ar_generate(
         bucket = _graph_shape(len(rows), P, max_new_tokens, limit)
         Bb, Pb, Cb = bucket
         S = max(8, 1 << max(0, len(stops) - 1).bit_length())  # stop-id slots: 8, 16, 32 ...
-        key = ("ar", "emulate" if emulate else "cuda", str(dev), str(model.dtype), _param_signature(model),
-               Bb, Cb, S, spec)  # fmt: skip
+        key = ("ar", "emulate" if emulate else "cuda", code_switches(), str(dev), str(model.dtype),
+               _param_signature(model), Bb, Cb, S, spec)  # fmt: skip
         pool = graph_pool()
         state = pool.lookup(model, key)
         fresh = state is None

@@ -66,6 +66,7 @@ from dinfill.sampler.graphs import (
     bucket_length,
     bucket_rows,
     bucket_steps,
+    code_switches,
     graph_pool,
     side_stream,
     tensor_bytes,
@@ -704,7 +705,7 @@ def diffusion_generate(
     if use_graphs:
         bucket = _graph_shape(B, L, Mb, lo, W, limit)
         Bb, Lb, _, Wb = bucket
-        key = ("diffusion", "emulate" if emulate else "cuda", backend, str(dev), str(model.dtype),
+        key = ("diffusion", "emulate" if emulate else "cuda", backend, code_switches(), str(dev), str(model.dtype),
                _param_signature(model), bucket, cache, steps_cap, select, confidence, mask_id, spec)  # fmt: skip
         pool = graph_pool()
         runner = pool.lookup(model, key)

@@ -12,10 +12,10 @@ tokens - spends most of its time capturing. Here the samplers keep what they cap
   the bucket's static buffers.
 - **What a key holds.** The model (by identity, held through a weak reference: a model that is garbage
   collected takes its entries with it; parameters that were moved or re-allocated give a new key), the shape
-  bucket, and every setting that changes the captured code (algorithm, cache mode, backend, dtype, whether
-  the call samples, whether top-p / top-k are on ...). Per-call values (temperature, top-p, the random seed,
-  the prompt, the schedule table) live in device tensors that the graphs read, so they never force a
-  recapture.
+  bucket, and every setting that changes the captured code (algorithm, cache mode, backend and GEMV switches,
+  dtype, whether the call samples, whether top-p / top-k are on ...). Per-call values (temperature, top-p,
+  the random seed, the prompt, the schedule table) live in device tensors that the graphs read, so they never
+  force a recapture.
 - **Bounded memory.** At most ``max_entries`` buckets are kept; the least recently used one goes first. Each
   entry reports the bytes of its static buffers (exact) and, on CUDA, the device memory its graphs reserved
   (measured around the capture, so approximate: whatever else the allocator did meanwhile is included).
@@ -53,6 +53,7 @@ __all__ = [
     "bucket_length",
     "bucket_rows",
     "bucket_steps",
+    "code_switches",
     "tensor_bytes",
     "warmup",
 ]
@@ -112,6 +113,15 @@ def bucket_steps(n: int) -> int:
     if n < 1:
         raise ValueError(f"steps must be >= 1, got {n}")
     return max(8, 1 << (n - 1).bit_length())
+
+
+def code_switches() -> tuple[str, str]:
+    """The environment switches the runtime reads at call time that change what a graph captures:
+    ``(DINFILL_BACKEND, DINFILL_GEMV)``. Part of every pool key, so flipping one between calls (a benchmark
+    comparing the paths in one process) captures the other path instead of replaying the first."""
+    from dinfill.backend import requested_backend
+
+    return requested_backend(), os.environ.get("DINFILL_GEMV", "cublas")
 
 
 def tensor_bytes(tensors: Iterable[Any]) -> int:
