@@ -185,6 +185,20 @@ def test_backend_and_gemv_switches_are_part_of_the_key(dmodel, amodel, pool, mon
     assert not ar_generate(amodel, [[3] * 9], **ar_kw).graph_captured
 
 
+def test_a_bucket_made_under_inference_mode_is_not_reused_outside_it(dmodel, pool):
+    """Static buffers allocated inside a caller's ``torch.inference_mode()`` are inference tensors, which cannot
+    be updated in place outside it: such an entry is keyed apart instead of failing the next plain call."""
+    x = _canvas(1, 30, 4, 6, seed=0)[0]
+    kw = dict(mask_id=MASK, steps=2, alg="p2", cuda_graph="emulate", return_stats=True)
+    with torch.inference_mode():
+        inside, st = diffusion_generate(dmodel, x, **kw)
+    assert st.graph_captured
+    outside, st = diffusion_generate(dmodel, x, **kw)
+    assert st.graph_captured and torch.equal(inside, outside)
+    with torch.inference_mode():
+        assert not diffusion_generate(dmodel, x, **kw)[1].graph_captured
+
+
 def test_pool_forgets_a_dead_model(pool):
     model = _model("diffusion", seed=2)
     diffusion_generate(model, _canvas(1, 20, 3, 4, seed=0)[0], mask_id=MASK, steps=2, cuda_graph="emulate")

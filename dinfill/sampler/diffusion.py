@@ -705,8 +705,10 @@ def diffusion_generate(
     if use_graphs:
         bucket = _graph_shape(B, L, Mb, lo, W, limit)
         Bb, Lb, _, Wb = bucket
+        # buffers made under a caller's inference_mode are inference tensors that cannot be updated outside it
         key = ("diffusion", "emulate" if emulate else "cuda", backend, code_switches(), str(dev), str(model.dtype),
-               _param_signature(model), bucket, cache, steps_cap, select, confidence, mask_id, spec)  # fmt: skip
+               _param_signature(model), bucket, cache, steps_cap, select, confidence, mask_id, spec,
+               torch.is_inference_mode_enabled())  # fmt: skip
         pool = graph_pool()
         runner = pool.lookup(model, key)
         if runner is None:
