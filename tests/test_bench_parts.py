@@ -399,6 +399,9 @@ def test_gpu_check_pytest_phases_collect_their_results(tmp_path):
     out.mkdir()
     (repo / "tests" / "test_attention_stub.py").write_text("def test_ok():\n    assert 1 + 1 == 2\n")
     (repo / "tests" / "test_unrelated.py").write_text("def test_never_collected():\n    raise AssertionError\n")
+    (repo / "tests" / "test_fused_step_stub.py").write_text(  # only the compiled-hazard subset runs on CUDA
+        "def test_split_rows_ok():\n    assert True\n\ndef test_slow_sweep_not_selected():\n    raise AssertionError\n"
+    )
     (repo / "bench" / "test_bench_stub.py").write_text(
         textwrap.dedent(
             """
@@ -430,6 +433,8 @@ def test_gpu_check_pytest_phases_collect_their_results(tmp_path):
     )
     tests = gpu_check.phase_kernel_tests(repo, out, timeout=120)
     assert tests.ok and tests.rows[0]["files"] == "test_attention_stub.py" and "1 passed" in tests.rows[0]["result"]
+    assert tests.rows[1]["files"].startswith("test_fused_step_stub.py -k ")
+    assert "1 passed, 1 deselected" in tests.rows[1]["result"]
     micro = gpu_check.phase_micro(repo, out, out / "results.jsonl", timeout=120)
     assert micro.ok, (out / "micro.log").read_text()
     assert micro.rows[0] == {"bench": "stub", "batch": 3, "ms": 2.0, "ref_ms": 6.0, "speedup": 3.0}
