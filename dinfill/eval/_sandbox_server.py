@@ -253,11 +253,23 @@ def _isolate(setup: dict, new_pid_ns: bool) -> str | None:
     return WORKDIR
 
 
+def _fork(state: dict) -> tuple[int, bool]:
+    """``os.fork()``, the child as pid 1 of a new pid namespace when the server has one; (pid, in_namespace).
+
+    unshare(CLONE_NEWPID) only sets the namespace of our next child: the parent returns to its own at
+    once, ready for the next fork.
+    """
+    in_namespace = state["own_pid_ns"] is not None and _LIBC.unshare(_CLONE_NEWPID) == 0
+    pid = os.fork()
+    if pid and in_namespace:
+        _LIBC.setns(state["own_pid_ns"], _CLONE_NEWPID)
+    return pid, in_namespace
+
+
 def _try_isolation(setup: dict, state: dict) -> str:
     """Run the per-program isolation once in a throwaway child; returns its error text or ""."""
     read, write = os.pipe()
-    in_namespace = state["own_pid_ns"] is not None and _LIBC.unshare(_CLONE_NEWPID) == 0
-    pid = os.fork()
+    pid, in_namespace = _fork(state)
     if pid == 0:
         os.close(read)
         try:
@@ -268,8 +280,6 @@ def _try_isolation(setup: dict, state: dict) -> str:
             message = text.encode("utf-8", "replace")[:_DETAIL_CHARS]
         os.write(write, message)
         os._exit(0)
-    if in_namespace:
-        _LIBC.setns(state["own_pid_ns"], _CLONE_NEWPID)
     os.close(write)
     with os.fdopen(read, "rb") as handle:
         error = handle.read().decode("utf-8", "replace")
@@ -486,14 +496,8 @@ def _reap(setup: dict, job: dict) -> None:
 
 def _start(setup: dict, state: dict, job: dict, fds: list) -> int:
     """Fork the process for one job (pid 1 of a new pid namespace when possible); return its pid."""
-    in_namespace = False
-    if state["own_pid_ns"] is not None:
-        in_namespace = _LIBC.unshare(_CLONE_NEWPID) == 0
-    pid = os.fork()
+    pid, in_namespace = _fork(state)
     if pid:
-        if in_namespace:
-            # unshare() only set the namespace of our next child; return to our own for the next job.
-            _LIBC.setns(state["own_pid_ns"], _CLONE_NEWPID)
         return pid
     try:
         # A session (and process group) of its own, so the evaluator can kill the whole group.
