@@ -338,9 +338,9 @@ def _prepare(setup: dict) -> dict:
 
 
 # -- per program -----------------------------------------------------------------------------
-def _set_limit(which: int, value: int) -> None:
+def _set_limit(which: int, value: int, hard: int | None = None) -> None:
     try:
-        resource.setrlimit(which, (value, value))
+        resource.setrlimit(which, (value, value if hard is None else hard))
     except (ValueError, OSError):
         pass  # an unsupported limit is skipped rather than aborting the run
 
@@ -348,12 +348,8 @@ def _set_limit(which: int, value: int) -> None:
 def _limit_and_drop(setup: dict, reset_oom_score: bool) -> None:
     """Resource limits, no_new_privs, then the uid drop (limits first: RLIMIT_NPROC must bind the new uid)."""
     _set_limit(resource.RLIMIT_CORE, 0)
-    cpu = int(setup["cpu_seconds"] + 0.999)
-    try:
-        # Soft limit raises SIGXCPU; the hard limit one second later is a SIGKILL nothing can catch.
-        resource.setrlimit(resource.RLIMIT_CPU, (cpu, cpu + 1))
-    except (ValueError, OSError):
-        pass
+    # Soft limit raises SIGXCPU; the hard limit one second later is a SIGKILL nothing can catch.
+    _set_limit(resource.RLIMIT_CPU, setup["cpu_limit"], setup["cpu_limit"] + 1)
     for which, key in (
         (resource.RLIMIT_AS, "memory_bytes"),
         (resource.RLIMIT_FSIZE, "max_file_bytes"),

@@ -503,7 +503,7 @@ class _Server:
             "ipc_namespace": "ipc_namespace" in features,
             "private_filesystem": "private_filesystem" in features,
             "cgroup_procs": self.cgroup.procs if self.cgroup else None,
-            "cpu_seconds": cfg.cpu_seconds,
+            "cpu_limit": cfg.cpu_limit,  # whole seconds, rounded up once (SandboxConfig.cpu_limit)
             "memory_bytes": cfg.memory_bytes,
             "max_file_bytes": cfg.max_file_bytes,
             "max_open_files": cfg.max_open_files,
