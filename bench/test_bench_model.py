@@ -14,8 +14,6 @@ vocabulary) as a smoke test: ``pytest bench/test_bench_model.py --benchmark-disa
 from __future__ import annotations
 
 import inspect
-import statistics
-import time
 
 import pytest
 import torch
@@ -36,19 +34,13 @@ def _sync() -> None:
         torch.cuda.synchronize()
 
 
-def _median_s(fn, repeats: int = 20 if ON_GPU else 2) -> float:
+def _median_s(fn) -> float:
     """Median seconds of ``fn`` (CUDA events through triton's do_bench on a GPU, wall clock otherwise)."""
     if ON_GPU:
         import triton
 
         return triton.testing.do_bench(fn, warmup=25, rep=200, return_mode="median") * 1e-3
-    fn()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    return roofline.median_seconds(fn, DEVICE, repeats=2)
 
 
 @pytest.fixture(scope="module")

@@ -27,18 +27,6 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
-def _time(fn, repeats: int, sync) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        sync()
-        t0 = time.perf_counter()
-        fn()
-        sync()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
 def compare_forward(
     family: str = "qwen2",
     batch: int = 4,
@@ -52,6 +40,7 @@ def compare_forward(
     from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Starcoder2Config
 
     import dinfill
+    from dinfill.bench.roofline import median_seconds
 
     cls = {"qwen2": Qwen2Config, "llama": LlamaConfig, "starcoder2": Starcoder2Config}[family]
     cfg = cls(
@@ -65,11 +54,10 @@ def compare_forward(
         ref.save_pretrained(tmp, safe_serialization=True)
         ours = dinfill.load_model(tmp, device=device, dtype=torch.float32)
     ids = torch.randint(0, cfg.vocab_size, (batch, length), device=device)
-    sync = torch.cuda.synchronize if device.startswith("cuda") else (lambda: None)
     with torch.inference_mode():
         err = (ours(ids, causal=True) - ref(ids).logits).abs().max().item()
-        t_ref = _time(lambda: ref(ids), repeats, sync)
-        t_ours = _time(lambda: ours(ids, causal=True), repeats, sync)
+        t_ref = median_seconds(lambda: ref(ids), ids.device, repeats)
+        t_ours = median_seconds(lambda: ours(ids, causal=True), ids.device, repeats)
     return {
         "family": family, "batch": batch, "length": length, "device": device, "max_abs_logit_diff": err,
         "transformers_s": t_ref, "dinfill_s": t_ours, "speedup": t_ref / t_ours,

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import math
 import re
+import statistics
 import time
 from dataclasses import asdict, dataclass
 
@@ -172,8 +173,7 @@ def median_seconds(fn, device: torch.device, repeats: int, warmup: bool = True) 
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    times.sort()
-    return times[len(times) // 2]
+    return statistics.median(times)
 
 
 def measure_ceilings(
