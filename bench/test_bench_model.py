@@ -123,16 +123,12 @@ def test_ar_decode_step(benchmark, model, hf, batch):
             return model(cur, causal=True, attention_mask=mask, cache=cache, cache_pos=col, logits_index=last)
 
         step = ours
-        if ON_GPU:  # the AR sampler replays its decode step as a CUDA graph: time that too
-            side = torch.cuda.Stream()
-            side.wait_stream(torch.cuda.current_stream())
-            with torch.cuda.stream(side):
+        if ON_GPU:  # the AR sampler replays its decode step as a CUDA graph (the same capture): time that too
+            from dinfill.sampler.graphs import Graph, side_stream
+
+            with side_stream(emulate=False):
                 ours()
-            torch.cuda.current_stream().wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                ours()
-            step = graph.replay
+            step = Graph(ours, emulate=False).replay
 
         from transformers import DynamicCache
 

@@ -271,18 +271,17 @@ def _forward_inputs(model, batch: int, tokens: int, rows: int, cached: int):
 
 
 def _graph_ms(fn, replays: int = 20, groups: int = 5) -> float:
-    """Median GPU milliseconds of ``fn`` replayed from a CUDA graph (warm-up on a side stream first)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
+    """Median GPU milliseconds of ``fn`` replayed from a CUDA graph (warm-up on a side stream first).
+
+    The samplers' :class:`~dinfill.sampler.graphs.Graph` captures it, so a failed capture gives the caller its
+    stream back (the phase then goes on with the next variant).
+    """
+    from dinfill.sampler.graphs import Graph, side_stream
+
+    with side_stream(emulate=False):
         for _ in range(3):
             fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    # the outer context restores the stream even when a failed capture makes torch.cuda.graph's exit raise
-    # before it does (the phase then goes on with the next variant)
-    with torch.cuda.stream(torch.cuda.current_stream()), torch.cuda.graph(graph):
-        fn()
+    graph = Graph(fn, emulate=False)
     graph.replay()
     torch.cuda.synchronize()
     times = []
