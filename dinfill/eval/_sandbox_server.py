@@ -144,6 +144,15 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
     _check(_LIBC.mount(encode(source), encode(target), encode(fstype), flags, encode(data)), f"mount {target}")
 
 
+def _write_file(path: str, data: bytes) -> None:
+    """One ``write`` to a kernel control file (cgroup.procs, oom_score_adj); OSError when refused."""
+    fd = os.open(path, os.O_WRONLY)
+    try:
+        os.write(fd, data)
+    finally:
+        os.close(fd)
+
+
 def _make_read_only(path: str) -> None:
     """Every mount at and below ``path`` read-only, in this mount namespace only (mount_setattr, Linux 5.12)."""
     attr = struct.pack("QQQQ", _MOUNT_ATTR_RDONLY, 0, 0, 0)  # struct mount_attr: set, clear, propagation, userns
@@ -225,11 +234,7 @@ def _isolate(setup: dict, new_pid_ns: bool) -> str | None:
     """
     if setup["cgroup_procs"]:
         # "0" is the writing process itself, whatever pid namespace it is in; P inherits the cgroup.
-        fd = os.open(setup["cgroup_procs"], os.O_WRONLY)
-        try:
-            os.write(fd, b"0")
-        finally:
-            os.close(fd)
+        _write_file(setup["cgroup_procs"], b"0")
     flags = (_CLONE_NEWIPC if setup["ipc_namespace"] else 0) | (_CLONE_NEWNS if setup["private_filesystem"] else 0)
     if not flags:
         return None
@@ -375,11 +380,7 @@ def _set_oom_score(value: str) -> None:
     """Best effort: some kernels and security modules refuse to lower it even for root (then R is killable;
     the evaluator still sees the OOM kill in the cgroup's counter)."""
     try:
-        fd = os.open("/proc/self/oom_score_adj", os.O_WRONLY)
-        try:
-            os.write(fd, value.encode())
-        finally:
-            os.close(fd)
+        _write_file("/proc/self/oom_score_adj", value.encode())
     except OSError:
         pass
 
