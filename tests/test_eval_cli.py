@@ -213,7 +213,9 @@ def test_two_samples_report_pass_at_2(tmp_path, toy_santacoder, capsys):
     # Issue 15 item 8: pass@k for every useful k <= n, not only k in (1, 10, 100).
     argv = ["eval", "--generator", f"{FAKES}:mixed", "--task", "santacoder-fim", "--data", str(toy_santacoder)]
     assert cli.main([*argv, "--out", str(tmp_path), "--samples", "2", "--execute", "--no-progress"]) == 0
-    table = capsys.readouterr().out
+    captured = capsys.readouterr()
+    table = captured.out
+    assert captured.err.count(cli.EXEC_WARNING) == 1  # running model-written code is never silent
     assert "| pass@1 |" in table and "| pass@2 |" in table
     summary = json.loads((tmp_path / "santacoder-fim-py" / "summary.json").read_text())
     assert list(summary["pass@k"]) == ["pass@1", "pass@2"]

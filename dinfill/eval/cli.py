@@ -22,12 +22,8 @@ from dinfill.eval.datasets import DatasetUnavailable
 from dinfill.eval.postprocess import RULES, PostProcess
 from dinfill.eval.records import RecordsError, RunFolderBusy
 from dinfill.eval.tasks import TASKS, get_task
-from dinfill.sampler.settings import SamplerSettings, add_sampler_arguments, settings_from_args
+from dinfill.sampler.settings import add_sampler_arguments, settings_from_args
 
-# Defaults of the published runs (dinfill.sampler.settings, the "published" preset): Open-dCoder 64 steps, p2,
-# T=0.6, top_p=0.95, oracle middle length; AR baselines T=0.6 with 512 new tokens.
-DIFFUSION_DEFAULTS = SamplerSettings.preset("published", "diffusion").for_kind("diffusion")
-AR_DEFAULTS = SamplerSettings.preset("published", "ar").for_kind("ar")
 EXEC_WARNING = (
     "warning: executing untrusted model-written code in the dinfill sandbox (see dinfill.eval.execution for what "
     "it does and does not cover); pass --no-execute to skip execution"
@@ -288,10 +284,10 @@ def build_model_generator(args: argparse.Namespace, local_rank: int, settings: d
     return ModelGenerator(model, tokenizer, settings if settings is not None else sampler_settings(args, model.kind))
 
 
-def _decide_execute(args: argparse.Namespace, task) -> bool:
+def _decide_execute(args: argparse.Namespace, task, warn: bool = True) -> bool:
     execute = task.executes_by_default if args.execute is None else args.execute
-    # Said every time: running model-written code must never be a silent default.
-    if execute:
+    # Said every time (once per torchrun job: by rank 0): running model-written code must never be a silent default.
+    if execute and warn:
         print(EXEC_WARNING, file=sys.stderr)
     return execute
 
@@ -344,7 +340,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 samples=args.samples,
                 batch_size=args.batch_size,
                 limit=args.limit,
-                execute=_decide_execute(args, task) if ctx.rank == 0 else _quiet_execute(args, task),
+                execute=_decide_execute(args, task, warn=ctx.rank == 0),
             )
             summary = run_eval(
                 spec,
@@ -368,10 +364,6 @@ def cmd_eval(args: argparse.Namespace) -> int:
     if summaries:
         print(markdown_table(summaries), end="")
     return 0
-
-
-def _quiet_execute(args: argparse.Namespace, task) -> bool:
-    return task.executes_by_default if args.execute is None else args.execute
 
 
 def cmd_score(args: argparse.Namespace) -> int:
@@ -515,7 +507,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     try:
         text, summaries = report(args.dirs)
-    except (*_USER_ERRORS, NotADirectoryError) as exc:
+    except _USER_ERRORS as exc:
         return _fail(exc)
     print(json.dumps(summaries, indent=2) if args.json else text, end="" if not args.json else "\n")
     return 0
