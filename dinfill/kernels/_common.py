@@ -1,4 +1,4 @@
-"""Small pieces shared by the decoder's Triton kernels (``add_norm``, ``rope_cache``, ``activation``).
+"""Small pieces shared by the Triton kernels (attention, add_norm, rope_cache, activation, skinny_linear).
 
 Not an op: device-side rounding helpers and the host-side checks every launcher repeats (devices,
 dtypes, and outputs that would alias an input other programs read).

@@ -69,20 +69,12 @@ import triton.language as tl
 from torch import Tensor
 
 from dinfill.backend import triton_interpreted, use_triton
-from dinfill.kernels._common import device_context
+from dinfill.kernels._common import device_context, emulate_bf16, round_to_bf16
 
 _MAX_HEAD_DIM = 256  # head dims are padded to a power of two >= 16 (tl.dot's minimum); 256 keeps tiles in registers
 _MAX_SPLITS = 32  # upper bound on split-K partitions (workspace and merge cost grow with it)
 _SPLIT_MIN_KEY_BLOCKS = 16  # split-K only pays when one program would stream at least this many key blocks
 _LOG2E = 1.4426950408889634  # softmax is computed with exp2: exp(x) = exp2(x * log2(e))
-
-
-@triton.jit
-def _round_to_bf16(x):
-    """fp32 -> nearest-even bf16 value, kept in fp32 (interpreter only: its own downcast truncates)."""
-    bits = x.to(tl.uint32, bitcast=True)
-    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-    return bits.to(tl.float32, bitcast=True)
 
 
 @triton.jit
@@ -149,7 +141,7 @@ def _attention_block_loop(
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
         if EMULATE_BF16:
-            p = _round_to_bf16(p)
+            p = round_to_bf16(p)
         else:
             p = p.to(v.dtype)  # rounded to the input dtype, as FlashAttention does
         acc = tl.dot(p, v, acc, input_precision=DOT_PRECISION)  # (BLOCK_M, D)
@@ -286,7 +278,7 @@ def _attention_kernel(
         o_row = hq.to(tl.int64) * stride_oh + i.to(tl.int64) * stride_om
         o_ptrs = Out + b.to(tl.int64) * stride_ob + o_row[:, None] + offs_d[None, :]
         if EMULATE_BF16:
-            out = _round_to_bf16(out)
+            out = round_to_bf16(out)
         tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
 
 
@@ -342,7 +334,7 @@ def _attention_merge_kernel(
     o_row = hq.to(tl.int64) * stride_oh + i.to(tl.int64) * stride_om
     o_ptrs = Out + b.to(tl.int64) * stride_ob + o_row[:, None] + offs_d[None, :]
     if EMULATE_BF16:
-        out = _round_to_bf16(out)
+        out = round_to_bf16(out)
     tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
 
 
@@ -546,7 +538,7 @@ def _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, window, con
         lse_part = torch.empty(num_splits, B * Hkv, rows, device=q.device, dtype=torch.float32)
     else:
         o_part = lse_part = out  # placeholders, never touched when SPLIT is False
-    emulate_bf16 = q.device.type != "cuda" and q.dtype == torch.bfloat16
+    emulate = emulate_bf16(q)
     # the window matters only if some query sits at least `window` columns after column 0
     use_window = bool(causal) and window is not None and (offset_is_tensor or int(causal_offset) + Lq - 1 >= window)
     grid = (triton.cdiv(rows, cfg.block_m), B * Hkv, num_splits)
@@ -568,7 +560,7 @@ def _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, window, con
             CAUSAL=bool(causal), WINDOW=use_window, OFFSET_IS_TENSOR=offset_is_tensor,
             HAS_KV_START=kv_start is not None, HAS_KV_END=kv_end is not None, SPLIT=num_splits > 1,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, BLOCK_D=block_d,
-            DOT_PRECISION="ieee" if q.dtype == torch.float32 or emulate_bf16 else "tf32", EMULATE_BF16=emulate_bf16,
+            DOT_PRECISION="ieee" if q.dtype == torch.float32 or emulate else "tf32", EMULATE_BF16=emulate,
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         if num_splits > 1:
@@ -576,7 +568,7 @@ def _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, window, con
                 out, o_part, lse_part,
                 Lq, Hkv, group, num_splits,
                 out.stride(0), out.stride(1), out.stride(2),
-                BLOCK_M=cfg.block_m, HEAD_DIM=D, BLOCK_D=block_d, EMULATE_BF16=emulate_bf16, num_warps=4,
+                BLOCK_M=cfg.block_m, HEAD_DIM=D, BLOCK_D=block_d, EMULATE_BF16=emulate, num_warps=4,
             )  # fmt: skip
     return out
 
