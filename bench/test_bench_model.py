@@ -20,6 +20,7 @@ import torch
 
 import dinfill
 from dinfill.bench import report, roofline
+from dinfill.bench.forward import decode_step
 
 ON_GPU = torch.cuda.is_available()
 # real shape on the GPU, a tiny one (small vocabulary, so the CPU run stays fast) elsewhere
@@ -112,16 +113,8 @@ def test_ar_decode_step(benchmark, model, hf, batch):
     V, P = model.config.vocab_size, CANVAS
     prompt = torch.randint(0, V, (batch, P), device=DEVICE)
     cur = torch.randint(0, V, (batch, 1), device=DEVICE)
-    cache = model.new_cache(batch, P + 1)
-    mask = torch.ones(batch, P + 1, dtype=torch.bool, device=DEVICE)  # (B, P + 1) every column real
-    col = torch.full((1,), P, dtype=torch.long, device=DEVICE)
-    last = torch.zeros(batch, 1, dtype=torch.long, device=DEVICE)
     with torch.inference_mode():
-        model(prompt, causal=True, attention_mask=mask, cache=cache, cache_pos=torch.arange(P, device=DEVICE))
-
-        def ours():
-            return model(cur, causal=True, attention_mask=mask, cache=cache, cache_pos=col, logits_index=last)
-
+        ours = decode_step(model, prompt, cur)
         step = ours
         if ON_GPU:  # the AR sampler replays its decode step as a CUDA graph (the same capture): time that too
             from dinfill.sampler.graphs import Graph, side_stream

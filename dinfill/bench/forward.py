@@ -233,6 +233,25 @@ DECODE_CACHE = 276  # a decode step attends over a cache of this many earlier to
 _COMPILE_S = 25.0  # what one torch.compile of a new shape costs on the H200 host (17-18 s measured), with slack
 
 
+def decode_step(model, prompt: torch.Tensor, cur: torch.Tensor):
+    """A thunk running one causal decode step of ``cur`` (B, 1) against a static cache filled here with ``prompt``.
+
+    The cache has one column beyond the prompt (B, P), which every call writes again, so each call is the same
+    step; logits for the one row. The prefill runs in the caller's grad mode.
+    """
+    (batch, cached), dev = prompt.shape, prompt.device
+    cache = model.new_cache(batch, cached + 1)
+    mask = torch.ones(batch, cached + 1, dtype=torch.bool, device=dev)  # (B, P + 1) every column real
+    col = torch.full((1,), cached, dtype=torch.long, device=dev)
+    last = torch.zeros(batch, 1, dtype=torch.long, device=dev)
+    model(prompt, causal=True, attention_mask=mask, cache=cache, cache_pos=torch.arange(cached, device=dev))
+
+    def step():
+        return model(cur, causal=True, attention_mask=mask, cache=cache, cache_pos=col, logits_index=last)
+
+    return step
+
+
 def _forward_inputs(model, batch: int, tokens: int, rows: int, cached: int):
     """A thunk running one forward of the shape, plus its work (roofline) and a description.
 
@@ -248,16 +267,8 @@ def _forward_inputs(model, batch: int, tokens: int, rows: int, cached: int):
     if tokens == 1:
         prompt = torch.randint(0, V, (batch, cached), generator=g).to(dev)
         cur = torch.randint(0, V, (batch, 1), generator=g).to(dev)
-        cache = model.new_cache(batch, cached + 1)
-        mask = torch.ones(batch, cached + 1, dtype=torch.bool, device=dev)  # (B, cached + 1) every column real
-        col = torch.full((1,), cached, dtype=torch.long, device=dev)
-        last = torch.zeros(batch, 1, dtype=torch.long, device=dev)
         with torch.no_grad():
-            model(prompt, causal=True, attention_mask=mask, cache=cache, cache_pos=torch.arange(cached, device=dev))
-
-        def fn():
-            return model(cur, causal=True, attention_mask=mask, cache=cache, cache_pos=col, logits_index=last)
-
+            fn = decode_step(model, prompt, cur)
         work = forward_work(model.config, batch=batch, queries=1, keys=cached + 1, logits_rows=batch, itemsize=itemsize)
         return fn, work, f"decode, cache {cached}"
     x = torch.randint(0, V, (batch, tokens), generator=g).to(dev)
