@@ -31,7 +31,7 @@ from dinfill.eval.execution import Sandbox, SandboxConfig, available_cores
 from dinfill.eval.postprocess import PostProcess
 from dinfill.eval.records import (
     RECORDS,
-    RUN_FILE,  # noqa: F401 - re-exported: the name of a run folder's identity file
+    RUN_FILE,
     RecordWriter,
     RunLock,
     check_run_file,
