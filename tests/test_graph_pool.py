@@ -264,6 +264,56 @@ def test_captured_graph_keeps_no_cycle_to_its_owner(monkeypatch):
         gc.enable()
 
 
+def _stop_step(flag_step: int | None, steps: int, monkeypatch=None, **kw) -> tuple[int | None, int]:
+    """Run a loop of ``steps`` steps whose step ``flag_step`` turns the flag; return ``(step it stopped before,
+    events made)``. Lagged rings on the CPU use stub CUDA events (a plain copy is already complete)."""
+    from dinfill.sampler.graphs import LaggedFlag
+
+    made = []
+
+    class Event:
+        def __init__(self):
+            made.append(self)
+            self.recorded = False
+
+        def record(self):
+            self.recorded = True
+
+        def synchronize(self):
+            assert self.recorded, "waited on an event of a step that was never recorded"
+
+    if monkeypatch is not None:
+        monkeypatch.setattr(torch.cuda, "Event", Event)
+    flag = torch.tensor(False)
+    lagged = LaggedFlag(flag, steps=steps, stop_on=True, **kw)
+    for i in range(steps):
+        if lagged.should_stop():
+            return i, len(made)
+        if i == flag_step:
+            flag.fill_(True)  # this step finishes the work
+        lagged.record()
+    return None, len(made)
+
+
+def test_lagged_flag_stops_lag_steps_after_the_flag_turns(monkeypatch):
+    """The ring of ``lag`` slots: the host sees step i's flag before launching step i + lag, never earlier, with
+    ``lag`` events made once (none per step); off CUDA the flag is read after every step."""
+    for lag in (1, 3, 4):
+        assert _stop_step(5, 20, monkeypatch, lag=lag, lagged=True) == (5 + lag, lag)
+    assert _stop_step(0, 20, monkeypatch, lag=4, lagged=True) == (4, 4)
+    assert _stop_step(None, 20, monkeypatch, lag=4, lagged=True) == (None, 4)  # never turned: runs every step
+    assert _stop_step(5, 8, monkeypatch, lag=50, lagged=True) == (None, 8)  # a lag past the end: no early exit
+    assert _stop_step(5, 20, lag=4) == (6, 0)  # CPU: the next step already sees it, no events
+    from dinfill.sampler.graphs import LaggedFlag
+
+    alive = torch.tensor(True)  # the diffusion loop's polarity: stop once the flag reads False
+    flag = LaggedFlag(alive, 4, 10, stop_on=False)
+    flag.record()
+    assert not flag.should_stop()
+    alive.fill_(False)
+    assert flag.should_stop()
+
+
 def test_tensor_bytes_counts_shared_storage_once():
     t = torch.zeros(10, dtype=torch.float32)
     assert tensor_bytes([t, t[2:], torch.zeros(3, dtype=torch.int64), "not a tensor"]) == 40 + 24

@@ -47,6 +47,7 @@ from dinfill.sampler.fim import build_fim_prompts, cut_at_stop, fim_tokens
 from dinfill.sampler.graphs import (
     CaptureMeter,
     Graph,
+    LaggedFlag,
     bucket_batch,
     bucket_length,
     code_switches,
@@ -595,40 +596,26 @@ def ar_generate(
 
     # early exit without draining the queue: on CUDA the host reads the "all done" flag of the step `lag` steps
     # back (copied to pinned memory, awaited through an event); on the CPU it reads the flag directly
-    lag = _EXIT_LAG
-    flags = torch.zeros(max_new_tokens, dtype=torch.bool, pin_memory=True) if dev.type == "cuda" else None
-    events: list[Any] = [None] * max_new_tokens
-
-    def note(j: int) -> None:
-        if flags is not None:
-            flags[j].copy_(state.all_done, non_blocking=True)
-            events[j] = torch.cuda.Event()
-            events[j].record()
-
+    all_done = LaggedFlag(state.all_done, _EXIT_LAG, max_new_tokens, stop_on=True)
     state.draw(generator)
     if use_graph:
         graphs[("prefill", state.P)].replay()
     else:
         state.prefill()
-    note(0)
+    all_done.record()
     steps = 0
     for j in range(1, max_new_tokens):
         if stop_strings and j % check_every == 0:  # the periodic stop-string check (needs the text: a sync)
             _check_stop_strings(state, j, decode, stop_strings, checked)
-        if flags is None:
-            if bool(state.all_done):
-                break
-        elif j - lag >= 0:
-            events[j - lag].synchronize()
-            if bool(flags[j - lag]):
-                break
+        if all_done.should_stop():
+            break
         state.draw(generator)
         if use_graph:
             graphs["step"].replay()
         else:
             state.step()
         steps += 1
-        note(j)
+        all_done.record()
     if stop_strings:
         _check_stop_strings(state, steps + 1, decode, stop_strings, checked)
 

@@ -62,6 +62,7 @@ from dinfill.sampler.canvas import (
 from dinfill.sampler.graphs import (
     CaptureMeter,
     Graph,
+    LaggedFlag,
     bucket_batch,
     bucket_length,
     bucket_rows,
@@ -741,17 +742,10 @@ def diffusion_generate(
     snapshots: list[Tensor] | None = [] if history else None
 
     # early stop: lagged flag copies on CUDA (no pipeline drain), a direct read on the CPU
-    flags = torch.ones(steps, dtype=torch.bool, pin_memory=True) if dev.type == "cuda" else None
-    flag_events: list[Any] = [None] * steps
+    alive = LaggedFlag(runner.alive, early_stop_lag, steps, stop_on=False)
     for i in range(steps):
-        if i > 0:
-            if flags is None:
-                if not bool(runner.alive):
-                    break
-            elif i >= early_stop_lag:
-                flag_events[i - early_stop_lag].synchronize()
-                if not bool(flags[i - early_stop_lag]):
-                    break
+        if alive.should_stop():
+            break
         kind = "plain" if cache == "none" else ("full" if i % refresh == 0 else "window")
         final = alg in _BUDGET_ALGS and i == steps - 1
         with ranges("step"):
@@ -770,10 +764,7 @@ def diffusion_generate(
         stats.full_forwards += kind != "window"
         stats.window_forwards += kind == "window"
         stats.tokens_forwarded += B * (W_real if kind == "window" else L)
-        if flags is not None:
-            flags[i].copy_(runner.alive, non_blocking=True)
-            flag_events[i] = torch.cuda.Event()
-            flag_events[i].record()
+        alive.record()
         if snapshots is not None:
             snapshots.append(runner.x[:B, :L].clone())
 

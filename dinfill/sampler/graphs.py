@@ -376,6 +376,63 @@ def graph_pool() -> GraphPool:
     return _POOL
 
 
+class LaggedFlag:
+    """Early exit of a step loop on a device flag without draining the device queue (both samplers' loops).
+
+    Reading a device flag after every step would make the host wait for the queue to empty before it launches
+    the next step. Instead, after launching a step, :meth:`record` queues a copy of the 0-dim bool ``flag`` into
+    pinned host memory and records an event; before launching step ``i``, :meth:`should_stop` waits for step
+    ``i - lag``'s event only and reads that copy. The queue stays ``lag`` steps deep, and at most ``lag - 1``
+    steps run after the flag turned (the loops' steps are no-ops by then). The copies go round a ring of ``lag``
+    slots and events made once: nothing is allocated per step.
+
+    Off CUDA there is no queue to drain: :meth:`should_stop` reads ``flag`` itself after every step (a host read,
+    by design; ``lagged=True`` forces the ring there, for tests).
+
+    Parameters
+    ----------
+    flag : Tensor
+        0-dim bool device flag that the steps update.
+    lag : int
+        Steps the host may run ahead of the flag (>= 1); more than ``steps`` means no early exit.
+    steps : int
+        The most steps the loop runs (caps the ring).
+    stop_on : bool
+        The flag value that ends the loop.
+    lagged : bool, optional
+        Default: on CUDA only.
+    """
+
+    def __init__(self, flag: Tensor, lag: int, steps: int, *, stop_on: bool, lagged: bool | None = None):
+        self.flag, self.stop_on, self.recorded = flag, stop_on, 0
+        # a lag past the last step is never reached: the same loop with a ring no larger than the steps
+        self.lag = max(1, min(lag, steps))
+        self._host, self._events = None, []
+        if lagged is None:
+            lagged = flag.device.type == "cuda"
+        if lagged:
+            self._host = torch.zeros(self.lag, dtype=torch.bool, pin_memory=flag.is_cuda)  # (lag,) flag copies
+            self._events = [torch.cuda.Event() for _ in range(self.lag)]
+
+    def record(self) -> None:
+        """Note the flag of the step just launched (lagged: an asynchronous copy and an event, no sync)."""
+        if self._host is not None:
+            slot = self.recorded % self.lag
+            self._host[slot].copy_(self.flag, non_blocking=True)
+            self._events[slot].record()
+        self.recorded += 1
+
+    def should_stop(self) -> bool:
+        """Whether the flag read now (lagged: ``lag`` steps back, waiting for that step only) says stop."""
+        if self._host is None:
+            return self.recorded > 0 and bool(self.flag) == self.stop_on
+        if self.recorded < self.lag:
+            return False
+        slot = self.recorded % self.lag  # step recorded - lag, the oldest copy in the ring
+        self._events[slot].synchronize()
+        return bool(self._host[slot]) == self.stop_on
+
+
 class CaptureMeter:
     """Measures one entry's build: host seconds and, on CUDA, the device memory it reserved."""
 
