@@ -50,8 +50,8 @@ from dinfill.sampler.graphs import (
     LaggedFlag,
     bucket_batch,
     bucket_length,
-    code_switches,
     graph_pool,
+    model_key,
     side_stream,
     tensor_bytes,
 )
@@ -557,8 +557,7 @@ def ar_generate(
         bucket = _graph_shape(len(rows), P, max_new_tokens, limit)
         Bb, Pb, Cb = bucket
         S = max(8, 1 << max(0, len(stops) - 1).bit_length())  # stop-id slots: 8, 16, 32 ...
-        key = ("ar", "emulate" if emulate else "cuda", code_switches(), str(dev), str(model.dtype),
-               _param_signature(model), Bb, Cb, S, spec)  # fmt: skip
+        key = ("ar", "emulate" if emulate else "cuda", model_key(model), Bb, Cb, S, spec)
         pool = graph_pool()
         state = pool.lookup(model, key)
         fresh = state is None
@@ -645,12 +644,6 @@ def graph_bucket(model, prompt_ids, max_new_tokens: int) -> tuple[int, int, int]
     rows = _rows_of(prompt_ids, None)
     P = _validate(model, rows, max_new_tokens)
     return _graph_shape(len(rows), P, max_new_tokens, model.config.max_position_embeddings)
-
-
-def _param_signature(model) -> tuple[int, ...]:
-    """Where the model's first and last parameters live: moving or re-allocating them changes the key."""
-    params = list(model.parameters())
-    return (len(params), params[0].data_ptr(), params[-1].data_ptr()) if params else (0,)
 
 
 # --- text level ----------------------------------------------------------------------------------

@@ -67,8 +67,8 @@ from dinfill.sampler.graphs import (
     bucket_length,
     bucket_rows,
     bucket_steps,
-    code_switches,
     graph_pool,
+    model_key,
     side_stream,
     tensor_bytes,
 )
@@ -707,9 +707,8 @@ def diffusion_generate(
         bucket = _graph_shape(B, L, Mb, lo, W, limit)
         Bb, Lb, _, Wb = bucket
         # buffers made under a caller's inference_mode are inference tensors that cannot be updated outside it
-        key = ("diffusion", "emulate" if emulate else "cuda", backend, code_switches(), str(dev), str(model.dtype),
-               _param_signature(model), bucket, cache, steps_cap, select, confidence, mask_id, spec,
-               torch.is_inference_mode_enabled())  # fmt: skip
+        key = ("diffusion", "emulate" if emulate else "cuda", model_key(model), bucket, cache, steps_cap, select,
+               confidence, mask_id, spec, torch.is_inference_mode_enabled())  # fmt: skip
         pool = graph_pool()
         runner = pool.lookup(model, key)
         if runner is None:
@@ -815,12 +814,6 @@ def graph_bucket(
     Mb = bucket_rows(int(var.sum(1).max()))
     W = bucket_rows(hi - lo) if cache == "dual" else 0
     return _graph_shape(B, L, Mb, lo, W, model.config.max_position_embeddings)
-
-
-def _param_signature(model) -> tuple[int, ...]:
-    """Where the model's first and last parameters live: moving or re-allocating them changes the key."""
-    params = list(model.parameters())
-    return (len(params), params[0].data_ptr(), params[-1].data_ptr()) if params else (0,)
 
 
 # --------------------------------------------------------------------------------------------------

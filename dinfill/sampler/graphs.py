@@ -54,6 +54,7 @@ __all__ = [
     "bucket_rows",
     "bucket_steps",
     "code_switches",
+    "model_key",
     "tensor_bytes",
     "warmup",
 ]
@@ -122,6 +123,15 @@ def code_switches() -> tuple[str, str]:
     from dinfill.backend import requested_backend
 
     return requested_backend(), os.environ.get("DINFILL_GEMV", "cublas")
+
+
+def model_key(model: torch.nn.Module) -> tuple:
+    """The part of a pool key that the model and the process decide, the same for both samplers: the
+    :func:`code_switches`, the device, the dtype and where the first and last parameters live (moving or
+    re-allocating them gives a new key)."""
+    params = list(model.parameters())
+    where = (len(params), params[0].data_ptr(), params[-1].data_ptr()) if params else (0,)
+    return (*code_switches(), str(model.device), str(model.dtype), where)
 
 
 def tensor_bytes(tensors: Iterable[Any]) -> int:
