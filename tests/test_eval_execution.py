@@ -550,7 +550,6 @@ def test_cannot_signal_the_evaluator(batch):
     assert "PermissionError" in batch["results"]["kill_parent"].detail
     assert "PermissionError" in batch["results"]["kill_the_reaper"].detail
     assert "ProcessLookupError" in batch["results"]["kill_evaluator_by_pid"].detail
-    assert os.getpid() > 0  # and this process, the evaluator, is still running the tests
 
 
 @needs_root
