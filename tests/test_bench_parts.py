@@ -300,8 +300,8 @@ def test_gpu_check_dry_run(tmp_path, capsys):
     agree = {r["check"]: r for r in phases["agreement"]["rows"]}
     assert agree["p2 exact vs reference loop"]["agree"] == 1.0  # fp32 on the CPU: exact
     assert agree["diffusion graph vs eager, own bucket"]["ok"] and agree["ar graph vs eager, own bucket"]["ok"]
-    if phases["forward"]["skipped"] is None:  # issue 10's phase, once it exists, must run cleanly
-        assert phases["forward"]["ok"], phases["forward"]
+    assert phases["forward"]["skipped"] is None and phases["forward"]["ok"], phases["forward"]
+    assert {r["shape"] for r in phases["forward"]["rows"]} == {"B1 x 1", "B1 x 24", "B2 x 24"}
 
 
 def test_ar_with_stops_survives_a_baseline_that_ends_sooner():

@@ -98,7 +98,7 @@ def test_skinny_linear_check_for_gpu_check():
 
     if torch.cuda.is_available():
         pytest.skip("gpu_check runs it on CUDA")
-    from dinfill.bench.forward import check_skinny_linear
+    from dinfill.bench.gpu_check import check_skinny_linear
 
     rows = check_skinny_linear(torch.device("cpu"), random.Random(0), small=True)
     assert len(rows) == 8 and all(r["ok"] for r in rows), [r for r in rows if not r["ok"]]

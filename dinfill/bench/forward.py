@@ -181,48 +181,6 @@ class DeviceOpCounter(TorchDispatchMode):
 
 
 # --------------------------------------------------------------------------------------------------
-# gpu_check's kernel check of skinny_linear (the other decoder kernels have theirs in gpu_check itself)
-# --------------------------------------------------------------------------------------------------
-
-
-def check_skinny_linear(device: torch.device, rng, small: bool) -> list[dict[str, Any]]:
-    """``skinny_linear`` against ``skinny_linear_ref`` by the style guide's rule, every prologue / epilogue.
-
-    Rows in gpu_check's format (``kernel``, ``case``, ``dtype``, ``ok``, ``error``, ``bound``); ``rng`` is a
-    ``random.Random`` that draws the seeds and the odd sizes.
-    """
-    from dinfill.kernels.reference import skinny_linear_ref
-    from dinfill.kernels.skinny_linear_kernel import skinny_linear  # CUDA, or Triton's interpreter on the CPU
-
-    K = 64 if small else 896
-    cases = [("rmsnorm", None, False, 3 * K // 2), ("rmsnorm", "swiglu", False, 2 * (97 if small else 4864)),
-             ("layernorm", "gelu_tanh", False, 97), (None, None, True, K)]  # fmt: skip
-    rows = []
-    for norm, act, res, N in cases:
-        for dtype in (torch.bfloat16, torch.float32):
-            gen = torch.Generator().manual_seed(rng.randrange(2**31))
-            M = rng.randrange(1, 17)
-            x = (2 * torch.randn(M, K, generator=gen)).to(device, dtype)  # (M, K)
-            w = (torch.randn(N, K, generator=gen) * K**-0.5).to(device, dtype)  # (N, K)
-            b = (0.1 * torch.randn(N, generator=gen)).to(device, dtype)
-            nw = (1 + 0.2 * torch.randn(K, generator=gen)).to(device, dtype) if norm else None
-            nb = (0.1 * torch.randn(K, generator=gen)).to(device, dtype) if norm == "layernorm" else None
-            r = torch.randn(M, N, generator=gen).to(device, dtype) if res else None
-            kw = dict(norm=norm, norm_weight=nw, norm_bias=nb, eps=1e-5, act=act)
-            out = skinny_linear(x, w, b, residual=None if r is None else r.clone(), **kw)
-            f32 = lambda t: None if t is None else t.float()  # noqa: E731
-            ref = skinny_linear_ref(x.float(), w.float(), b.float(), residual=f32(r),
-                                    **{**kw, "norm_weight": f32(nw), "norm_bias": f32(nb)})  # fmt: skip
-            low = skinny_linear_ref(x, w, b, residual=r, upcast=False, **kw)
-            err = (out.float() - ref).abs().max().item()
-            bound = 2 * (low.float() - ref).abs().max().item() + (1e-5 if dtype == torch.float32 else 2e-3)
-            rows.append({"kernel": "skinny_linear", "case": f"M{M} K{K} N{N} {norm}/{act}{'/residual' if res else ''}",
-                         "dtype": str(dtype)[6:], "ok": bool(torch.isfinite(out).all()) and err <= bound,
-                         "error": err, "bound": bound})  # fmt: skip
-    return rows
-
-
-# --------------------------------------------------------------------------------------------------
 # issue 10's forward phase
 # --------------------------------------------------------------------------------------------------
 

@@ -12,10 +12,11 @@ Phases, in this order; each has a time allowance and is reported as skipped when
 
 1. **kernels**: every Triton kernel of ``dinfill/kernels`` through its Triton path on CUDA against
    ``dinfill.kernels.reference``, with *fresh* random odd-shaped inputs (the seed is printed so a failure can be
-   replayed with ``--seed``) in bf16 and fp32: attention, add+norm, activation and RoPE + cache write by the
-   style guide's rule (error against the fp32 reference <= 2x torch's own low-precision error + a small atol);
-   the greedy fused step must write exactly the reference's tokens, sampled rows only tokens inside the
-   reference's top-k / top-p set. A kernel module without a check here is reported as a failure.
+   replayed with ``--seed``) in bf16 and fp32: attention, add+norm, activation, RoPE + cache write and the
+   experimental skinny GEMV by the style guide's rule (error against the fp32 reference <= 2x torch's own
+   low-precision error + a small atol); the greedy fused step must write exactly the reference's tokens,
+   sampled rows only tokens inside the reference's top-k / top-p set. A kernel module without a check here is
+   reported as a failure.
 2. **end to end** at the real 0.5B shapes with random weights, batch 1 and 32, each row in ms per problem and
    tokens/s beside its target and its ratio to the baseline measured in the same run (``--baselines short``
    times the slow baselines on the first batches only): the published setting (p2, T 0.6, top-p 0.95, 64
@@ -29,7 +30,7 @@ Phases, in this order; each has a time allowance and is reported as skipped when
 3. **agreement**: bf16 greedy tokens (temperature 0) of the exact sampler against the reference loop, and of
    the CUDA-graph path against the eager path at one shape (must be identical: the same kernels run, and the
    graph side must really have replayed graphs) and padded into a bucket (reported).
-4. **forward**: issue 10's forward phase (``dinfill.bench.forward.forward_phase``), when it exists.
+4. **forward**: issue 10's forward phase (``dinfill.bench.forward.forward_phase``).
 5. **sampling**: issue 11's micro-benchmarks of the fused step (``pytest bench/test_bench_fused_step.py``).
 6. **micro-benchmarks**: the other files of ``bench/`` (``--benchmark-json OUT/micro.json``).
 7. **kernel tests**: the kernel test files of ``tests/`` on CUDA (compiled kernels; the CPU suite runs them
@@ -47,9 +48,7 @@ threshold >= 20x the reference loop.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
-import inspect
 import json
 import os
 import random
@@ -57,12 +56,14 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from dinfill.bench.forward import _backend, forward_phase
 
 # issue 13: (mode, batch) -> ("ms" ceiling per problem | "tok/s" floor | "x" floor of the ratio to the baseline)
 TARGETS: dict[tuple[str, int], tuple[str, float]] = {
@@ -92,19 +93,6 @@ class Outcome:
     detail: str = ""
 
 
-@contextlib.contextmanager
-def _backend(name: str) -> Iterator[None]:
-    old = os.environ.get("DINFILL_BACKEND")
-    os.environ["DINFILL_BACKEND"] = name
-    try:
-        yield
-    finally:
-        if old is None:
-            os.environ.pop("DINFILL_BACKEND", None)
-        else:
-            os.environ["DINFILL_BACKEND"] = old
-
-
 def _median_s(fn: Callable[[], Any], device: torch.device, repeats: int) -> float:
     """Median wall seconds of ``repeats`` calls, synchronised on both sides (the callers warm up themselves)."""
     from dinfill.bench.roofline import median_seconds
@@ -122,6 +110,14 @@ def kernel_op(name: str):
     import dinfill.kernels
 
     return getattr(dinfill.kernels, name)
+
+
+def _tolerance_row(kernel: str, case: str, dtype: torch.dtype, out, ref, low) -> dict[str, Any]:
+    """The style guide's rule: error against the fp32 reference <= 2 x the low-precision torch error + atol."""
+    err = (out.float() - ref.float()).abs().max().item()
+    bound = 2 * (low.float() - ref.float()).abs().max().item() + _ATOL[dtype]
+    ok = bool(torch.isfinite(out.float()).all()) and err <= bound
+    return {"kernel": kernel, "case": case, "dtype": str(dtype)[6:], "ok": ok, "error": err, "bound": bound}
 
 
 def _attention_cases(rng: random.Random, small: bool) -> list[dict[str, Any]]:
@@ -165,13 +161,9 @@ def check_attention(device: torch.device, rng: random.Random, small: bool) -> li
             with _backend("triton"):
                 out = attention(q, k, v, **kw)
             ref = attention_ref(q.float(), k.float(), v.float(), **kw)
-            low = attention_ref(q, k, v, upcast=False, **kw).float()
-            err = (out.float() - ref).abs().max().item()
-            bound = 2 * (low - ref).abs().max().item() + _ATOL[dtype]
-            ok = bool(torch.isfinite(out).all()) and err <= bound
+            low = attention_ref(q, k, v, upcast=False, **kw)
             shape = f"B{B} H{Hq}/{Hkv} Lq{Lq} Lk{Lk} D{D}{' causal' if case['causal'] else ''}"
-            rows.append({"kernel": "attention", "case": shape, "dtype": str(dtype)[6:], "ok": ok,
-                         "error": err, "bound": bound})  # fmt: skip
+            rows.append(_tolerance_row("attention", shape, dtype, out, ref, low))
     return rows
 
 
@@ -241,14 +233,6 @@ def check_fused_step(device: torch.device, rng: random.Random, small: bool) -> l
             rows.append({"kernel": "fused_step", "case": f"B{B} M{M} L{L} V{V} sampled T0.8 p0.9 k40",
                          "dtype": str(dtype)[6:], "ok": bad == 0, "error": float(bad), "bound": 0.0})  # fmt: skip
     return rows
-
-
-def _tolerance_row(kernel: str, case: str, dtype: torch.dtype, out, ref, low) -> dict[str, Any]:
-    """The style guide's rule: error against the fp32 reference <= 2 x the low-precision torch error + atol."""
-    err = (out.float() - ref.float()).abs().max().item()
-    bound = 2 * (low.float() - ref.float()).abs().max().item() + _ATOL[dtype]
-    ok = bool(torch.isfinite(out.float()).all()) and err <= bound
-    return {"kernel": kernel, "case": case, "dtype": str(dtype)[6:], "ok": ok, "error": err, "bound": bound}
 
 
 def check_add_norm(device: torch.device, rng: random.Random, small: bool) -> list[dict[str, Any]]:
@@ -325,6 +309,37 @@ def check_rope_cache(device: torch.device, rng: random.Random, small: bool) -> l
     return rows
 
 
+def check_skinny_linear(device: torch.device, rng: random.Random, small: bool) -> list[dict[str, Any]]:
+    """``skinny_linear`` (the experimental GEMV of issue 10) against ``skinny_linear_ref``, every prologue /
+    epilogue: RMSNorm, RMSNorm + SwiGLU, LayerNorm + GELU-tanh, a residual add."""
+    from dinfill.kernels.reference import skinny_linear_ref
+    from dinfill.kernels.skinny_linear_kernel import skinny_linear  # CUDA, or Triton's interpreter on the CPU
+
+    K = 64 if small else 896
+    cases = [("rmsnorm", None, False, 3 * K // 2), ("rmsnorm", "swiglu", False, 2 * (97 if small else 4864)),
+             ("layernorm", "gelu_tanh", False, 97), (None, None, True, K)]  # fmt: skip
+    f32 = lambda t: None if t is None else t.float()  # noqa: E731
+    rows = []
+    for norm, act, res, N in cases:
+        for dtype in (torch.bfloat16, torch.float32):
+            gen = torch.Generator().manual_seed(rng.randrange(2**31))
+            M = rng.randrange(1, 17)
+            x = (2 * torch.randn(M, K, generator=gen)).to(device, dtype)  # (M, K)
+            w = (torch.randn(N, K, generator=gen) * K**-0.5).to(device, dtype)  # (N, K)
+            b = (0.1 * torch.randn(N, generator=gen)).to(device, dtype)
+            nw = (1 + 0.2 * torch.randn(K, generator=gen)).to(device, dtype) if norm else None
+            nb = (0.1 * torch.randn(K, generator=gen)).to(device, dtype) if norm == "layernorm" else None
+            r = torch.randn(M, N, generator=gen).to(device, dtype) if res else None
+            kw = dict(norm=norm, norm_weight=nw, norm_bias=nb, eps=1e-5, act=act)
+            out = skinny_linear(x, w, b, residual=None if r is None else r.clone(), **kw)
+            ref = skinny_linear_ref(x.float(), w.float(), b.float(), residual=f32(r),
+                                    **{**kw, "norm_weight": f32(nw), "norm_bias": f32(nb)})  # fmt: skip
+            low = skinny_linear_ref(x, w, b, residual=r, upcast=False, **kw)
+            case = f"M{M} K{K} N{N} {norm}/{act}{'/residual' if res else ''}"
+            rows.append(_tolerance_row("skinny_linear", case, dtype, out, ref, low))
+    return rows
+
+
 # module-name prefix -> check of the public op whose kernels live in the modules of that name (the fused step
 # may be split over fused_step_*.py files, all reached through dinfill.kernels.fused_step); a kernel module
 # whose name matches none of them fails the phase (see unchecked_kernel_modules)
@@ -334,14 +349,8 @@ KERNEL_CHECKS: dict[str, Callable[[torch.device, random.Random, bool], list[dict
     "add_norm": check_add_norm,
     "activation": check_activation,
     "rope_cache": check_rope_cache,
-    "skinny_linear": lambda device, rng, small: _forward_mod().check_skinny_linear(device, rng, small),  # issue 10
+    "skinny_linear": check_skinny_linear,
 }
-
-
-def _forward_mod():
-    import dinfill.bench.forward as forward  # the experimental GEMV kernel's check lives with its benchmark
-
-    return forward
 
 
 def _kernel_modules(folder: Path) -> list[str]:
@@ -502,31 +511,10 @@ def phase_micro(repo: Path, out_dir: Path, results: Path, timeout: float) -> Out
 # --------------------------------------------------------------------------------------------------
 
 
-def phase_forward(device: torch.device, small: bool, seed: int, budget_s: float, out_dir: Path, results: Path):
-    """Phase 4: ``dinfill.bench.forward.forward_phase`` (issue 10), called with the arguments it accepts.
-
-    It may return an :class:`Outcome`-like object (``rows`` / ``ok`` / ``detail``), a dict with those keys, or a
-    list of row dicts (``ok`` per row when it judges).
-    """
-    try:
-        from dinfill.bench.forward import forward_phase
-    except ImportError:
-        return Outcome("forward", skipped="not available: dinfill.bench.forward has no forward_phase (issue 10)")
-    offered = dict(device=device, small=small, seed=seed, budget_s=budget_s, out_dir=out_dir, results=results)
-    params = inspect.signature(forward_phase).parameters
-    takes_all = any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
-    result = forward_phase(**{k: v for k, v in offered.items() if takes_all or k in params})
-    out = Outcome("forward")
-    if isinstance(result, dict):
-        out.rows, out.detail = list(result.get("rows", [])), str(result.get("detail", ""))
-        out.ok = bool(result.get("ok", all(r.get("ok", True) is not False for r in out.rows)))
-    elif isinstance(result, list):
-        out.rows = result
-        out.ok = all(r.get("ok", True) is not False for r in result)
-    else:
-        out.rows, out.ok = list(getattr(result, "rows", [])), bool(getattr(result, "ok", True))
-        out.detail = str(getattr(result, "detail", ""))
-    return out
+def phase_forward(device: torch.device, small: bool, seed: int, budget_s: float, results: Path) -> Outcome:
+    """Phase 4: ``dinfill.bench.forward.forward_phase`` (issue 10); its rows judge themselves (``ok`` per row)."""
+    result = forward_phase(device=device, small=small, seed=seed, budget_s=budget_s, results=results)
+    return Outcome("forward", ok=result["ok"], rows=result["rows"], detail=result["detail"])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -889,8 +877,7 @@ def main(argv: list[str] | None = None) -> int:
         ("kernels", lambda: phase_kernels(device, seed, small)),
         ("e2e", lambda: phase_e2e(device, small, results, seed, args.baselines, until("e2e"))),
         ("agreement", lambda: phase_agreement(device, small, seed)),
-        ("forward", lambda: phase_forward(device, small, seed, min(remaining(), _ALLOWANCE["forward"]), out_dir,
-                                          results)),
+        ("forward", lambda: phase_forward(device, small, seed, min(remaining(), _ALLOWANCE["forward"]), results)),
         ("sampling", lambda: phase_sampling(repo, out_dir, results, timeout=min(_ALLOWANCE["sampling"] + 20,
                                                                                  remaining() - 5))),
         ("micro", lambda: phase_micro(repo, out_dir, results, timeout=min(_ALLOWANCE["micro"] + 30, remaining() - 5))),
