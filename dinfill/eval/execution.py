@@ -603,8 +603,7 @@ class _Server:
             self.cgroup = None
 
     def request(self, message: tuple, fds: tuple = (), timeout: float | None = None) -> tuple:
-        if self.sock is None:
-            self.start()
+        # Started by Sandbox.run (so that its set-up errors propagate), never lazily here.
         self.sock.settimeout(timeout)
         _wire.send_message(self.sock, message, fds)
         reply, _ = _wire.recv_message(self.sock)
@@ -824,7 +823,7 @@ class Sandbox:
                 os.chmod(workdir, 0o700)
             result = self._run_in(program, server, workdir)
         except Exception as exc:  # noqa: BLE001 - no program and no slot failure may stop the run
-            server.stop()  # restarted on the next request
+            server.stop()  # Sandbox.run starts it again for the next program
             result = ExecResult("crashed", f"sandbox error: {type(exc).__name__}: {exc}")
         if workdir is not None and not _wire.remove_tree(workdir, timeout=10.0):
             self._leftovers.append(workdir)  # retried at close()
@@ -861,7 +860,7 @@ class Sandbox:
             for r, _ in pipes:
                 os.close(r)
             # A server that died (killed from outside) must not take the batch down with it.
-            server.stop()  # restarted on the next request
+            server.stop()  # Sandbox.run starts it again for the next program
             return ExecResult("crashed", f"sandbox server failed: {exc!r}")
         watch = _Watch(reply[1], [r for r, _ in pipes], cfg.max_output_bytes)
         try:
