@@ -77,26 +77,13 @@ Differences from the reference
 
 from __future__ import annotations
 
-import contextlib
-import types
-
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
+from dinfill.kernels._common import device_context
 from dinfill.kernels.fused_step_options import CONFIDENCES, FusedStepOptions
-
-try:
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-except ImportError:  # triton is Linux-only; the torch path never imports this module
-    triton = None
-    tl = types.SimpleNamespace(constexpr=None)
-
-    def _jit(fn):
-        return fn
-
 
 __all__ = ["launch_rows", "split_rows", "arrival_counters"]
 
@@ -119,7 +106,7 @@ DEFAULT_SMS = 132  # SM count assumed off CUDA (the interpreter): an H100/H200
 # --------------------------------------------------------------------------------------------------
 
 
-@_jit
+@triton.jit
 def _key16(raw):
     """Order-preserving image of bf16 / fp16 values as int32 in ``[0, 65536)``; -0 maps like +0."""
     bits = raw.to(tl.int16, bitcast=True).to(tl.int32) & 0xFFFF
@@ -127,14 +114,14 @@ def _key16(raw):
     return tl.where(bits >= 0x8000, bits ^ 0xFFFF, bits | 0x8000)
 
 
-@_jit
+@triton.jit
 def _value16(key, DT: tl.constexpr):
     """Inverse of :func:`_key16`, as fp32 (exact)."""
     bits = tl.where(key >= 0x8000, key & 0x7FFF, key ^ 0xFFFF)
     return bits.to(tl.int16).to(DT, bitcast=True).to(tl.float32)
 
 
-@_jit
+@triton.jit
 def _key32(z):
     """Order-preserving image of fp32 values as int64 in ``[0, 2**32)``; -0 maps like +0."""
     bits = z.to(tl.int32, bitcast=True)
@@ -142,14 +129,14 @@ def _key32(z):
     return tl.where(bits >= 0, bits, bits ^ 0x7FFFFFFF).to(tl.int64) + 2147483648
 
 
-@_jit
+@triton.jit
 def _value32(key):
     """Inverse of :func:`_key32`."""
     s = (key - 2147483648).to(tl.int32)
     return tl.where(s >= 0, s, s ^ 0x7FFFFFFF).to(tl.float32, bitcast=True)
 
 
-@_jit
+@triton.jit
 def _key_value(key, DT: tl.constexpr, KEY_BITS: tl.constexpr):
     """The logit value (x for 16-bit keys, z = x / T for 32-bit ones) of a key."""
     if KEY_BITS == 16:
@@ -159,7 +146,7 @@ def _key_value(key, DT: tl.constexpr, KEY_BITS: tl.constexpr):
     return v
 
 
-@_jit
+@triton.jit
 def _philox24(seed, offset, row, stream):
     """24 random bits (int32) per element of ``row`` / ``offset`` (broadcast) from Philox keyed on
     (seed, offset, row, stream): the same inputs always give the same bits."""
@@ -171,7 +158,7 @@ def _philox24(seed, offset, row, stream):
     return (r0 >> 8).to(tl.int32)
 
 
-@_jit
+@triton.jit
 def _uniform(seed_ptr, offset_ptr, row, stream, OPEN: tl.constexpr):
     """One uniform for a row: in ``[0, 1)``, or in ``(0, 1)`` with ``OPEN`` (for logarithms)."""
     two = tl.zeros((2,), dtype=tl.int64) + row  # Philox works on tensors: two equal lanes
@@ -183,7 +170,7 @@ def _uniform(seed_ptr, offset_ptr, row, stream, OPEN: tl.constexpr):
     return u
 
 
-@_jit
+@triton.jit
 def _load_z(row_ptr, cols, inb, t_safe, sampling, TEMP_MODE: tl.constexpr, KEY_BITS: tl.constexpr):
     """Load a block: (raw logits, x fp32, z = x / T (IEEE division, like torch), v the value keys order)."""
     raw = tl.load(row_ptr + cols, mask=inb, other=float("-inf"))
@@ -198,7 +185,7 @@ def _load_z(row_ptr, cols, inb, t_safe, sampling, TEMP_MODE: tl.constexpr, KEY_B
     return raw, x, z, v
 
 
-@_jit
+@triton.jit
 def _pass1_block(raw, first, inv_t, m_g, s_g, i_g, h_g, m2_g, nf_g, ring, top, slots,
                  SCALED: tl.constexpr, ENTROPY: tl.constexpr, SECOND: tl.constexpr, COUNT: tl.constexpr,
                  WINDOW: tl.constexpr, NB: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
@@ -245,7 +232,7 @@ def _pass1_block(raw, first, inv_t, m_g, s_g, i_g, h_g, m2_g, nf_g, ring, top, s
     return m_g, s_g, i_g, h_g, m2_g, nf_g, ring, top
 
 
-@_jit
+@triton.jit
 def _chunk_windows(part_f_ptr, hist_ptr, row, C, c0, kj, NB: tl.constexpr, CB: tl.constexpr, DT: tl.constexpr):
     """Counts of the row-window keys ``kj`` in chunks ``c0 .. c0 + CB - 1``, as a ``(CB, NB)`` tile.
 
@@ -261,7 +248,7 @@ def _chunk_windows(part_f_ptr, hist_ptr, row, C, c0, kj, NB: tl.constexpr, CB: t
     return tl.load(hist_ptr + offs, mask=ok, other=0, cache_modifier=".cg")
 
 
-@_jit
+@triton.jit
 def _resolve_window(cnt, w, j, a_cnt, a_mass, total, top_p, k, p_on, k_on):
     """Exact cut inside a window of single-key bins ``j`` (0 = largest key), given what lies above it.
 
@@ -278,7 +265,7 @@ def _resolve_window(cnt, w, j, a_cnt, a_mass, total, top_p, k, p_on, k_on):
     return j_cut, kept
 
 
-@_jit
+@triton.jit
 def _scan(row_ptr, col_lo, col_hi, cut_v, m_z, kept_mass, target, want_sample, want_ent, t_safe, sampling,
           TEMP_MODE: tl.constexpr, KEY_BITS: tl.constexpr, ENTROPY: tl.constexpr, BLOCK: tl.constexpr):  # fmt: skip
     """Inverse-CDF sample over the kept tokens of ``[col_lo, col_hi)`` (vocabulary order) and/or their entropy.
@@ -323,7 +310,7 @@ def _scan(row_ptr, col_lo, col_hi, cut_v, m_z, kept_mass, target, want_sample, w
 # --------------------------------------------------------------------------------------------------
 
 
-@_jit
+@triton.jit
 def _fused_step_rows_kernel(
     # pointers
     logits_ptr,
@@ -741,8 +728,6 @@ def launch_rows(
     samples or draws a per-row selection noise. ``uniforms`` (tests only): a ``(B*M,)`` fp32 tensor of
     the sampling uniforms to use instead of Philox, so the map uniform -> token can be checked exactly.
     """
-    if triton is None:
-        raise RuntimeError("fused_step's Triton path needs triton; install it or set DINFILL_BACKEND=torch")
     if logits.stride(-1) != 1:
         raise ValueError("fused_step: logits need unit stride along the vocabulary; pass logits.contiguous()")
     if logits.dtype not in (torch.bfloat16, torch.float16, torch.float32):
@@ -790,7 +775,7 @@ def launch_rows(
     if uniforms is not None and (uniforms.shape != (N,) or uniforms.dtype != torch.float32 or uniforms.device != dev):
         raise ValueError(f"launch_rows: uniforms must be a ({N},) fp32 tensor on {dev}")
 
-    with torch.cuda.device(dev) if dev.type == "cuda" else contextlib.nullcontext():
+    with device_context(x):
         _fused_step_rows_kernel[(N * C,)](
             logits,
             x,

@@ -21,33 +21,20 @@ Differences from the reference
 
 from __future__ import annotations
 
-import contextlib
-import types
-
 import torch
+import triton
+import triton.language as tl
 from torch import Tensor
 
+from dinfill.kernels._common import device_context
 from dinfill.kernels.fused_step_options import SELECTIONS, FusedStepOptions
-
-try:
-    import triton
-    import triton.language as tl
-
-    _jit = triton.jit
-except ImportError:  # triton is Linux-only; the torch path never imports this module
-    triton = None
-    tl = types.SimpleNamespace(constexpr=None)
-
-    def _jit(fn):
-        return fn
-
 
 __all__ = ["launch_select"]
 
 BLOCK_ROWS = 64  # rows per program (a (64, 64) rank tile); a module attribute so tests can shrink it
 
 
-@_jit
+@triton.jit
 def _fused_step_select_kernel(
     # pointers
     x_ptr,
@@ -189,7 +176,7 @@ def launch_select(
             raise ValueError(f"launch_select: {name} must be a contiguous ({N},) {dtype} tensor on {x.device}")
     count_mode, stride_c, stride_f = _count_mode(opts)
     count, fraction = opts.count, opts.fraction
-    with torch.cuda.device(x.device) if x.device.type == "cuda" else contextlib.nullcontext():
+    with device_context(x):
         _fused_step_select_kernel[(B, triton.cdiv(M, BLOCK_ROWS))](
             x,
             positions,
