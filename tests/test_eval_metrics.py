@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from dinfill.eval.metrics import exact_match, mean_pass_at_k, pass_at_k, summarize_records
+from dinfill.eval.metrics import exact_match, mean_pass_at_k, pass_at_k, summarize_records, useful_ks
 from dinfill.eval.postprocess import PostProcess, cut_at_stop, first_line
 
 
@@ -97,3 +97,20 @@ def test_summary_over_seeds_and_samples():
     assert summary["statuses"] == {"failed": 4, "passed": 4}
     with pytest.raises(ValueError, match="no records"):
         summarize_records([])
+    # Without ks, every useful k up to the samples there are.
+    assert list(summarize_records(records)["pass@k"]) == ["pass@1", "pass@2"]
+
+
+@pytest.mark.parametrize(
+    ("n", "ks"),
+    [
+        (1, [1]),
+        (3, [1, 2, 3]),
+        (7, [1, 2, 5, 7]),
+        (10, [1, 2, 5, 10]),
+        (100, [1, 2, 5, 10, 20, 50, 100]),
+        (257, [1, 2, 5, 10, 20, 50, 100, 200, 257]),
+    ],
+)
+def test_useful_ks_are_1_2_5_per_decade_and_n(n, ks):
+    assert useful_ks(n) == ks
