@@ -5,8 +5,8 @@ triton is imported anywhere: this conftest is the first thing pytest imports, so
 
 On a CUDA machine the interpreter stays off (the kernel tests then compile for the GPU), so a test that
 runs the Triton backend on *CPU tensors* cannot work there. Such a test carries the ``interpreter_only``
-marker (or asks for the ``interpreter_only`` fixture): it runs wherever the interpreter is on (every
-machine without CUDA, or ``TRITON_INTERPRET=1`` set by hand) and is skipped, with that reason, elsewhere.
+marker: it runs wherever the interpreter is on (every machine without CUDA, or ``TRITON_INTERPRET=1`` set by
+hand) and is skipped, with that reason, elsewhere.
 """
 
 import os
@@ -30,8 +30,11 @@ INTERPRETER_REASON = (
 
 
 def interpreter_off() -> bool:
-    """True on a CUDA machine where Triton compiles for the GPU instead of interpreting."""
-    return torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1"
+    """True on a CUDA machine where Triton compiles for the GPU instead of interpreting (the backend's own test of
+    the switch, so the marker skips exactly where ``DINFILL_BACKEND=triton`` would refuse CPU tensors)."""
+    from dinfill.backend import triton_interpreted  # not at the top: TRITON_INTERPRET is set above first
+
+    return torch.cuda.is_available() and not triton_interpreted()
 
 
 def pytest_configure(config: pytest.Config) -> None:
@@ -47,14 +50,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "interpreter_only" in item.keywords:
             item.add_marker(skip)
-
-
-@pytest.fixture
-def interpreter_only() -> torch.device:
-    """The CPU device for a test that runs Triton kernels on CPU tensors; skips (saying why) where it cannot."""
-    if interpreter_off():
-        pytest.skip(INTERPRETER_REASON)
-    return torch.device("cpu")
 
 
 @pytest.fixture(scope="session")

@@ -490,10 +490,9 @@ def _load_conftest(path: Path, name: str):
     return module
 
 
-@pytest.mark.parametrize("where", ["tests", "bench"])
-def test_interpreter_only_marker_skips_where_the_interpreter_is_off(monkeypatch, where):
+def test_interpreter_only_marker_skips_where_the_interpreter_is_off(monkeypatch):
     """On a CUDA machine without TRITON_INTERPRET an ``interpreter_only`` test is skipped, saying why."""
-    conf = _load_conftest(REPO / where / "conftest.py", f"_conftest_{where}")
+    conf = _load_conftest(REPO / "tests" / "conftest.py", "_conftest_tests")
 
     class Item:
         def __init__(self, *marks):
@@ -512,9 +511,11 @@ def test_interpreter_only_marker_skips_where_the_interpreter_is_off(monkeypatch,
         conf.pytest_collection_modifyitems(None, [marked, plain])
         return marked, plain
 
-    marked, plain = collect(cuda=True, interpret=None)
-    assert len(marked.added) == 1 and "TRITON_INTERPRET" in marked.added[0].kwargs["reason"] and not plain.added
-    for cuda, interpret in ((True, "1"), (False, None), (False, "1")):
+    for interpret in (None, "0"):
+        marked, plain = collect(cuda=True, interpret=interpret)
+        assert len(marked.added) == 1 and "TRITON_INTERPRET" in marked.added[0].kwargs["reason"] and not plain.added
+    # "true" switches Triton's interpreter on as "1" does (dinfill.backend.triton_interpreted, as the backend reads it)
+    for cuda, interpret in ((True, "1"), (True, "true"), (False, None), (False, "1")):
         marked, _ = collect(cuda, interpret)
         assert not [m for m in marked.added if "TRITON_INTERPRET" in m.kwargs.get("reason", "")], (cuda, interpret)
 
