@@ -167,7 +167,7 @@ def test_bad_inputs(setup, tmp_path):
     with pytest.raises(ValueError, match="lower max_new_tokens to at most 12"):
         ar_generate(ours, [[5] * (limit - 12)], max_new_tokens=13)
     for bad in (0, -3, 2.0):
-        with pytest.raises(ValueError, match="max_new_tokens=.* must be an int >= 1"):
+        with pytest.raises(ValueError, match=r"max_new_tokens \(--max-new-tokens\) must be an integer >= 1"):
             ar_generate(ours, prompts, max_new_tokens=bad)
     with pytest.raises(ValueError, match="row 1 is empty"):
         ar_generate(ours, [[5], []], max_new_tokens=2)

@@ -56,6 +56,7 @@ from dinfill.sampler.graphs import (
     tensor_bytes,
 )
 from dinfill.sampler.sampling import check_sampling_args, draw_noise, sample_tokens
+from dinfill.sampler.settings import check_option
 
 log = logging.getLogger("dinfill")
 
@@ -207,8 +208,7 @@ def _stop_ids_of(model, stop_ids: Sequence[int] | int | None) -> list[int]:
 
 def _validate(model, rows: list[list[int]], max_new_tokens: int) -> int:
     """Check the request against the model; returns the padded prompt length ``P``."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
-        raise ValueError(f"max_new_tokens={max_new_tokens!r} must be an int >= 1")
+    check_option("max_new_tokens", max_new_tokens)
     if not rows:
         raise ValueError("no prompts given: pass at least one row of token ids")
     V, limit = model.config.vocab_size, model.config.max_position_embeddings

@@ -72,6 +72,7 @@ from dinfill.sampler.graphs import (
     side_stream,
     tensor_bytes,
 )
+from dinfill.sampler.settings import check_option
 
 __all__ = [
     "ALGORITHMS",
@@ -170,9 +171,10 @@ def _check_model(model) -> None:
         )
 
 
-def _check_options(
-    *, mask_id, steps, alg, temperature, top_p, top_k, alg_temp, eps, cache, refresh, threshold, factor, vocab
-) -> None:
+def _check_options(*, mask_id: int, vocab: int, **options: Any) -> None:
+    """The mask id against the vocabulary; every other option with the check of
+    :class:`~dinfill.sampler.settings.SamplerSettings`
+    (tensor temperature / top-p / top-k values are checked by shape in :func:`_check_value_tensor`)."""
     if isinstance(mask_id, bool) or not isinstance(mask_id, int):
         raise TypeError(f"mask_id must be an int token id, got {mask_id!r} (tokenizer.mask_token_id)")
     if not 0 <= mask_id < vocab:
@@ -180,29 +182,9 @@ def _check_options(
             f"mask_id={mask_id} is outside the model's vocabulary [0, {vocab}); the tokenizer's mask token must be "
             "an id the model embeds (dinfill.load_tokenizer(..., add_mask_token=True) adds one)"
         )
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an int >= 1, got {steps!r}")
-    if alg not in ALGORITHMS:
-        raise ValueError(f"unknown alg {alg!r}; choose one of {', '.join(ALGORITHMS)}")
-    if cache not in CACHE_MODES:
-        raise ValueError(f"cache={cache!r} is not one of {CACHE_MODES}")
-    if isinstance(refresh, bool) or not isinstance(refresh, int) or refresh < 1:
-        raise ValueError(f"refresh must be an int >= 1 (steps between full-cache refreshes), got {refresh!r}")
-    if not isinstance(temperature, Tensor) and (temperature != temperature or temperature < 0):
-        raise ValueError(f"temperature={temperature!r}: use 0 for greedy or a positive float to sample")
-    if top_p is not None and not isinstance(top_p, Tensor) and not 0 < top_p <= 1:
-        raise ValueError(f"top_p={top_p!r} must lie in (0, 1]; None disables it")
-    bad_k = top_k is not None and not isinstance(top_k, Tensor)
-    if bad_k and (isinstance(top_k, bool) or int(top_k) != top_k or top_k < 1):
-        raise ValueError(f"top_k={top_k!r} must be an int >= 1; None disables it")
-    if alg_temp is None or alg_temp < 0:
-        raise ValueError(f"alg_temp={alg_temp!r} must be >= 0 (0 = deterministic top-k selection)")
-    if not 0 < eps < 1:
-        raise ValueError(f"eps={eps!r} must lie in (0, 1) (the schedule runs from 1 down to eps)")
-    if not 0 < threshold <= 1:
-        raise ValueError(f"threshold={threshold!r} must lie in (0, 1]")
-    if not factor > 0:
-        raise ValueError(f"factor={factor!r} must be > 0")
+    for name, value in options.items():
+        if not isinstance(value, Tensor):
+            check_option(name, value)
 
 
 def _prepare_canvas(model, input_ids, attention_mask, lengths, mask_id) -> tuple[Tensor, Tensor]:

@@ -27,6 +27,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from dinfill.sampler.settings import check_option
+
 __all__ = [
     "check_sampling_args",
     "filter_logits",
@@ -38,7 +40,8 @@ __all__ = [
 
 
 def check_sampling_args(temperature: float, top_p: float | None, top_k: int | None) -> None:
-    """Raise ``ValueError`` naming the bad argument and the allowed range.
+    """Raise ``ValueError`` naming the bad argument and the allowed range (the checks of
+    :class:`~dinfill.sampler.settings.SamplerSettings`).
 
     Parameters
     ----------
@@ -49,12 +52,8 @@ def check_sampling_args(temperature: float, top_p: float | None, top_k: int | No
     top_k : int or None
         Number of highest logits kept, ``>= 1``; ``None`` disables it.
     """
-    if not isinstance(temperature, (int, float)) or temperature != temperature or temperature < 0:
-        raise ValueError(f"temperature={temperature!r}: use 0 for greedy decoding or a positive float to sample")
-    if top_p is not None and not (0.0 < float(top_p) <= 1.0):
-        raise ValueError(f"top_p={top_p!r} must lie in (0, 1]; pass None to disable nucleus filtering")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k={top_k!r} must be an int >= 1; pass None to disable top-k filtering")
+    for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)):
+        check_option(name, value)
 
 
 def filter_logits(

@@ -31,8 +31,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import math
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, fields
+from functools import partial
 from typing import Any
 
 __all__ = [
@@ -44,6 +45,7 @@ __all__ = [
     "SamplerSettings",
     "add_sampler_arguments",
     "axis_values",
+    "check_option",
     "given_sampler_options",
     "settings_for",
     "settings_from_args",
@@ -114,33 +116,15 @@ class SamplerSettings:
     max_new_tokens: int = 512
 
     def __post_init__(self) -> None:
-        if isinstance(self.stop, str):
-            raise ValueError(f"{_name('stop')} must be a list of strings, e.g. ['\\n'], not the string {self.stop!r}")
+        _stops("stop", self.stop)  # before tuple(), which would split a bare string into its characters
         object.__setattr__(self, "stop", tuple(self.stop))
         self.validate()
 
     # -- checks ------------------------------------------------------------------------------------
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first bad option, its allowed range and the value given."""
-        _number("temperature", self.temperature, lo=0.0, rule="must be >= 0 (0 = greedy, > 0 samples)")
-        if self.top_p is not None:
-            _number("top_p", self.top_p, lo=0.0, hi=1.0, lo_open=True, rule="must lie in (0, 1] (1 turns it off)")
-        if self.top_k is not None:
-            _integer("top_k", self.top_k, rule="must be an integer >= 1 (leave it unset to turn it off)")
-        for s in self.stop:
-            if not isinstance(s, str) or not s:
-                raise ValueError(f"{_name('stop')} strings must be non-empty strings, got {s!r}")
-        _integer("steps", self.steps)
-        _choice("alg", self.alg, ALGORITHMS)
-        _number("alg_temp", self.alg_temp, lo=0.0, rule="must be >= 0 (0 = deterministic selection)")
-        _number("eps", self.eps, lo=0.0, hi=1.0, lo_open=True, hi_open=True, rule="must lie in (0, 1)")
-        _choice("length", self.length, LENGTH_MODES)
-        _integer("middle_tokens", self.middle_tokens)
-        _choice("cache", self.cache, CACHE_MODES)
-        _integer("refresh", self.refresh, rule="must be an integer >= 1 (steps between full refreshes; 1 = exact)")
-        _number("threshold", self.threshold, lo=0.0, hi=1.0, lo_open=True, rule="must lie in (0, 1]")
-        _number("factor", self.factor, lo=0.0, lo_open=True, rule="must be > 0")
-        _integer("max_new_tokens", self.max_new_tokens)
+        for name in FIELDS:
+            check_option(name, getattr(self, name))
 
     # -- construction ------------------------------------------------------------------------------
     @classmethod
@@ -248,6 +232,48 @@ def _integer(field: str, value: Any, *, rule: str = "must be an integer >= 1") -
 def _choice(field: str, value: Any, choices: Sequence[str]) -> None:
     if value not in choices:
         raise ValueError(f"{_name(field)} must be one of {', '.join(choices)}, got {value!r}")
+
+
+def _stops(field: str, value: Any) -> None:
+    if isinstance(value, str):
+        raise ValueError(f"{_name(field)} must be a list of strings, e.g. ['\\n'], not the string {value!r}")
+    for s in value:
+        if not isinstance(s, str) or not s:
+            raise ValueError(f"{_name(field)} strings must be non-empty strings, got {s!r}")
+
+
+# field -> its check, called as check(field, value); None is also allowed for top_p and top_k (= off)
+_CHECKS: dict[str, Callable[[str, Any], None]] = {
+    "temperature": partial(_number, lo=0.0, rule="must be >= 0 (0 = greedy, > 0 samples)"),
+    "top_p": partial(_number, lo=0.0, hi=1.0, lo_open=True, rule="must lie in (0, 1] (1 turns it off)"),
+    "top_k": partial(_integer, rule="must be an integer >= 1 (leave it unset to turn it off)"),
+    "stop": _stops,
+    "steps": _integer,
+    "alg": partial(_choice, choices=ALGORITHMS),
+    "alg_temp": partial(_number, lo=0.0, rule="must be >= 0 (0 = deterministic selection)"),
+    "eps": partial(_number, lo=0.0, hi=1.0, lo_open=True, hi_open=True, rule="must lie in (0, 1)"),
+    "length": partial(_choice, choices=LENGTH_MODES),
+    "middle_tokens": _integer,
+    "cache": partial(_choice, choices=CACHE_MODES),
+    "refresh": partial(_integer, rule="must be an integer >= 1 (steps between full refreshes; 1 = exact)"),
+    "threshold": partial(_number, lo=0.0, hi=1.0, lo_open=True, rule="must lie in (0, 1]"),
+    "factor": partial(_number, lo=0.0, lo_open=True, rule="must be > 0"),
+    "max_new_tokens": _integer,
+}
+
+
+def check_option(name: str, value: Any) -> None:
+    """Check one sampler option: the check :class:`SamplerSettings` runs, for callers that take options one by one
+    (``diffusion_generate``, ``ar_generate``), so that every entry point accepts and refuses the same values.
+
+    Raises
+    ------
+    ValueError
+        Naming the option (keyword and flag), its allowed range and the value given.
+    """
+    if value is None and name in ("top_p", "top_k"):
+        return
+    _CHECKS[name](name, value)
 
 
 # -- the argparse helper -------------------------------------------------------------------------------
