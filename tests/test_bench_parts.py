@@ -72,11 +72,14 @@ def test_achieved_fractions_and_floor():
     peaks = roofline.device_peaks("NVIDIA H100 80GB HBM3")
     work = roofline.Work(flops=800e12 * 1e-3, bytes=3.0e12 * 2e-3)  # 1 ms of math, 2 ms of memory at the ceilings
     got = roofline.achieved(work, 4e-3, peaks)
-    assert got["floor_s"] == pytest.approx(2e-3)  # memory bound
+    assert got["floor_s"] == pytest.approx(2e-3) and got["floor_bound"] == "bytes"  # memory bound
     assert got["of_floor"] == pytest.approx(0.5)
     assert got["bandwidth_of_peak"] == pytest.approx(work.bytes / 4e-3 / 3.35e12)
     measured = roofline.achieved(work, 4e-3, None, {"bandwidth": 1.5e12, "flops": 400e12})
     assert measured["bandwidth_of_measured"] == pytest.approx(1.0)
+    assert measured["floor_s"] == pytest.approx(4e-3) and measured["floor_bound"] == "bytes"  # the measured ceilings
+    compute = roofline.achieved(roofline.Work(flops=800e12 * 3e-3, bytes=3.0e12 * 1e-3), 4e-3, peaks)
+    assert compute["floor_s"] == pytest.approx(3e-3) and compute["floor_bound"] == "flops"
     with pytest.raises(ValueError, match="positive finite"):
         roofline.achieved(work, 0.0)
 

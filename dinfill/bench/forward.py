@@ -343,7 +343,8 @@ def forward_phase(
         ``fused_gemv_ms`` / ``fused_gemv_kernels`` / ``fused_gemv_ops`` (the experimental
         ``DINFILL_GEMV=triton`` path) and ``gemv_vs_cublas`` (> 1: it is faster); ``floor_ms`` (``max(bytes / bandwidth,
         FLOPs / peak)`` on the measured H200-class ceilings), ``of_floor`` (floor / fused time),
-        ``vs_compile`` (compiled / fused time), ``target_ms``, ``met`` (fused time within it), ``ok``;
+        ``floor_bound`` (``"bytes"`` or ``"flops"``: which ceiling sets it), ``vs_compile`` (compiled / fused
+        time), ``target_ms``, ``met`` (fused time within it), ``ok``;
         everywhere ``fused_ops`` / ``torch_ops`` (device ops counted by :class:`DeviceOpCounter`),
         ``ops_per_layer_budget``, and ``<variant>_error`` for a variant that raised (the row is then not ok;
         the other variants and shapes are still measured).
@@ -401,9 +402,7 @@ def forward_phase(
             if "floor_s" in floor:
                 row["floor_ms"] = round(floor["floor_s"] * 1e3, 4)
                 row["of_floor"] = round(floor["of_floor"], 3)
-                row["floor_bound"] = "bytes" if work.bytes / (peaks.measured_bandwidth or peaks.bandwidth) >= (
-                    work.flops / (peaks.measured_bf16_flops or peaks.bf16_flops)
-                ) else "flops"  # fmt: skip
+                row["floor_bound"] = floor["floor_bound"]
         rows.append(row)
         thunks.append(fn)
 

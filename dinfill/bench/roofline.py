@@ -211,16 +211,17 @@ def measure_ceilings(
 
 def achieved(
     work: Work, seconds: float, peaks: DevicePeaks | None = None, ceilings: dict[str, float] | None = None
-) -> dict[str, float | None]:
+) -> dict[str, float | str | None]:
     """Achieved FLOP/s and bytes/s of ``work`` done in ``seconds``, with fractions of the device peak.
 
     Fractions are of the datasheet peak (``*_of_peak``) and, when ``ceilings`` from
     :func:`measure_ceilings` are given, of the measured ceilings (``*_of_measured``). ``floor_s`` is the
-    roofline floor ``max(bytes / bandwidth, flops / peak)`` on the best-known ceilings.
+    roofline floor ``max(bytes / bandwidth, flops / peak)`` on the best-known ceilings, ``floor_bound``
+    which of the two sets it (``"bytes"`` or ``"flops"``).
     """
     if seconds <= 0 or not math.isfinite(seconds):
         raise ValueError(f"seconds must be a positive finite number, got {seconds!r}")
-    out: dict[str, float | None] = {
+    out: dict[str, float | str | None] = {
         "flops": work.flops,
         "bytes": work.bytes,
         "flop_per_s": work.flops / seconds,
@@ -237,6 +238,7 @@ def achieved(
         bw, flops = ceilings["bandwidth"], ceilings["flops"]
     if bw and flops:
         out["floor_s"] = max(work.bytes / bw, work.flops / flops)
+        out["floor_bound"] = "bytes" if work.bytes / bw >= work.flops / flops else "flops"
         out["of_floor"] = out["floor_s"] / seconds  # 1.0 = at the roofline
     return out
 
