@@ -427,12 +427,9 @@ def batch(places):
     shm_before = _shm_kib()
     with Sandbox(CONFIG) as box:
         uids = [server.uid for server in box._servers]
-        start = time.monotonic()
         results = box.run_many(texts)
-        elapsed = time.monotonic() - start
         # After the batch the same slots still work: a fresh directory and a clean state every time.
         after = box.run_many(["import os\nprint(os.getcwd(), sorted(os.listdir('.')), os.listdir('/tmp'))\n" + CHECKS])
-        scope = box.memory_scope
     # The IPC namespaces are freed by a kernel worker shortly after their last process.
     deadline = time.monotonic() + 5
     while _shm_kib() - shm_before > 96 * 1024 and time.monotonic() < deadline:
@@ -440,10 +437,8 @@ def batch(places):
     return {
         "results": dict(zip(names, results, strict=True)),
         "uids": uids,
-        "elapsed": elapsed,
         "after": after[0],
         "shm_growth_kib": _shm_kib() - shm_before,
-        "memory_scope": scope,
     }
 
 
