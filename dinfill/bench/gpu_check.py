@@ -36,8 +36,8 @@ Phases, in this order; each has a time allowance and is reported as skipped when
 7. **kernel tests**: the kernel test files of ``tests/`` on CUDA (compiled kernels; the CPU suite runs them
    through the interpreter already).
 
-``--cpu-dry-run`` runs the same code on tiny shapes without CUDA (kernels in Triton's interpreter), so the
-script itself is tested before any GPU time is spent on it.
+``--cpu-dry-run`` runs phases 1-4 on tiny shapes without CUDA (kernels in Triton's interpreter; the pytest phases
+are the CPU suite's job), so the script itself is tested before any GPU time is spent on it.
 
 Targets (issue 13; H200, bf16, 0.5B shapes, random weights): exact p2 published <= 60 ms / problem at batch 1
 and <= 25 ms at batch 32, dual cache + threshold <= 12 ms at batch 1, AR steady decode >= 1500 tok/s at batch
