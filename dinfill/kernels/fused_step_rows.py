@@ -171,13 +171,19 @@ def _uniform(seed_ptr, offset_ptr, row, stream, OPEN: tl.constexpr):
 
 
 @triton.jit
+def _over_t(x, t_safe, sampling, TEMP_MODE: tl.constexpr):
+    """``x / T`` (IEEE division, like torch) on a sampling row; ``x`` itself on a greedy row or call."""
+    if TEMP_MODE != 0:
+        x = tl.where(sampling, tl.math.div_rn(x, t_safe), x)
+    return x
+
+
+@triton.jit
 def _load_z(row_ptr, cols, inb, t_safe, sampling, TEMP_MODE: tl.constexpr, KEY_BITS: tl.constexpr):
     """Load a block: (raw logits, x fp32, z = x / T (IEEE division, like torch), v the value keys order)."""
     raw = tl.load(row_ptr + cols, mask=inb, other=float("-inf"))
     x = raw.to(tl.float32)
-    z = x
-    if TEMP_MODE != 0:
-        z = tl.where(sampling, tl.math.div_rn(x, t_safe), x)
+    z = _over_t(x, t_safe, sampling, TEMP_MODE)
     if KEY_BITS == 16:
         v = x
     else:
@@ -485,9 +491,7 @@ def _fused_step_rows_kernel(
             win_c = (mx_v == MX) & (am_v == i1)
             M2 = tl.maximum(tl.max(m2_v, axis=0), tl.max(tl.where(win_c, float("-inf"), mx_v), axis=0))
             NF = tl.sum(nf_v, axis=0)
-            m_z = MX
-            if TEMP_MODE != 0:
-                m_z = tl.where(sampling, tl.math.div_rn(MX, t_safe), MX)
+            m_z = _over_t(MX, t_safe, sampling, TEMP_MODE)
             x0 = tl.where(MX == float("-inf"), 0, i1)
 
             # kept tokens: v >= cut_v, where v = x for 16-bit keys and z for 32-bit ones
@@ -508,9 +512,7 @@ def _fused_step_rows_kernel(
                         cnt = tl.zeros((NB,), dtype=tl.int32)
                         for c0 in range(0, C, CB):  # CB chunks per step: independent loads, one latency
                             cnt += tl.sum(_chunk_windows(part_f_ptr, hist_ptr, row, C, c0, kj, NB, CB, DT), axis=0)
-                        zk = _value16(tl.maximum(kj, key_lo), DT)
-                        if TEMP_MODE != 0:
-                            zk = tl.where(sampling, tl.math.div_rn(zk, t_safe), zk)
+                        zk = _over_t(_value16(tl.maximum(kj, key_lo), DT), t_safe, sampling, TEMP_MODE)
                         w = tl.where(kj >= key_lo, tl.exp(zk - m_z), 0.0)  # (NB,) weight of one token of each key
                         cw = tl.sum(cnt, axis=0)
                         sw = tl.sum(cnt.to(tl.float32) * w, axis=0)
@@ -583,9 +585,8 @@ def _fused_step_rows_kernel(
                             cnt += tl.histogram((hi - key).to(tl.int32), NB, mask=inw)
                         kd = hi - jj.to(tl.int64)  # (NB,) keys of the window, largest first
                         zd = _key_value(tl.maximum(kd, lo), DT, KEY_BITS)
-                        if KEY_BITS == 16:
-                            if TEMP_MODE != 0:
-                                zd = tl.where(sampling, tl.math.div_rn(zd, t_safe), zd)
+                        if KEY_BITS == 16:  # 16-bit keys are values of x: divide; 32-bit ones are of z already
+                            zd = _over_t(zd, t_safe, sampling, TEMP_MODE)
                         wd = tl.where(kd >= lo, tl.exp(zd - m_z), 0.0)
                         j_cut, kept_mass = _resolve_window(cnt, wd, jj, a_cnt, a_mass, S, top_p, k, p_on, k_on)
                         cut_v = _key_value(hi - j_cut, DT, KEY_BITS)  # j_cut = -1: only what lies above the window
@@ -624,14 +625,10 @@ def _fused_step_rows_kernel(
 
             # ---- confidence of the fresh sample and the selection key ----
             if CONFIDENCE == 0:
-                z0 = tl.load(row_ptr + x0).to(tl.float32)
-                if TEMP_MODE != 0:
-                    z0 = tl.where(sampling, tl.math.div_rn(z0, t_safe), z0)
+                z0 = _over_t(tl.load(row_ptr + x0).to(tl.float32), t_safe, sampling, TEMP_MODE)
                 conf = tl.exp(z0 - m_z) / kept_mass
             elif CONFIDENCE == 1:
-                z2 = M2
-                if TEMP_MODE != 0:
-                    z2 = tl.where(sampling, tl.math.div_rn(M2, t_safe), M2)
+                z2 = _over_t(M2, t_safe, sampling, TEMP_MODE)
                 if KEY_BITS == 16:
                     v2 = M2
                 else:
