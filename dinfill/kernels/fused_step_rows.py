@@ -77,6 +77,8 @@ Differences from the reference
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -701,8 +703,10 @@ def _mode(value, off) -> tuple[int, Tensor | None, float | int, int]:
     return 1, None, value, 0
 
 
+@functools.cache
 def _lowest_finite_key(dtype: torch.dtype) -> int:
-    """Key of the most negative finite value (keys below it are -inf and NaNs)."""
+    """Key of the most negative finite value (keys below it are -inf and NaNs); a constant per dtype, so cached
+    rather than rebuilt from CPU tensors on every step."""
     if dtype == torch.float32:
         bits = torch.tensor([-torch.finfo(torch.float32).max]).view(torch.int32).item()
         return (bits ^ 0x7FFFFFFF) + 2**31
