@@ -126,10 +126,16 @@ def test_canvas_rows_and_layouts():
     assert layout_rows(rows, pad_id=0, layout="aligned", limit=9).layout == "right"  # too wide: fall back
 
 
-def test_infill_bad_input(model, tok, tmp_path):
+def test_infill_bad_input(model, tok, tmp_path, monkeypatch):
     plain = dinfill.load_tokenizer(TOKENIZER)  # Qwen ships no mask token
     with pytest.raises(ValueError, match="no mask token"):
         infill(model, plain, ["a"], ["b"], length="fixed", middle_tokens=3)
+    with monkeypatch.context() as m:  # the trained-weights check of require_mask_token, without the dispatcher
+        m.setattr(model, "checkpoint", "fredzzp/open-dcoder-0.5B", raising=False)
+        with pytest.raises(ValueError, match=r"mask id 151666 is not the one .* trained with \('<M>', id 151665\)"):
+            infill(model, tok, ["a"], ["b"], length="fixed", middle_tokens=3, mask_id=151666)
+    with pytest.raises(TypeError, match=r"infill\(\): suffixes\[0\] must be a string, got int"):
+        infill(model, tok, ["a"], [3], length="fixed", middle_tokens=3)
     with pytest.raises(ValueError, match="exceed the canvas limit"):
         infill(model, tok, ["a"], [LONG_PREFIX], length="fixed", middle_tokens=3)
     with pytest.raises(ValueError, match="one suffix per prefix"):

@@ -39,17 +39,6 @@ def __getattr__(name: str):
     raise AttributeError(f"module 'dinfill.sampler' has no attribute {name!r}")
 
 
-def _strings(name: str, value: Any) -> list[str]:
-    if isinstance(value, str):
-        return [value]
-    if not isinstance(value, Sequence):
-        raise TypeError(f"infill(): {name} must be a string or a list of strings, got {type(value).__name__}")
-    for i, item in enumerate(value):
-        if not isinstance(item, str):
-            raise TypeError(f"infill(): {name}[{i}] must be a string, got {type(item).__name__}")
-    return list(value)
-
-
 def _check_options(kind: str, options: dict[str, Any]) -> None:
     """Unknown keywords and keywords of the other kind, reported against ``infill``."""
     other = "ar" if kind == "diffusion" else "diffusion"
@@ -147,13 +136,9 @@ def infill(
     base = settings if settings is not None else SamplerSettings.preset(preset or "published", kind)
     chosen = base.replace(**fields).for_kind(kind)  # validates every option
 
-    prefixes, suffixes = _strings("prefixes", prefixes), _strings("suffixes", suffixes)
-    if len(prefixes) != len(suffixes):
-        raise ValueError(f"infill(): got {len(prefixes)} prefixes and {len(suffixes)} suffixes; pass one per prefix")
-    if middles is not None:
-        middles = _strings("middles", middles)
-        if len(middles) != len(prefixes):
-            raise ValueError(f"infill(): got {len(middles)} middles for {len(prefixes)} prefixes; pass one per prefix")
+    from dinfill.sampler.canvas import text_problems
+
+    prefixes, suffixes, middles = text_problems(prefixes, suffixes, middles)
     if generator is not None and seed is not None:
         raise ValueError("infill(): pass generator= or seed=, not both")
     if seed is not None and (isinstance(seed, bool) or not isinstance(seed, int)):

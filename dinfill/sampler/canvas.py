@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -71,6 +72,42 @@ class CanvasBatch:
         """Slice each row's middle out of a finished ``(B, W)`` canvas (same layout)."""
         rows = ids.tolist()
         return [r[s : s + m] for r, s, m in zip(rows, self.middle_start, self.middle_len, strict=True)]
+
+
+def _strings(name: str, value: Any) -> list[str]:
+    if isinstance(value, str):
+        return [value]
+    if not isinstance(value, Sequence):
+        raise TypeError(f"infill(): {name} must be a string or a list of strings, got {type(value).__name__}")
+    for i, item in enumerate(value):
+        if not isinstance(item, str):
+            raise TypeError(f"infill(): {name}[{i}] must be a string, got {type(item).__name__}")
+    return list(value)
+
+
+def text_problems(
+    prefixes: Sequence[str] | str, suffixes: Sequence[str] | str, middles: Sequence[str] | str | None = None
+) -> tuple[list[str], list[str], list[str] | None]:
+    """The text inputs of an ``infill`` call as lists: a bare string is one problem; one suffix (and one middle,
+    when given) per prefix. Shared by :func:`dinfill.sampler.infill` and the diffusion ``infill``.
+
+    Raises
+    ------
+    TypeError
+        For something that is neither a string nor a list of strings.
+    ValueError
+        When the counts differ.
+    """
+    prefixes, suffixes = _strings("prefixes", prefixes), _strings("suffixes", suffixes)
+    if len(prefixes) != len(suffixes):
+        raise ValueError(
+            f"infill(): got {len(prefixes)} prefixes and {len(suffixes)} suffixes; pass one suffix per prefix"
+        )
+    if middles is not None:
+        middles = _strings("middles", middles)
+        if len(middles) != len(prefixes):
+            raise ValueError(f"infill(): got {len(middles)} middles for {len(prefixes)} prefixes; pass one per prefix")
+    return prefixes, suffixes, middles
 
 
 def middle_lengths(

@@ -52,10 +52,12 @@ import torch
 from torch import Tensor
 
 from dinfill.backend import use_triton
+from dinfill.models.loading import require_mask_token
 from dinfill.sampler.canvas import (
     end_token_ids,
     layout_rows,
     middle_lengths,
+    text_problems,
     tokenize_rows,
     trim_at_end,
 )
@@ -851,7 +853,8 @@ def infill(
     cache : str
         ``"none"`` or ``"dual"`` (then the batch uses the aligned layout: all middles start at one column).
     mask_id : int, optional
-        Overrides ``tokenizer.mask_token_id``.
+        Overrides ``tokenizer.mask_token_id`` (either is checked by
+        :func:`~dinfill.models.loading.require_mask_token`: a trained checkpoint accepts only its own).
     skip_special_tokens : bool
         Passed to ``tokenizer.decode``.
     return_stats : bool
@@ -866,23 +869,10 @@ def infill(
         One middle per problem, in input order.
     """
     _check_model(model)
-    if isinstance(prefixes, str):
-        prefixes = [prefixes]
-    if isinstance(suffixes, str):
-        suffixes = [suffixes]
-    if isinstance(middles, str):
-        middles = [middles]
-    if len(prefixes) != len(suffixes):
-        raise ValueError(f"got {len(prefixes)} prefixes and {len(suffixes)} suffixes; pass one suffix per prefix")
+    prefixes, suffixes, middles = text_problems(prefixes, suffixes, middles)
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
-    if mask_id is None:
-        mask_id = getattr(tokenizer, "mask_token_id", None)
-        if mask_id is None:
-            raise ValueError(
-                "the tokenizer has no mask token; load it with dinfill.load_tokenizer(path, add_mask_token=True) "
-                "or pass mask_id="
-            )
+    mask_id = require_mask_token(tokenizer, model, mask_id)
     if length == "adaptive" and middle_tokens is None:
         middle_tokens = 64  # HumanEval-Infill single-line middles are far shorter; multi-line ones mostly fit
     limit = min(int(max_length), int(model.config.max_position_embeddings))
