@@ -116,7 +116,7 @@ def _cut_from_sorted(sorted_z: Tensor, total: Tensor, p: Tensor | None, k: Tenso
     return cut, resolved
 
 
-def _keep_threshold(z: Tensor, top_p, top_k) -> tuple[Tensor, Tensor, Tensor] | None:
+def _keep_threshold(z: Tensor, opts: FusedStepOptions) -> tuple[Tensor, Tensor, Tensor] | None:
     """Smallest logit each row keeps after top-p then top-k (``-inf``: no filter), or ``None``.
 
     Exact like a full sort + cumsum, but sorts only the ``_TORCH_CANDIDATES`` largest logits of a
@@ -128,12 +128,10 @@ def _keep_threshold(z: Tensor, top_p, top_k) -> tuple[Tensor, Tensor, Tensor] | 
         ``(cut (N, 1), top values (N, n), their indices (N, n))``; ``None`` when nothing filters.
     """
     N, V = z.shape
-    p_on = isinstance(top_p, Tensor) or (top_p is not None and top_p < 1)
-    k_on = isinstance(top_k, Tensor) or bool(top_k)
-    if not (p_on or k_on):
+    if not (opts.top_p_on or opts.top_k_on):
         return None
-    p = _rows(top_p, N, torch.float32, z.device) if p_on else None
-    k = _rows(top_k, N, torch.int64, z.device) if k_on else None
+    p = _rows(opts.top_p, N, torch.float32, z.device) if opts.top_p_on else None
+    k = _rows(opts.top_k, N, torch.int64, z.device) if opts.top_k_on else None
     row_max = z.amax(dim=-1, keepdim=True)  # (N, 1)
     total = torch.exp(z - row_max).sum(dim=-1)  # (N,)
     top, top_idx = torch.topk(z, min(V, _TORCH_CANDIDATES), dim=-1)  # (N, n) descending
@@ -185,7 +183,7 @@ def fused_step_torch(
         z = torch.where(sampling[:, None], z / torch.where(sampling, temp, 1.0)[:, None], z)
     elif temperature > 0:
         z = z / torch.tensor(temperature, dtype=torch.float32, device=dev)  # fp32 divisor, like the kernel
-    filtered = _keep_threshold(z, opts.top_p, opts.top_k)
+    filtered = _keep_threshold(z, opts)
     if filtered is not None:
         cut, top, top_idx = filtered  # (N, 1), (N, n), (N, n)
         z = z.masked_fill(z < cut, float("-inf"))
