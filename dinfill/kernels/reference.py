@@ -491,11 +491,8 @@ def skinny_linear_ref(
     if norm is not None:
         h = add_norm_ref(x, norm_weight, norm_bias, eps=eps, layernorm=norm == "layernorm", upcast=upcast)[1]
     y = torch.nn.functional.linear(h, weight, bias)
-    if act == "swiglu":
-        gate, up = y.chunk(2, dim=-1)
-        y = torch.nn.functional.silu(gate) * up
-    elif act == "gelu_tanh":
-        y = torch.nn.functional.gelu(y, approximate="tanh")
+    if act is not None:
+        y = activation_ref(y, act, upcast=upcast)  # y is fp32 already with upcast: no extra rounding
     if residual is not None:
         y = (residual.float() if upcast else residual) + y
     return y.to(dtype)
