@@ -663,8 +663,7 @@ def phase_e2e(device: torch.device, small: bool, results: Path, seed: int, basel
     peaks = roofline.device_peaks(env["device"]) if device.type == "cuda" else None
     ceilings = roofline.measure_ceilings(device)
     vs = "none" if baselines == "none" else "reference"
-    # slow baselines: the first batch (two at batch 1) unless --baselines full
-    limit = {"full": None, "none": None}.get(baselines, 1)
+    short = baselines == "short"  # slow baselines on the first batch only (two at batch 1)
     out = Outcome("end to end", detail=f"{sh.diffusion} / {sh.ar}, {str(sh.dtype)[6:]}, random weights, "
                                        f"baselines {baselines}")  # fmt: skip
     records: list[dict[str, Any]] = []
@@ -701,7 +700,7 @@ def phase_e2e(device: torch.device, small: bool, results: Path, seed: int, basel
                 workload = Workload([canvas] * problems, source="fixed {}/{}/{}".format(*sh.canvas))
                 cfg = throughput.BenchConfig("diffusion", batch, "oracle", None, sh.steps, alg, cache,
                                              8 if cache == "dual" else None)  # fmt: skip
-                lim = None if limit is None else (2 if batch == 1 else 1)
+                lim = (2 if batch == 1 else 1) if short else None
                 run(mode, batch, lambda m=mode, b=batch, w=workload, c=cfg, lim=lim: bench(
                     m, b, model, w, c, published, reference_limit=lim))  # fmt: skip
         model = None  # frees it (not del: the row closures read the name)
@@ -716,7 +715,7 @@ def phase_e2e(device: torch.device, small: bool, results: Path, seed: int, basel
             workload = Workload([Problem(prefix, new, suffix)] * problems, source="fixed {}/{}/{}".format(*sh.prompt))
             run("ar 64 new", batch, lambda b=batch, w=workload: bench(
                 "ar 64 new", b, model, w, throughput.BenchConfig("ar", b), greedy, hf_model=hf,
-                reference_limit=None if limit is None else 1))  # fmt: skip
+                reference_limit=1 if short else None))  # fmt: skip
         for batch, _ in sh.sizes:
             run("ar + stops", batch,
                 lambda b=batch: (_ar_with_stops(model, hf, b, sh, device, seed, vs == "reference"), None))  # fmt: skip

@@ -71,19 +71,18 @@ class TimedGenerator:
     def __call__(self, prefixes: list[str], suffixes: list[str], middles: list[str], *, seed: int) -> list[str]:
         import torch
 
+        from dinfill.bench.roofline import sync
         from dinfill.sampler import infill
 
         dev = self.model.device
         generator = torch.Generator(device=dev).manual_seed(seed)
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        sync(dev)
         t0 = time.perf_counter()
         texts, stats = infill(
             self.model, self.tokenizer, prefixes, suffixes, middles=middles, settings=self.settings,
             generator=generator, batch_size=self.batch_size, return_stats=True,
         )  # fmt: skip
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
+        sync(dev)
         self.seconds += time.perf_counter() - t0
         self.calls += 1
         self.problems += len(prefixes)
