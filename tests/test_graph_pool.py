@@ -143,6 +143,21 @@ def test_diffusion_reused_bucket_keeps_no_state(dmodel, pool):
     assert torch.equal(got, diffusion_generate(dmodel, b, attention_mask=am_b, cuda_graph=False, **kw))
 
 
+def test_graph_bucket_is_the_bucket_of_the_call_on_ragged_rows(dmodel, pool):
+    """Middles at different columns, a row without masks: the host-side bucket is the one the call pads to."""
+    x, am = _canvas(3, 50, 0, 0, seed=7)
+    x[0, 30:41] = MASK  # 11 masks late in row 0
+    x[2, 5:8] = MASK  # 3 early in row 2; row 1 has none
+    got = {}
+    for cache in ("none", "dual"):
+        _, st = diffusion_generate(dmodel, x, mask_id=MASK, steps=1, cache=cache, attention_mask=am,
+                                   cuda_graph="emulate", return_stats=True)  # fmt: skip
+        got[cache] = diffusion.graph_bucket(dmodel, x, mask_id=MASK, cache=cache, attention_mask=am)
+        assert st.graph_bucket == got[cache], cache
+    # window from column 4 (before row 2's first mask) to 41 (row 0's last): 37 columns -> a bucket of 40
+    assert got == {"none": (4, 64, 16, 0), "dual": (4, 64, 16, 40)}
+
+
 def test_diffusion_new_bucket_captures_and_lru_evicts(dmodel, pool):
     pool.resize(2)
     kw = dict(mask_id=MASK, steps=3, alg="p2", cuda_graph="emulate", return_stats=True)

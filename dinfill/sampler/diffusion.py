@@ -238,20 +238,19 @@ def _prepare_canvas(model, input_ids, attention_mask, lengths, mask_id) -> tuple
     return x, am
 
 
-def _variable_layout(x: Tensor, am: Tensor, mask_id: int) -> tuple[Tensor, Tensor, int]:
+def _variable_layout(x: Tensor, am: Tensor, mask_id: int) -> tuple[Tensor, Tensor]:
     """Static ``(B, Mb)`` map of variable columns (masks at the start), ``-1`` padded, and their hidden index.
 
     ``Mb`` is the row bucket of the largest count ``M`` (:func:`~dinfill.sampler.graphs.bucket_rows`), on every
     path, so that logits row ``b * Mb + m`` (which keys its random stream) is the same whether or not a call
     is later padded into a CUDA-graph bucket. The hidden index applies the logit shift: the row at column
     ``j`` reads the hidden state of ``j - 1``, or its own when ``j`` is the row's first real column.
-    Returns ``(positions, hidden, M)``.
+    Returns ``(positions, hidden)``.
     """
     B, L = x.shape
     var = (x == mask_id) & am  # (B, L)
     n_var = var.sum(1)  # (B,)
-    M = int(n_var.max())
-    Mb = bucket_rows(M)
+    Mb = bucket_rows(int(n_var.max()))
     cols = torch.arange(L, device=x.device).unsqueeze(0).expand(B, L)  # (B, L)
     order = torch.where(var, cols, cols + L).argsort(dim=1)[:, :Mb]  # (B, <=Mb) variable columns first, ascending
     if order.shape[1] < Mb:  # a canvas narrower than the row bucket
@@ -262,7 +261,18 @@ def _variable_layout(x: Tensor, am: Tensor, mask_id: int) -> tuple[Tensor, Tenso
     hidden = torch.maximum(order - 1, first_real)  # (B, Mb); always >= (first variable column - 1)
     lowest = hidden[valid].min()  # padding rows read a column inside every window (their logits are ignored)
     hidden = torch.where(valid, hidden, lowest)
-    return positions.contiguous(), hidden.contiguous(), M
+    return positions.contiguous(), hidden.contiguous()
+
+
+def _window(positions: Tensor, hidden: Tensor, cache: str) -> tuple[int, int]:
+    """``(lo, W)``: the columns ``[lo, lo + W)`` a dual-cache step recomputes (``W = 0`` without the cache).
+
+    From the column before the first variable one over the span to the last variable column, rounded up to a
+    row bucket on every path, so that a call padded into a graph bucket recomputes exactly the real columns
+    the unpadded call does. Two host reads, once per call.
+    """
+    lo, hi = int(hidden.min()), int(positions.max()) + 1
+    return lo, bucket_rows(hi - lo) if cache == "dual" else 0
 
 
 # --------------------------------------------------------------------------------------------------
@@ -656,16 +666,10 @@ def diffusion_generate(
     B, L = x.shape
     for name, value in (("temperature", temperature), ("top_p", top_p), ("top_k", top_k)):
         _check_value_tensor(name, value, B, dev)
-    positions, hidden, _ = _variable_layout(x, am, mask_id)  # (B, Mb) each
+    positions, hidden = _variable_layout(x, am, mask_id)  # (B, Mb) each
     Mb = positions.shape[1]
     select, confidence = ALGORITHMS[alg]
-
-    # the window a dual-cache step recomputes: from the column before the first variable one, W columns wide
-    # (the span to the last variable column rounded up to a row bucket, on every path, so that a call padded
-    # into a graph bucket recomputes exactly the real columns the unpadded call does)
-    valid_cols = positions[positions >= 0]
-    lo, hi = int(hidden.min()), int(valid_cols.max()) + 1
-    W = bucket_rows(hi - lo) if cache == "dual" else 0
+    lo, W = _window(positions, hidden, cache)  # the dual-cache window
     backend = "triton" if use_triton(dev) else "torch"
     # graphs need the Triton fused step: the torch path reads seeds and indexes with masks on the host
     emulate = cuda_graph == "emulate"
@@ -786,18 +790,11 @@ def graph_bucket(
     x = input_ids.detach().cpu().long()
     B, L = x.shape
     am = torch.ones(B, L, dtype=torch.bool) if attention_mask is None else attention_mask.detach().cpu().bool()
-    var = (x == mask_id) & am  # (B, L)
-    if not bool(var.any()):
+    if not bool(((x == mask_id) & am).any()):
         raise ValueError(f"the canvas holds no mask token (id {mask_id}): it has no graph bucket")
-    cols = torch.arange(L).expand(B, L)
-    first_real = am.to(torch.int8).argmax(dim=1)  # (B,)
-    first_var = torch.where(var, cols, L).min(dim=1).values  # (B,) L for a row without masks
-    has = var.any(dim=1)
-    lo = int(torch.maximum(first_var - 1, first_real)[has].min())
-    hi = int(torch.where(var, cols, -1).max()) + 1
-    Mb = bucket_rows(int(var.sum(1).max()))
-    W = bucket_rows(hi - lo) if cache == "dual" else 0
-    return _graph_shape(B, L, Mb, lo, W, model.config.max_position_embeddings)
+    positions, hidden = _variable_layout(x, am, mask_id)  # (B, Mb) each: the layout the call itself builds
+    lo, W = _window(positions, hidden, cache)
+    return _graph_shape(B, L, positions.shape[1], lo, W, model.config.max_position_embeddings)
 
 
 # --------------------------------------------------------------------------------------------------
