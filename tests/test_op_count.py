@@ -19,6 +19,8 @@ Starcoder2's sliding window is shorter than the cache, so its windowed attention
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from tiny import hf_config
@@ -135,7 +137,7 @@ def test_torch_path_counted_for_comparison(family, monkeypatch):
 
 
 def test_print_table(monkeypatch, capsys):
-    """One table of every count (run with -s to see it; the README quotes it)."""
+    """One table of every count (run with -s to see it), and the README's quote of it still true."""
     lines = ["| family | mode | fused ops/layer | fused per forward | torch ops/layer | torch per forward |",
              "|---|---|---|---|---|---|"]  # fmt: skip
     for family in FAMILIES:
@@ -148,4 +150,11 @@ def test_print_table(monkeypatch, capsys):
                          f"{tc if tc is not None else '-'} |")  # fmt: skip
     with capsys.disabled():
         print("\n" + "\n".join(lines))
-    assert len(lines) == 2 + len(MODES) * len(FAMILIES)
+    # README "Runtime" gives per mode: fused ops per layer | + per forward | torch ops per layer of each family
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text(encoding="utf-8")
+    for mode in ("prefill", "decode", "window", "full"):
+        fused = {_per_layer(family, mode, "triton", monkeypatch)[:2] for family in FAMILIES}
+        assert len(fused) == 1, f"{mode}: the fused counts differ between families {fused}; the README has one"
+        torch_layers = " / ".join(str(_per_layer(family, mode, "torch", monkeypatch)[0]) for family in FAMILIES)
+        cells = "| {} | {} | {} |".format(*fused.pop(), torch_layers)
+        assert cells in readme, f"README's device-op table has no row ending {cells!r} ({mode}): update it"
