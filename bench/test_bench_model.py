@@ -30,11 +30,6 @@ DTYPE = torch.bfloat16 if ON_GPU else torch.float32
 CANVAS, MIDDLE = (256, 16) if ON_GPU else (48, 5)  # HumanEval-like canvas and middle (tokens)
 
 
-def _sync() -> None:
-    if ON_GPU:
-        torch.cuda.synchronize()
-
-
 def _median_s(fn) -> float:
     """Median seconds of ``fn`` (CUDA events through triton's do_bench on a GPU, wall clock otherwise)."""
     if ON_GPU:
@@ -84,7 +79,8 @@ def _record(benchmark, name: str, ours_s: float, ref_s: float, ref_name: str, wo
 
 def _bench(benchmark, fn) -> None:
     """Run ``fn`` under pytest-benchmark (several rounds on a GPU, one call in the CPU smoke run)."""
-    benchmark.pedantic(lambda: (fn(), _sync()), rounds=20 if ON_GPU else 1, warmup_rounds=2 if ON_GPU else 0)
+    rounds, warmup = (20, 2) if ON_GPU else (1, 0)
+    benchmark.pedantic(lambda: (fn(), roofline.sync(DEVICE)), rounds=rounds, warmup_rounds=warmup)
 
 
 @pytest.mark.parametrize("batch", [4])
