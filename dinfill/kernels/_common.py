@@ -1,7 +1,7 @@
 """Small pieces shared by the Triton kernels (attention, add_norm, rope_cache, activation, skinny_linear).
 
-Not an op: device-side rounding helpers and the host-side checks every launcher repeats (devices,
-dtypes, and outputs that would alias an input other programs read).
+Not an op: device-side rounding helpers, the host-side checks every launcher repeats (devices, dtypes,
+and outputs that would alias an input other programs read), and the interpreter's rows-per-program rule.
 
 Why a rounding helper: the decoder's torch path rounds intermediate results to the model dtype at
 fixed points (the residual sum, the normalised activations before the weight multiply, SiLU before
@@ -90,6 +90,15 @@ def same_view(a: Tensor, b: Tensor) -> bool:
     """``a`` and ``b`` are the very same elements in the same order (an in-place update of one row by its
     own program is safe; any other overlap is not)."""
     return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+
+
+def rows_per_program(device: torch.device, n_rows: int, row_elems: int) -> int:
+    """Rows one program handles: one on CUDA (a row keeps its warps busy); in the interpreter, whose cost is
+    per program and per operation rather than per element, a power of two of rows up to ~4096 elements' worth."""
+    if device.type == "cuda":
+        return 1
+    fit = max(1, 4096 // row_elems)
+    return min(triton.next_power_of_2(n_rows), 1 << (fit.bit_length() - 1))  # both powers of two (tl.arange)
 
 
 def device_context(t: Tensor):

@@ -29,7 +29,14 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dinfill.kernels._common import check_device, check_float, device_context, emulate_bf16, round_to_bf16
+from dinfill.kernels._common import (
+    check_device,
+    check_float,
+    device_context,
+    emulate_bf16,
+    round_to_bf16,
+    rows_per_program,
+)
 
 ACTIVATIONS = ("swiglu", "gelu_tanh")
 _BLOCK = 1024  # elements per program: 2 KiB of bf16 per operand
@@ -110,8 +117,7 @@ def activation(x: Tensor, kind: str) -> Tensor:
     if out.numel() == 0:
         return out
     block = min(_BLOCK, triton.next_power_of_2(inner))
-    # one row per program on CUDA; in the interpreter (cost per program) about 4096 elements' worth
-    block_r = 1 if x.device.type == "cuda" else max(1, min(triton.next_power_of_2(M), 4096 // block))
+    block_r = rows_per_program(x.device, M, block)
     with device_context(x):
         _activation_kernel[(triton.cdiv(M, block_r), triton.cdiv(inner, block))](
             x, out, M, inner, x.stride(0), out.stride(0),

@@ -50,6 +50,7 @@ from dinfill.kernels._common import (
     emulate_bf16,
     overlaps,
     round_to_bf16,
+    rows_per_program,
     same_view,
 )
 
@@ -220,7 +221,7 @@ def add_norm(
     if rows_out == 0:
         return residual_out, y
     block = triton.next_power_of_2(H)
-    rows = _rows_per_program(x, rows_out, block)
+    rows = rows_per_program(x.device, rows_out, block)
     dummy = y  # placeholder pointer for absent operands (never dereferenced)
     with device_context(x):
         _add_norm_kernel[(triton.cdiv(rows_out, rows),)](
@@ -235,12 +236,3 @@ def add_norm(
             EMULATE_BF16=emulate_bf16(x), num_warps=min(16, max(4, block // 512)),
         )  # fmt: skip
     return residual_out, y
-
-
-def _rows_per_program(x: Tensor, n_rows: int, block: int) -> int:
-    """Rows per program: one on CUDA (a row of up to 64k elements keeps 4-16 warps busy); in the
-    interpreter, whose cost is per program and per operation rather than per element, up to 4096
-    elements' worth of rows."""
-    if x.device.type == "cuda":
-        return 1
-    return max(1, min(triton.next_power_of_2(n_rows), 4096 // block))

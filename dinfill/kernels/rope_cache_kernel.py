@@ -41,7 +41,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dinfill.kernels._common import check_device, check_float, check_int, device_context, emulate_bf16, round_to_bf16
+from dinfill.kernels._common import (
+    check_device,
+    check_float,
+    check_int,
+    device_context,
+    emulate_bf16,
+    round_to_bf16,
+    rows_per_program,
+)
 
 _MAX_ROW = 32768
 
@@ -231,10 +239,7 @@ def rope_cache(
         return q_buf.transpose(1, 2), k_out, v_out
     half = D // 2
     n_tokens = B * T
-    # one token per program on CUDA; in the interpreter (cost per program) about 4096 elements' worth
-    block_r = 1
-    if qkv.device.type != "cuda":
-        block_r = min(triton.next_power_of_2(n_tokens), _pow2_floor(max(1, 4096 // width)))
+    block_r = rows_per_program(qkv.device, n_tokens, width)  # tokens per program
     dummy = q_buf  # placeholder pointer for absent operands (never dereferenced)
     with device_context(qkv):
         _rope_cache_kernel[(triton.cdiv(n_tokens, block_r),)](
@@ -252,8 +257,3 @@ def rope_cache(
             num_warps=4,
         )  # fmt: skip
     return q_buf.transpose(1, 2), k_out, v_out
-
-
-def _pow2_floor(n: int) -> int:
-    """The largest power of two <= n (n >= 1)."""
-    return 1 << (n.bit_length() - 1)
