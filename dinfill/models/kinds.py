@@ -90,6 +90,11 @@ class KindDecision:
     checkpoint: str | None = None
 
 
+def _known(hub: str | None) -> dict[str, Any] | None:
+    """The :data:`KNOWN_CHECKPOINTS` entry of a hub id (compared case-insensitively), or None."""
+    return KNOWN_CHECKPOINTS.get(hub.lower()) if hub else None
+
+
 def _hub_id_of(name: str) -> str | None:
     """The hub id behind a name: a built-in shape's source, an HF cache snapshot path, or the name itself."""
     if name.lower() in BUILTIN_SHAPES:
@@ -142,7 +147,7 @@ def _local_evidence(folder: Path) -> tuple[str | None, str | None]:
     if isinstance(recorded, str):
         m = _HUB_CACHE_DIR.search(recorded.replace(os.sep, "/") + "/")
         candidate = f"{m.group(1)}/{m.group(2)}" if m else recorded.strip()
-        if candidate.lower() in KNOWN_CHECKPOINTS:
+        if _known(candidate):
             hub = candidate
     stamp = max((p.stat().st_mtime for p in folder.glob("tokenizer*.json")), default=0.0)
     return hub, _tokenizer_mask_token(str(folder.resolve()), stamp)
@@ -167,17 +172,16 @@ def detect_kind(name_or_path: str, kind: str | None = None) -> KindDecision:
             raise ValueError(f"kind must be one of {KINDS}, got {kind!r}")
         return KindDecision(kind, "override", True, checkpoint_id(name_or_path))
     key = str(name_or_path).lower()
+    hub = _hub_id_of(name_or_path)  # a built-in shape's source, a cache path's or the name itself
     if key in BUILTIN_SHAPES:
-        return KindDecision(BUILTIN_SHAPES[key]["kind"], "built-in shape", True, BUILTIN_SHAPES[key].get("hub_id"))
-    hub = _hub_id_of(name_or_path)
-    if hub is not None and hub.lower() in KNOWN_CHECKPOINTS:
-        return KindDecision(KNOWN_CHECKPOINTS[hub.lower()]["kind"], f"registry ({hub})", True, hub)
+        return KindDecision(BUILTIN_SHAPES[key]["kind"], "built-in shape", True, hub)
+    if _known(hub):
+        return KindDecision(_known(hub)["kind"], f"registry ({hub})", True, hub)
     folder = Path(name_or_path)
     if folder.is_dir():
         recorded, mask = _local_evidence(folder)
         if recorded is not None:
-            entry = KNOWN_CHECKPOINTS[recorded.lower()]
-            return KindDecision(entry["kind"], f"config.json names {recorded}", True, recorded)
+            return KindDecision(_known(recorded)["kind"], f"config.json names {recorded}", True, recorded)
         if mask is not None:
             return KindDecision(
                 "diffusion",
@@ -202,7 +206,7 @@ def resolve_kind(name_or_path: str, kind: str | None = None) -> tuple[str, str]:
 def checkpoint_id(name_or_path: str) -> str | None:
     """The known hub id ``name_or_path`` stands for (directly, via a cache path or its config.json), else None."""
     hub = _hub_id_of(str(name_or_path))
-    if hub is not None and hub.lower() in KNOWN_CHECKPOINTS:
+    if _known(hub):
         return hub
     folder = Path(name_or_path)
     if folder.is_dir():
@@ -212,7 +216,7 @@ def checkpoint_id(name_or_path: str) -> str | None:
 
 def known_mask(checkpoint: str | None) -> tuple[str, int] | None:
     """``(mask token, id)`` a known diffusion checkpoint was trained with, or None."""
-    entry = KNOWN_CHECKPOINTS.get((checkpoint or "").lower(), {})
+    entry = _known(checkpoint) or {}
     if "mask_id" not in entry:
         return None
     return entry["mask_token"], int(entry["mask_id"])

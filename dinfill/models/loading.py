@@ -172,12 +172,11 @@ def load_model(
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
     dtype = _resolve_dtype(dtype, device)
     decision = detect_kind(name_or_path, kind)
-    key = name_or_path.lower()
-    if key in BUILTIN_SHAPES:
+    if name_or_path.lower() in BUILTIN_SHAPES:
         config = builtin_config(name_or_path)
         ckpt = None
         if not random_weights:
-            hub = BUILTIN_SHAPES[key].get("hub_id")
+            hub = _hub_id_of(name_or_path)  # the shape's published checkpoint
             if hub is None:
                 raise ValueError(
                     f"{name_or_path!r} is a built-in test shape with no published weights: pass random_weights=True "
@@ -205,11 +204,10 @@ def load_model(
     # trained weights of a known checkpoint: what require_mask_token checks the tokenizer against
     model.checkpoint = None if random_weights else decision.checkpoint
     model.random_weights = bool(random_weights)
+    what = "an AR" if decision.kind == "ar" else "a diffusion"
     if decision.certain:
-        what = "an AR" if decision.kind == "ar" else "a diffusion"
         log.info("loaded %s as %s model (%s), %s on %s", name_or_path, what, decision.source, dtype, device)
     else:  # a guess: say it where users look, with the way to override it
-        what = "an AR" if decision.kind == "ar" else "a diffusion"
         log.warning("%s: loaded as %s model (%s)", name_or_path, what, decision.source)
     return model
 
@@ -254,7 +252,7 @@ def load_tokenizer(name_or_path: str, add_mask_token: bool = False, mask_token: 
 
     target = name_or_path
     if name_or_path.lower() in BUILTIN_SHAPES:
-        target = BUILTIN_SHAPES[name_or_path.lower()].get("hub_id")
+        target = _hub_id_of(name_or_path)  # the shape's published checkpoint
         if target is None:
             raise ValueError(
                 f"built-in shape {name_or_path!r} has no tokenizer; pass a tokenizer directory (for the Qwen2-shaped "
