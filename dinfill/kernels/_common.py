@@ -1,7 +1,8 @@
 """Small pieces shared by the Triton kernels (attention, add_norm, rope_cache, activation, skinny_linear).
 
-Not an op: device-side rounding helpers, the host-side checks every launcher repeats (devices, dtypes,
-and outputs that would alias an input other programs read), and the interpreter's rows-per-program rule.
+Not an op: device-side helpers (rounding, the SiLU / GELU-tanh formula), the host-side checks every
+launcher repeats (devices, dtypes, and outputs that would alias an input other programs read), and the
+interpreter's rows-per-program rule.
 
 Why a rounding helper: the decoder's torch path rounds intermediate results to the model dtype at
 fixed points (the residual sum, the normalised activations before the weight multiply, SiLU before
@@ -31,6 +32,18 @@ def round_to_bf16(x):
     bits = x.to(tl.uint32, bitcast=True)
     bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
     return bits.to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def silu_or_gelu_tanh(x, GELU_TANH: tl.constexpr):
+    """``silu(x) = x sigmoid(x)``, or GELU-tanh as ``x sigmoid(2u)``, ``u = sqrt(2/pi) (x + 0.044715 x^3)``
+    (``0.5 x (1 + tanh(u))`` in real arithmetic), in fp32; ``exp(-|z|) <= 1`` keeps the sigmoid from overflowing."""
+    if GELU_TANH:
+        z = 1.5957691216057308 * (x + 0.044715 * x * x * x)  # 2 sqrt(2 / pi) (x + 0.044715 x^3)
+    else:
+        z = x
+    e = tl.exp(-tl.abs(z))
+    return x * tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
 
 
 def emulate_bf16(t: Tensor) -> bool:

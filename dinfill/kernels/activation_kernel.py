@@ -36,6 +36,7 @@ from dinfill.kernels._common import (
     emulate_bf16,
     round_to_bf16,
     rows_per_program,
+    silu_or_gelu_tanh,
 )
 
 ACTIVATIONS = ("swiglu", "gelu_tanh")
@@ -66,19 +67,16 @@ def _activation_kernel(
     ok = (m < n_rows)[:, None] & (cols < inner)[None, :]
     src = X + m[:, None] * stride_xm + cols[None, :]  # (BLOCK_R, BLOCK)
     g = tl.load(src, mask=ok, other=0.0).to(tl.float32)
-    z = g if SWIGLU else 1.5957691216057308 * (g + 0.044715 * g * g * g)  # GELU: 2 sqrt(2 / pi) (x + 0.044715 x^3)
-    e = tl.exp(-tl.abs(z))  # sigmoid(z) without overflow: exp(-|z|) <= 1
-    sig = tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
     if SWIGLU:
         u = tl.load(src + inner, mask=ok, other=0.0).to(tl.float32)
-        act = g * sig  # F.silu, rounded to the dtype as torch does
+        act = silu_or_gelu_tanh(g, False)  # F.silu, rounded to the dtype as torch does
         if EMULATE_BF16:
             act = round_to_bf16(act)
         else:
             act = act.to(DTYPE).to(tl.float32)
         y = act * u
     else:
-        y = g * sig  # x * sigmoid(2u) = 0.5 x (1 + tanh(u)), u = sqrt(2 / pi) (x + 0.044715 x^3)
+        y = silu_or_gelu_tanh(g, True)
     if EMULATE_BF16:  # elsewhere the store rounds
         y = round_to_bf16(y)
     tl.store(OUT + m[:, None] * stride_om + cols[None, :], y.to(DTYPE), mask=ok)

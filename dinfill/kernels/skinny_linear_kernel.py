@@ -43,7 +43,15 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dinfill.kernels._common import check_device, check_float, device_context, emulate_bf16, overlaps, round_to_bf16
+from dinfill.kernels._common import (
+    check_device,
+    check_float,
+    device_context,
+    emulate_bf16,
+    overlaps,
+    round_to_bf16,
+    silu_or_gelu_tanh,
+)
 
 NORMS = (None, "rmsnorm", "layernorm")
 ACTIVATIONS = (None, "swiglu", "gelu_tanh")
@@ -159,12 +167,7 @@ def _skinny_linear_kernel(
     else:
         y = acc.to(DTYPE).to(tl.float32)
     if ACT != 0:
-        if ACT == 1:
-            z = y
-        else:
-            z = 1.5957691216057308 * (y + 0.044715 * y * y * y)  # GELU: 2 sqrt(2 / pi) (x + 0.044715 x^3)
-        e = tl.exp(-tl.abs(z))  # sigmoid(z) without overflow
-        y = y * tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+        y = silu_or_gelu_tanh(y, ACT == 2)
         if ACT == 1:  # SwiGLU: silu(gate) rounded, times up rounded
             if EMULATE_BF16:
                 y = round_to_bf16(y) * round_to_bf16(acc_up)
