@@ -14,8 +14,9 @@ gpt-fast recipe on our decoder:
   buffers (a ``done`` mask; rows that are done keep running and write the pad id). To leave early once
   every row is done (otherwise a batch that ends at token 20 would run all 512 steps) the host reads, before
   launching step ``j``, the "all done" flag of step ``j - 4`` (copied to pinned memory, awaited through an
-  event): the device queue stays four steps deep and at most three no-op steps run after the last row
-  finished. Stop *strings* need the decoded text, so they are searched every ``check_every`` steps (a sync).
+  event; :class:`~dinfill.sampler.graphs.LaggedFlag`): the device queue stays four steps deep and at most three
+  no-op steps run after the last row finished. On the CPU, with no queue to drain, the flag is read after every
+  step. Stop *strings* need the decoded text, so they are searched every ``check_every`` steps (a sync).
 * **CUDA graphs, captured once per shape bucket.** On CUDA the prefill (one graph per padded prompt width)
   and the decode step (forward, sampling, bookkeeping) are graphs kept across calls in the pool of
   :mod:`dinfill.sampler.graphs`, keyed by the (batch, cache length) bucket; a call pads up to its bucket and

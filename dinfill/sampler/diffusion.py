@@ -25,9 +25,9 @@ Design choices worth knowing:
 - Rows finish independently and a finished row is never touched again (every selection rule is a no-op on
   a row without masks, and p2's re-mask count only shrinks), so steps after a row is done cannot change it.
 - Early stop without stalling the GPU: the host reads the "masks left" flag of step ``i - lag`` (copied to
-  pinned memory, awaited through an event) before launching step ``i``. The device queue stays ``lag`` steps
-  deep, and at most ``lag - 1`` no-op steps run after the batch is done. On the CPU the flag is read every
-  step (there is no queue to drain).
+  pinned memory, awaited through an event; :class:`~dinfill.sampler.graphs.LaggedFlag`) before launching
+  step ``i``. The device queue stays ``lag`` steps deep, and at most ``lag - 1`` no-op steps run after the
+  batch is done. On the CPU the flag is read every step (there is no queue to drain).
 - ``threshold`` / ``factor`` (Fast-dLLM parallel decoding) use ``steps`` as a budget: the last step
   reveals every mask left, like the last step of every other algorithm.
 - Nothing is suppressed (as in the reference): a model may predict the mask id itself, and such a position
