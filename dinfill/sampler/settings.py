@@ -417,6 +417,6 @@ def axis_values(args: argparse.Namespace, settings: SamplerSettings) -> dict[str
         given = getattr(args, name, None)
         values = [getattr(settings, name)] if given is None else list(dict.fromkeys(given))
         for value in values:
-            settings.replace(**{name: value})
+            check_option(name, value)
         out[name] = values
     return out
