@@ -262,7 +262,7 @@ class _Decode:
         dev = model.device
         as_long = dict(dtype=torch.long, device=dev)
         self._model = weakref.ref(model)  # the pool must not keep a model alive (its death frees the entry)
-        self.B, self.C, self.spec = B, C, spec
+        self.B, self.spec = B, spec
         self.cache = model.new_cache(B, C)
         self.mask = torch.zeros(B, C, dtype=torch.bool, device=dev)  # (B, C) real key columns
         self.cur = torch.zeros(B, 1, **as_long)  # (B, 1) token fed this step
