@@ -21,15 +21,11 @@ from pathlib import Path
 
 import pytest
 import torch
+from fused_step_helpers import MASK, kept_distribution, step
+from fused_step_helpers import i64 as _t
 
 from dinfill.kernels import fused_step
-from dinfill.kernels.reference import (
-    _fp32_count,
-    fused_step_ref,
-    sample_tokens_ref,
-    top_k_logits_ref,
-    top_p_logits_ref,
-)
+from dinfill.kernels.reference import _fp32_count, fused_step_ref, sample_tokens_ref
 
 fs = importlib.import_module("dinfill.kernels.fused_step_kernel")
 # the interpreter computes masked -inf lanes with numpy, which warns about values the kernels then discard
@@ -37,10 +33,6 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 rows_mod = importlib.import_module("dinfill.kernels.fused_step_rows")
 select_mod = importlib.import_module("dinfill.kernels.fused_step_select")
 
-MASK = 100_000  # outside every test vocabulary, so a revealed token never looks like a mask
-# where the op runs: the compiled kernels on a CUDA machine (whose Triton has no interpreter switched on), the
-# interpreter on the CPU. Inputs are built and checked on the CPU; step() moves them there and back.
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 BACKENDS = ["torch", "triton"]
 FILTERS = {"none": {}, "top_p": {"top_p": 0.8}, "top_k": {"top_k": 7}, "both": {"top_p": 0.9, "top_k": 4}}
 
@@ -89,24 +81,6 @@ def make_canvas(B: int, M: int, L: int, gen: torch.Generator, *, masked: float =
     if pad:
         positions[-1, M - pad :] = -1
     return x, positions
-
-
-def _t(v: int) -> torch.Tensor:
-    """A seed / offset tensor."""
-    return torch.tensor([v], dtype=torch.int64)
-
-
-def _on_dev(value):
-    return value.to(DEV) if isinstance(value, torch.Tensor) else value
-
-
-def step(logits, x, positions, **kw):
-    """``fused_step`` on DEV: tensor arguments travel there, the CPU canvas ``x`` is updated in place like the
-    op's own, and the confidences come back to the CPU (a no-op round trip on the CPU itself)."""
-    x_dev = x.to(DEV)
-    conf = fused_step(_on_dev(logits), x_dev, _on_dev(positions), **{k: _on_dev(v) for k, v in kw.items()})
-    x.copy_(x_dev)
-    return conf.cpu()
 
 
 def both(logits, x, positions, **kw):
@@ -397,11 +371,9 @@ def test_per_row_parameters(backend):
             assert x[0, r] == x0_ref[0]
             assert_conf_close(conf[r : r + 1], c_ref)
         else:
-            z = logits[r : r + 1].float() / torch.tensor(t)
-            z = top_k_logits_ref(top_p_logits_ref(z, p), k) if k else top_p_logits_ref(z, p)
-            probs = torch.softmax(z, dim=-1)[0]
+            probs = kept_distribution(logits[r], t, top_p=p, top_k=k)  # (V,) float64
             assert probs[x[0, r]] > 0
-            torch.testing.assert_close(conf[r], probs[x[0, r]], rtol=2e-5, atol=2e-6)
+            torch.testing.assert_close(conf[r].double(), probs[x[0, r]], rtol=2e-5, atol=2e-6)
 
 
 @pytest.mark.parametrize("source", ["seed", "generator"])

@@ -35,19 +35,16 @@ import math
 
 import pytest
 import torch
+from fused_step_helpers import DEV, MASK, kept_distribution, step
+from fused_step_helpers import i64 as _t
 
-from dinfill.kernels import fused_step
 from dinfill.kernels.fused_step_options import FusedStepOptions
-from dinfill.kernels.reference import fused_step_ref, top_k_logits_ref, top_p_logits_ref
+from dinfill.kernels.reference import fused_step_ref
 
 rows_mod = importlib.import_module("dinfill.kernels.fused_step_rows")
 select_mod = importlib.import_module("dinfill.kernels.fused_step_select")
 fs = importlib.import_module("dinfill.kernels.fused_step_kernel")
 
-MASK = 100_000
-# where the kernels run: compiled on a CUDA machine (no interpreter there), the interpreter on the CPU. Inputs are
-# built and checked on the CPU; step() and run_rows() move them there and back.
-DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # the interpreter computes masked -inf lanes with numpy, which warns about values the kernel discards
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -60,33 +57,6 @@ def small_blocks(monkeypatch):
         monkeypatch.setattr(rows_mod, name, value)
     monkeypatch.setattr(select_mod, "BLOCK_ROWS", 16)
     return monkeypatch
-
-
-def _t(v: int) -> torch.Tensor:
-    return torch.tensor([v], dtype=torch.int64)
-
-
-def _on_dev(value):
-    return value.to(DEV) if isinstance(value, torch.Tensor) else value
-
-
-def step(logits, x, positions, **kw):
-    """``fused_step`` on DEV: tensor arguments travel there, the CPU canvas ``x`` is updated in place like the
-    op's own, and the confidences come back to the CPU (a no-op round trip on the CPU itself)."""
-    x_dev = x.to(DEV)
-    conf = fused_step(_on_dev(logits), x_dev, _on_dev(positions), **{k: _on_dev(v) for k, v in kw.items()})
-    x.copy_(x_dev)
-    return conf.cpu()
-
-
-def kept_distribution(base: torch.Tensor, temperature: float, top_p=None, top_k=None) -> torch.Tensor:
-    """``(V,)`` float64 probabilities of the reference's filtered distribution (0 outside the kept set)."""
-    z = base.float()[None] / torch.tensor(temperature, dtype=torch.float32)
-    if top_p is not None and top_p < 1:
-        z = top_p_logits_ref(z, top_p)
-    if top_k:
-        z = top_k_logits_ref(z, top_k)
-    return torch.softmax(z.double(), dim=-1)[0]
 
 
 def run_rows(base: torch.Tensor, uniforms: torch.Tensor, **kw) -> tuple[torch.Tensor, torch.Tensor]:
