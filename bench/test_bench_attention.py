@@ -22,10 +22,8 @@ shape through Triton's interpreter so CI proves this file works.
 from __future__ import annotations
 
 import dataclasses
-import datetime
 import json
 import os
-import subprocess
 import time
 from pathlib import Path
 
@@ -39,6 +37,8 @@ import torch.nn.functional as F  # noqa: E402
 import triton  # noqa: E402
 
 from dinfill.backend import flash_attn_available  # noqa: E402
+from dinfill.bench.report import append_records, default_results_path, environment  # noqa: E402
+from dinfill.bench.roofline import sync  # noqa: E402
 from dinfill.kernels.attention_fwd import attention_triton, pick_config  # noqa: E402
 from dinfill.kernels.reference import attention_ref  # noqa: E402
 
@@ -63,34 +63,6 @@ def _graph_ms(fn) -> float:
     if not torch.cuda.is_available():
         return _time_ms(fn)
     return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
-
-
-def _sync() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
-
-
-def _git_revision() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def _append_result(record: dict, path: Path) -> None:
-    record = {
-        "bench": "attention",
-        "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu (triton interpreter)",
-        "torch": torch.__version__,
-        "triton": triton.__version__,
-        "git": _git_revision(),
-        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        **record,
-    }
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as f:
-        f.write(json.dumps(record) + "\n")
 
 
 def _inputs(B, Lq, Lk, dtype, device):
@@ -157,7 +129,7 @@ def run_case(benchmark, name, B, Lq, Lk, kw_fn, dtype, device, results: Path) ->
     kw = kw_fn(B, Lq, Lk, device)
     kernel = lambda: attention_triton(q, k, v, **kw)  # noqa: E731
     _check_against_ref(kernel(), q, k, v, kw)
-    benchmark.pedantic(lambda: (kernel(), _sync()), rounds=10 if device.type == "cuda" else 1, warmup_rounds=1)
+    benchmark.pedantic(lambda: (kernel(), sync(device)), rounds=10 if device.type == "cuda" else 1, warmup_rounds=1)
     flops = 4.0 * B * HQ * Lq * Lk * D  # two matmuls, no causal saving (all cases are bidirectional or Lq = 1)
     providers = {"dinfill": kernel}
     if Lq == 1 and device.type == "cuda":  # decode: does the heuristic's split-K pay on this GPU?
@@ -186,7 +158,7 @@ def run_case(benchmark, name, B, Lq, Lk, kw_fn, dtype, device, results: Path) ->
         "target_ratio": TARGET_RATIO if name.startswith("prefill") else (1.0 if name.startswith("decode") else None),
     }
     benchmark.extra_info.update(record)
-    _append_result(record, results)
+    append_records(results, [environment(device) | {"bench": "attention"} | record])  # the shared results file
     ratio_txt = f"{ratio:.2f}x {best}" if best else "no baseline"
     cols = ", ".join(
         f"{label} {ms:.3f} ms (eager {eager[label]:.3f}) / {tflops[label]:.1f} TFLOP/s" for label, ms in times.items()
@@ -220,14 +192,10 @@ CASES = [
 ]
 
 
-def _results_path() -> Path:
-    return Path(os.environ.get("DINFILL_BENCH_RESULTS", Path(__file__).parent / "results.jsonl"))
-
-
 @needs_cuda
 @pytest.mark.parametrize("name,B,Lq,Lk,kw_fn", CASES, ids=[c[0] for c in CASES])
 def test_bench_attention(benchmark, name, B, Lq, Lk, kw_fn):
-    run_case(benchmark, name, B, Lq, Lk, kw_fn, torch.bfloat16, torch.device("cuda"), _results_path())
+    run_case(benchmark, name, B, Lq, Lk, kw_fn, torch.bfloat16, torch.device("cuda"), default_results_path())
 
 
 @pytest.mark.parametrize(
