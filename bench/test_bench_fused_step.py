@@ -38,7 +38,7 @@ import triton  # noqa: E402
 
 from dinfill.backend import triton_interpreted  # noqa: E402
 from dinfill.bench.report import append_records, default_results_path, environment  # noqa: E402
-from dinfill.bench.roofline import device_peaks, measure_ceilings  # noqa: E402
+from dinfill.bench.roofline import device_peaks, measure_ceilings, sync  # noqa: E402
 from dinfill.kernels import fused_step  # noqa: E402
 from dinfill.kernels.reference import sample_tokens_ref  # noqa: E402
 
@@ -141,8 +141,7 @@ def run_case(benchmark, name: str, B: int, M: int, L: int, V: int, kw: dict, tar
         ),
         "reference": lambda: _reference_ops(logits, x, positions, mask_id=mask_id, generator=gen, **kw),
     }
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    benchmark.pedantic(lambda: (triton_fn(), sync()), rounds=20 if device.type == "cuda" else 1, warmup_rounds=1)
+    benchmark.pedantic(lambda: (triton_fn(), sync(device)), rounds=20 if device.type == "cuda" else 1, warmup_rounds=1)
     graph_ms = _time_ms(triton_fn, graph=True)  # the sampler's way: seed/offset tensors, no host sync
     eager = {label: _time_ms(fn) for label, fn in providers.items()}
     ms = {"triton": graph_ms, "triton_eager": eager["triton"], "torch": eager["torch"], "reference": eager["reference"]}
