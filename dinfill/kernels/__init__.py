@@ -6,8 +6,8 @@ does not import triton (slow to import, and absent off Linux) until an op is fir
 ``reference`` holds the plain-torch specifications the tests compare against.
 
 The ops live in ``fused_step_kernel.py``, ``attention_fwd.py`` and the decoder's ``add_norm_kernel.py``,
-``rope_cache_kernel.py``, ``activation_kernel.py``: a submodule named like its op would be bound over the op
-as a package attribute as soon as anything imported the submodule.
+``rope_cache_kernel.py``, ``activation_kernel.py``, ``skinny_linear_kernel.py``: a submodule named like its op
+would be bound over the op as a package attribute as soon as anything imported the submodule.
 """
 
 from __future__ import annotations
