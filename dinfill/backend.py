@@ -34,6 +34,17 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
 
 
+def compiled_target(device: torch.device | str) -> bool:
+    """True when kernels on ``device`` run compiled for a GPU: CUDA, or ``meta`` tensors standing for a GPU
+    under :func:`dinfill.target.static_target` (the static GPU model compiles what such a launch would run)."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return True
+    from dinfill.target import static_active
+
+    return device.type == "meta" and static_active() is not None
+
+
 def use_triton(device: torch.device | str) -> bool:
     """Decide whether a hot op on tensors living on ``device`` goes through a Triton kernel.
 
@@ -45,10 +56,10 @@ def use_triton(device: torch.device | str) -> bool:
     if choice == "torch":
         return False
     if choice == "auto":
-        return device.type == "cuda" and triton_available()
+        return compiled_target(device) and triton_available()
     if not triton_available():
         raise RuntimeError("DINFILL_BACKEND=triton but triton is not installed; `pip install triton` or use torch")
-    if device.type != "cuda" and not triton_interpreted():
+    if not compiled_target(device) and not triton_interpreted():
         raise RuntimeError(
             f"DINFILL_BACKEND=triton with tensors on {device.type}: Triton needs CUDA, or TRITON_INTERPRET=1 "
             "(set before triton is imported) to run the kernels in the interpreter on the CPU"

@@ -18,16 +18,16 @@ The work model (per forward call, matching :class:`dinfill.models.Decoder`):
 from __future__ import annotations
 
 import math
-import re
 import statistics
 import time
 from dataclasses import asdict, dataclass
 
 import torch
 
+from dinfill.target import Target, match_name
+
 __all__ = [
     "DevicePeaks",
-    "PEAKS",
     "device_name",
     "device_peaks",
     "forward_work",
@@ -37,42 +37,7 @@ __all__ = [
 ]
 
 
-@dataclass(frozen=True)
-class DevicePeaks:
-    """Datasheet (and, where known, measured) ceilings of one device.
-
-    Attributes
-    ----------
-    name : str
-        Short name of the table entry (``"H100 SXM"``).
-    bandwidth : float
-        Memory bandwidth in bytes/s (datasheet).
-    bf16_flops : float
-        Dense bf16 tensor-core FLOP/s (datasheet, no sparsity).
-    sms : int
-        Streaming multiprocessors.
-    measured_bandwidth, measured_bf16_flops : float or None
-        What a copy / matrix product reached on such a machine in this workplace (docs/gpu.md).
-    """
-
-    name: str
-    bandwidth: float
-    bf16_flops: float
-    sms: int
-    measured_bandwidth: float | None = None
-    measured_bf16_flops: float | None = None
-
-
-# docs/gpu.md "Reference points" (vendor datasheets); the measured columns are the numbers gpu.md and
-# the device notes report for a copy and an 8192^3 bf16 matmul on the lent machines. Keys are regexes
-# matched against torch.cuda.get_device_name(), most specific first ("H100 PCIe" before "H100").
-PEAKS: dict[str, DevicePeaks] = {
-    r"\bL4\b": DevicePeaks("L4", 300e9, 121e12, 58),
-    # H100 PCIe datasheet: 2.0 TB/s HBM2e, 756 TFLOP/s dense bf16, 114 SMs
-    r"\bH100\b.*\bPCIe\b": DevicePeaks("H100 PCIe", 2.0e12, 756e12, 114),
-    r"\bH100\b": DevicePeaks("H100 SXM", 3.35e12, 989e12, 132, 3.0e12, 800e12),
-    r"\bH200\b": DevicePeaks("H200", 4.8e12, 989e12, 132, 4.3e12, 790e12),
-}
+DevicePeaks = Target  # the datasheet / measured ceilings are columns of the runtime's target table
 
 
 def device_name(device: torch.device | str) -> str:
@@ -83,12 +48,9 @@ def device_name(device: torch.device | str) -> str:
     return f"{device.type} ({torch.get_num_threads()} threads)"
 
 
-def device_peaks(name: str) -> DevicePeaks | None:
-    """The :data:`PEAKS` entry whose pattern matches ``name`` (a CUDA device name), else ``None``."""
-    for pattern, peaks in PEAKS.items():
-        if re.search(pattern, name, flags=re.IGNORECASE):
-            return peaks
-    return None
+def device_peaks(name: str) -> Target | None:
+    """The :data:`dinfill.target.TARGETS` entry whose pattern matches ``name`` (a CUDA device name), else ``None``."""
+    return match_name(name)
 
 
 @dataclass

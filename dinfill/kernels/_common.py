@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dinfill.backend import triton_interpreted
+from dinfill.backend import compiled_target, triton_interpreted
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
@@ -48,7 +48,7 @@ def silu_or_gelu_tanh(x, GELU_TANH: tl.constexpr):
 
 def emulate_bf16(t: Tensor) -> bool:
     """True when a bf16 tensor is processed by the interpreter (see the module docstring)."""
-    return t.dtype == torch.bfloat16 and t.device.type != "cuda"
+    return t.dtype == torch.bfloat16 and not compiled_target(t.device)
 
 
 def tl_dtype(dtype: torch.dtype):
@@ -62,7 +62,7 @@ def check_device(op: str, *tensors: Tensor) -> None:
     for t in tensors[1:]:
         if t.device != dev:
             raise ValueError(f"{op}: all tensors must be on one device, got {dev} and {t.device}; move them")
-    if dev.type != "cuda" and not triton_interpreted():
+    if not compiled_target(dev) and not triton_interpreted():
         raise RuntimeError(
             f"{op}: tensors are on {dev.type}; the Triton kernel needs CUDA, or TRITON_INTERPRET=1 set before "
             "triton is imported (slow), or run the model with DINFILL_BACKEND=torch"
@@ -108,7 +108,7 @@ def same_view(a: Tensor, b: Tensor) -> bool:
 def rows_per_program(device: torch.device, n_rows: int, row_elems: int) -> int:
     """Rows one program handles: one on CUDA (a row keeps its warps busy); in the interpreter, whose cost is
     per program and per operation rather than per element, a power of two of rows up to ~4096 elements' worth."""
-    if device.type == "cuda":
+    if compiled_target(device):
         return 1
     fit = max(1, 4096 // row_elems)
     return min(triton.next_power_of_2(n_rows), 1 << (fit.bit_length() - 1))  # both powers of two (tl.arange)
