@@ -44,6 +44,7 @@ def use_backend(monkeypatch, name: str) -> str:
     monkeypatch.setattr(rows_mod, "MIN_CHUNK", 1 << 20)  # one program per row (split rows: the sampling tests)
     monkeypatch.setattr(rows_mod, "MIN_SPLIT_SAMPLED", 1)
     monkeypatch.setattr(rows_mod, "BLOCK_F", 512)
+    monkeypatch.setattr(rows_mod, "BLOCK_S", 512)
     monkeypatch.setattr(rows_mod, "BLOCK_D", 256)
     monkeypatch.setattr(select_mod, "BLOCK_ROWS", 16)
     monkeypatch.setattr(fs, "_TORCH_CANDIDATES", 16)  # torch path: both the top-16 shortcut and the full sort run
@@ -508,13 +509,14 @@ sel_sig = ptr(["x_ptr", "pos_ptr", "tok_ptr", "count_ptr"], "*i64") | ptr(["key_
 sel_sig |= {"state_ptr": "*i8"} | ptr(["M", "mask_id", "count_val"], "i32") | ptr(["frac_val", "tau", "factor"], "fp32")
 sel_sig |= ptr(["stride_xb", "stride_xl", "stride_pb", "stride_pm", "stride_c", "stride_f"], "i32")
 base = dict(CONFIDENCE=0, TEMP_MODE=0, TOP_P_MODE=0, TOP_K_MODE=0, NOISE=0, KEY_BITS=16, U_FROM_PTR=False,
-            BLOCK_V=4096, W=8, BLOCK_F=rows.BLOCK_F, BLOCK_D=rows.BLOCK_D, NB=rows.WINDOW_KEYS, P=rows.PIVOTS,
-            C_POW2=64, CB=8)
+            BLOCK_V=4096, W=8, BLOCK_F=rows.BLOCK_F, BLOCK_S=rows.BLOCK_S, BLOCK_D=rows.BLOCK_D, NB=rows.WINDOW_KEYS,
+            P=rows.PIVOTS,
+            C_POW2=64, CB=8, ASM=False)
 row_variants = [  # every constexpr switch is on in at least one of them, with the launcher's real block sizes
     ("bf16", base),  # greedy prob: the bandwidth-bound pass alone
-    ("bf16", base | dict(CONFIDENCE=1, TEMP_MODE=1, TOP_P_MODE=1)),  # sampled top-p, margin: window + scan
+    ("bf16", base | dict(CONFIDENCE=1, TEMP_MODE=1, TOP_P_MODE=1, ASM=True)),  # sampled top-p, margin: window
     ("bf16", base | dict(CONFIDENCE=2, TEMP_MODE=2, TOP_P_MODE=2, TOP_K_MODE=2, NOISE=1, U_FROM_PTR=True)),
-    ("fp16", base | dict(TOP_K_MODE=1, NOISE=2)),
+    ("fp16", base | dict(TOP_K_MODE=1, NOISE=2, ASM=True)),
     ("fp32", base | dict(KEY_BITS=32, CONFIDENCE=2, TEMP_MODE=1, TOP_P_MODE=1, TOP_K_MODE=1)),  # deep path only
 ]
 # the launcher specialises pointers and the row / chunk sizes as multiples of 16 (V = 151936 is one): with

@@ -53,7 +53,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 def small_blocks(monkeypatch):
     """Triton path with interpreter-sized blocks: one program per row unless a test splits rows."""
     monkeypatch.setenv("DINFILL_BACKEND", "triton")
-    for name, value in dict(MAX_BLOCK_V=64, BLOCK_F=64, BLOCK_D=32, MIN_CHUNK=1 << 20, MIN_SPLIT_SAMPLED=1).items():
+    for name, value in dict(MAX_BLOCK_V=64, BLOCK_F=64, BLOCK_S=64, BLOCK_D=32, MIN_CHUNK=1 << 20,
+                            MIN_SPLIT_SAMPLED=1).items():  # fmt: skip
         monkeypatch.setattr(rows_mod, name, value)
     monkeypatch.setattr(select_mod, "BLOCK_ROWS", 16)
     return monkeypatch

@@ -90,6 +90,8 @@ def overlaps(a: Tensor, b: Tensor) -> bool:
     """
     if a.numel() == 0 or b.numel() == 0 or a.device != b.device:
         return False
+    if a.device.type == "meta" and not _same_storage(a, b):  # meta tensors all start at address 0
+        return False
 
     def span(t: Tensor) -> tuple[int, int]:
         last = sum((size - 1) * abs(stride) for size, stride in zip(t.shape, t.stride(), strict=True))
@@ -102,7 +104,13 @@ def overlaps(a: Tensor, b: Tensor) -> bool:
 def same_view(a: Tensor, b: Tensor) -> bool:
     """``a`` and ``b`` are the very same elements in the same order (an in-place update of one row by its
     own program is safe; any other overlap is not)."""
-    return a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+    same = a.data_ptr() == b.data_ptr() and a.shape == b.shape and a.stride() == b.stride()
+    return same and (a.device.type != "meta" or _same_storage(a, b))
+
+
+def _same_storage(a: Tensor, b: Tensor) -> bool:
+    """Views of one storage (what an address comparison tells apart on a real device)."""
+    return a.untyped_storage()._cdata == b.untyped_storage()._cdata
 
 
 def rows_per_program(device: torch.device, n_rows: int, row_elems: int) -> int:

@@ -1,42 +1,57 @@
 """First launch of ``fused_step``: every logits row -> one token, its confidence and its selection key.
 
-Why this design (bytes, passes, launches)
------------------------------------------
-A step reads ``N x V`` logits (V = 151936: 304 KB of bf16 per row); nothing else it touches is big,
-so the floor is reading the logits once. At that floor an H200 (4.3 TB/s, 132 SMs x 4 x 32 lanes)
-leaves about 16 instructions per bf16 element; that budget decides the rest.
+Why this design (bytes, passes, instructions)
+---------------------------------------------
+A step reads ``N x V`` logits (V = 151936: 304 KB of bf16 per row); nothing else it touches is big, so the
+floor is reading the logits once. At that floor an H200 (4.3 TB/s, 132 SMs x 4 schedulers x 32 lanes) can
+issue about 15.5 instructions per bf16 element (``Target.issue_budget``), an H100 ~22, an L4 ~100: a loop
+above that cannot reach the floor however good its memory access is. So the hot loops are written against
+their compiled SASS, counted by ``dinfill bench --static`` (body instructions / elements a thread loads per
+iteration, every rare path included; sm_90, triton 3.9 / 3.6):
 
-* **The whole GPU works even for a handful of rows.** Each row is split into ``C`` chunks, one
-  program each, with ``C`` chosen so ``N * C`` is a few times the SM count (``C = 1`` once ``N``
-  alone fills the GPU, except sampling calls, see below). The programs of a row combine their
-  partial results without a host sync and without a third launch: every program writes its partials,
-  then takes a ticket from a per-row counter (``atomic_add``, acq_rel, after a CTA barrier); the program
-  that draws the last ticket *finishes* the row (the "last block" pattern; it reads the partials with
-  L1-bypassing loads) and resets the counter to 0, so the next call, or the next replay of a CUDA
-  graph, finds it at 0 again. Nobody waits for anybody, which is also why the same code runs in
-  Triton's interpreter (programs one after another).
-* **One read from HBM in the common case.** Pass 1 (every chunk program, once over its chunk) loads
-  ``(G, 8)`` tiles (16 bytes a thread) and keeps an online max / sum of ``exp`` / first argmax (and
-  second max, ``sum exp * (z - max)``) per group of 8 columns, all reductions in-thread: ~10
-  instructions an element for greedy, 64 registers a thread. Greedy rows need nothing else. For
-  top-p / top-k pass 1 also counts, with ``tl.histogram`` (a warp-ballot histogram, ~3 instructions an
-  element for 256 bins), **every key in a window of the 256 largest keys**, the key being the
-  order-preserving 16-bit image of the bf16 / fp16 logit. A window slot holds one logit *value*, so its
-  probability mass is exactly ``count * exp(z(value) - max)``: the exact top-p / top-k cut, the kept
-  mass and the entropy of the kept distribution follow from 256 counts per chunk, with no sort and no
-  second pass. The window slides with the running max (a ring indexed by ``key mod 256``), so it is
-  always the 256 largest keys below the max: two binades of bf16 values. A radix select needs mass
-  per bin (a weighted histogram), which Triton cannot do cheaply (no shared-memory atomics; a one-hot
-  tile costs 256 operations an element); exact counts of single values avoid it.
+============================  ===========  ===========  ==========================================
+loop                          3.9          3.6          what it does per element
+============================  ===========  ===========  ==========================================
+greedy pass 1 (online)        8.1          8.1          max, sum of exp, argmax by block
+published pass 1a (max)       1.4          1.3          packed bf16x2 max, block of the first max
+published pass 1b (sums)      17.2 (7.2)   17.2 (7.2)   exp2, sum, window count (fast path)
+published sample scan         11.8         11.8         exp2, compare, block sums (L2-hot chunk)
+============================  ===========  ===========  ==========================================
+
+(The previous design, one pass with a sliding 256-bin ``tl.histogram`` window, cost 41 / 89 per element.)
+
+* **The whole GPU works even for a handful of rows.** Each row is split into ``C`` chunks, one program
+  each, with ``C`` chosen so ``N * C`` is a few times the SM count (and, on a GPU target, chunks short enough
+  that what the programs in flight re-read stays in half the L2). The programs of a row combine their
+  partial results without a host sync and without a third launch: every program writes its partials, then
+  takes a ticket from a per-row counter (``atomic_add``, acq_rel, after a CTA barrier); the program that
+  draws the last ticket *finishes* the row (the "last block" pattern; it reads the partials with
+  L1-bypassing loads) and resets the counter to 0, so the next call, or the next replay of a CUDA graph,
+  finds it at 0 again. Nobody waits for anybody, which is also why the same code runs in Triton's
+  interpreter (programs one after another).
+* **Greedy and unfiltered rows: one online pass.** ``(G, 8)`` tiles (16 bytes a thread), per group an online
+  max and ``sum exp2((x - max) * log2(e) / T)``; the argmax is tracked per group as the *block* of its first
+  maximum (two instructions per 8 elements), and the exact column is found at the end by re-loading that one
+  group's 8 columns.
+* **Top-p / top-k rows: the chunk is read twice, from memory once.** Pass 1a finds the chunk max (packed
+  ``max.bf16x2``, ~1.4 instructions an element). Pass 1b re-reads the chunk (it is L1 / L2 hot) and, with the
+  max known, sums ``exp2`` without any rescaling and **counts every key of a window of the 256 largest keys
+  below the chunk max** (the key being the order-preserving 16-bit image of the bf16 / fp16 logit) into the
+  chunk's slots ``key mod 256``. A window slot holds one logit *value*, so its probability mass is exactly
+  ``count * exp(z(value) - max)``: the exact top-p / top-k cut, the kept mass and the entropy of the kept
+  distribution follow from 256 counts per chunk, with no sort and no further pass. The count is the costly
+  part, so it is done in inline PTX (:func:`_count_window`): per thread, the max of its eight elements
+  (three ``max.bf16x2``) decides whether any can be in the window; only then are the eight counted with
+  fire-and-forget atomic adds. On a trained model's rows few elements are that close to the max, so most
+  threads take the 9-instruction skip (the table's fast path); a flat row pays the full body, still under
+  20 an element. The interpreter counts with ``tl.atomic_add`` (same result; the PTX runs only compiled).
 * **Sampling without a random number per element.** Philox + ``log(-log(u))`` per element (Gumbel-max)
-  alone costs more than the ~16-instruction budget. The sample is drawn by inverse CDF in vocabulary
-  order from **one** uniform per row: the finisher picks the chunk from the chunks' kept masses (exact,
-  from their windows; from the pass-1 sums without a filter), then scans that one chunk until the
-  running kept mass passes the target. The scan re-reads on average half a chunk that a sibling
-  program read microseconds before, so it comes from L2; that is why sampling calls use ``C >= 4``
-  even for large ``N``: with ``C = 1`` the re-read is up to a whole row, read ``P * 304 KB`` of other
-  traffic ago (``P`` programs in flight: 40-80 MB), an L2 miss, and two reads can never pass 50 % of
-  the read-once floor.
+  alone costs more than the budget. The sample is drawn by inverse CDF in vocabulary order from **one**
+  uniform per row: the finisher picks the chunk from the chunks' kept masses (exact, from their windows;
+  from the pass-1 sums without a filter), then :func:`_sample_scan` sums that one chunk's kept mass block by
+  block (a compare, an ``exp2`` and an add an element) and scans only the block that holds the target. The
+  scan re-reads on average half a chunk that a sibling program read microseconds before, so it comes from
+  L2; that is why sampling calls use ``C >= 4`` even for large ``N``.
 
 Exact cut, bounded passes, no convergence question. Token ``i`` survives top-p iff the mass of the
 tokens with a strictly larger logit is ``<= top_p`` of the total (the reference's shift-right rule
@@ -52,6 +67,9 @@ cut exactly, and one scan samples (and sums the entropy). A bounded number of pa
 construction; slower (one program, several passes over the row), and only for the rows that need it.
 
 Launches: this kernel, then ``fused_step_select.py`` (positions per sequence): two, for every mode.
+Budgets (issue 18, checked by ``dinfill bench --static --check`` and tests/test_static.py): pass 1 and the
+sample scan of the published preset <= 20 instructions an element, greedy pass 1 <= 10, no spills, on
+sm_80 / 86 / 89 / 90 with triton 3.6 and the newest.
 
 Supports
     bf16 / fp16 / fp32 logits ``(N, V)`` or ``(B, M, V)`` with any row strides (unit stride along
@@ -66,10 +84,11 @@ Limitations
 Differences from the reference
     Logits are upcast to fp32 before the division by the temperature and top-p sums are fp32 (the
     reference does both in bf16 for bf16 logits); top-p membership exactly at the boundary may differ
-    from a sort + cumsum by fp32 summation order. Pass 1 sums ``exp((x - max) * (1 / T))``, not
-    ``exp(x / T - max / T)``: the total mass differs by ~1e-7 relative (it scales the top-p bound and,
-    without a filter, the confidence). Kept masses, the cut and every confidence use the exact
-    ``exp(x / T - max)``. Greedy picks the lowest id among equal maxima. The entropy of a row without
+    from a sort + cumsum by fp32 summation order. Pass 1 and the sample scan sum
+    ``exp2((x - max) * (log2(e) / T))``, not ``exp(x / T - max / T)``: a mass differs by ~1e-6 relative at
+    most (it scales the top-p bound and, without a filter, the confidence; a scan that falls short of its
+    target by rounding takes the chunk's last kept token). Kept masses, the cut and every confidence use
+    the exact ``exp(x / T - max)``. Greedy picks the lowest id among equal maxima. The entropy of a row without
     top-p / top-k is ``sum p log p`` from the running sums, without the reference's clamp
     ``p >= 1e-10`` (a difference of at most ``V * 3.7e-11``); filtered rows apply the clamp exactly.
     Samples are exact in distribution up to fp32 rounding of the masses and a 24-bit uniform.
@@ -84,14 +103,17 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from dinfill.backend import compiled_target
 from dinfill.kernels._common import device_context
 from dinfill.kernels.fused_step_options import CONFIDENCES, FusedStepOptions
+from dinfill.target import target_for
 
 __all__ = ["launch_rows", "split_rows", "arrival_counters"]
 
 # Launch tunables (module attributes so tests can shrink them to exercise every loop and path).
 MAX_BLOCK_V = 4096  # pass 1 streaming block: 8 KiB of bf16 per load, 16 elements a thread at 8 warps
-BLOCK_F = 2048  # finisher scan / window block: 8 KiB of fp32 per step at 8 warps
+BLOCK_F = 1024  # deep path: window / scan block (fp32 temporaries: 4 a thread at 8 warps; more spills on triton 3.6)
+BLOCK_S = 4096  # the finisher's sample scan block: 16 bf16 a thread at 8 warps amortise its block reduction
 GROUP_W = 8  # pass 1 columns per thread-group and block: one 16-byte load of bf16, reduced in-thread
 BLOCK_D = 128  # deep-path sweep block: a (128, 16) pivot tile
 WINDOW_KEYS = 256  # keys counted exactly per chunk: 2 binades of bf16 values below the row max
@@ -194,29 +216,32 @@ def _load_z(row_ptr, cols, inb, t_safe, sampling, TEMP_MODE: tl.constexpr, KEY_B
 
 
 @triton.jit
-def _pass1_block(raw, first, inv_t, m_g, s_g, i_g, h_g, m2_g, nf_g, ring, top, slots,
-                 SCALED: tl.constexpr, ENTROPY: tl.constexpr, SECOND: tl.constexpr, COUNT: tl.constexpr,
-                 WINDOW: tl.constexpr, NB: tl.constexpr, BLOCK_V: tl.constexpr):  # fmt: skip
-    """Fold one ``(G, W)`` block into the per-group running statistics (and the window ring).
+def _max_block(raw, start, m_g, b_g):
+    """Pass 1a: fold one ``(G, W)`` block into each group's running max and the block of its first maximum."""
+    bm = tl.max(raw.to(tl.float32), axis=1)  # (G,) in-thread: a group is one thread's W columns
+    b_g = tl.where(bm > m_g, start, b_g).to(tl.int32)  # strict: an earlier block keeps a tie
+    return tl.maximum(m_g, bm), b_g
 
-    Group ``g`` owns ``W`` contiguous columns per block (``first[g]`` is the first), held by one
-    thread, so every reduction here is in-thread; the running state is ``(G,)``: one online softmax
-    per group. About 10 instructions an element for greedy ``prob``.
+
+@triton.jit
+def _online_block(raw, start, c2, inv_t, m_g, b_g, s_g, h_g, m2_g, nf_g,
+                  ENTROPY: tl.constexpr, SECOND: tl.constexpr, COUNT: tl.constexpr):  # fmt: skip
+    """Pass 1 without a window: fold one ``(G, W)`` block into per-group online softmax statistics.
+
+    Group ``g`` owns ``W`` contiguous columns per block, held by one thread, so every reduction is
+    in-thread. ``exp((x - m) / T)`` is ``exp2((x - m) * c2)`` with ``c2 = log2(e) / T`` (subtracting first: a
+    huge finite logit must not overflow ``m * c2``).
     """
     x = raw.to(tl.float32)  # (G, W) -inf on masked columns
     bm = tl.max(x, axis=1)  # (G,)
+    b_g = tl.where(bm > m_g, start, b_g).to(tl.int32)  # block of the first maximum (an earlier one keeps a tie)
     new_m = tl.maximum(m_g, bm)
     m_ref = tl.where(new_m == float("-inf"), 0.0, new_m)  # an empty group: its sums stay 0
-    old = m_g > float("-inf")
-    if SCALED:
-        d_old = tl.where(old, (m_g - m_ref) * inv_t, 0.0)  # z-space shift of the old sums, <= 0
-        d = (x - m_ref[:, None]) * inv_t  # (G, W) z - max, <= 0; -inf for -inf logits
-    else:
-        d_old = tl.where(old, m_g - m_ref, 0.0)
-        d = x - m_ref[:, None]
-    scale = tl.where(old, tl.exp(d_old), 0.0)
-    e = tl.exp(d)  # exp(-inf) = 0
+    scale = tl.exp2((m_g - m_ref) * c2)  # rescales the old sums (0 for a group that was empty)
+    e = tl.exp2((x - m_ref[:, None]) * c2)  # (G, W) exp(z - max); 0 for -inf logits
     if ENTROPY:  # sum exp(z - max) * (z - max), rescaled like the sum
+        d_old = tl.where(m_g > float("-inf"), (m_g - m_ref) * inv_t, 0.0)
+        d = (x - m_ref[:, None]) * inv_t
         h_g = scale * (h_g + d_old * s_g) + tl.sum(tl.where(e > 0.0, e * d, 0.0), axis=1)
     s_g = s_g * scale + tl.sum(e, axis=1)
     if SECOND:  # the two largest with multiplicity
@@ -225,19 +250,120 @@ def _pass1_block(raw, first, inv_t, m_g, s_g, i_g, h_g, m2_g, nf_g, ring, top, s
         m2_g = tl.maximum(tl.minimum(m_g, bm), tl.maximum(m2_g, b2))
     if COUNT:
         nf_g += tl.sum((x > float("-inf")).to(tl.int32), axis=1)
-    bi = tl.argmax(x, axis=1, tie_break_left=True)  # first maximum of the group in this block
-    i_g = tl.where(bm > m_g, (first + bi).to(tl.int32), i_g)  # strict: an earlier block keeps a tie
-    m_g = new_m
-    if WINDOW:
-        key = tl.where(x == float("-inf"), -1, _key16(raw))  # (G, W) int32
-        new_top = tl.maximum(top, tl.max(key))
-        # slot s holds the key of (top - NB, top] congruent to s; drop the ones that fall out of the window
-        slot_key = top - ((top - slots) & (NB - 1))
-        ring = tl.where(slot_key >= new_top - (NB - 1), ring, 0)
-        top = new_top
-        flat = tl.reshape(key, (BLOCK_V,))
-        ring += tl.histogram(flat & (NB - 1), NB, mask=(flat >= 0) & (flat >= top - (NB - 1)))
-    return m_g, s_g, i_g, h_g, m2_g, nf_g, ring, top
+    return new_m, b_g, s_g, h_g, m2_g, nf_g
+
+
+@triton.jit
+def _known_max_block(raw, mx, c2, inv_t, s_g, h_g, n_top, b2_g, nf_g, hist_row, lo_v, key_mask,
+                     ENTROPY: tl.constexpr, SECOND: tl.constexpr, COUNT: tl.constexpr, ASM: tl.constexpr):  # fmt: skip
+    """Pass 1b (a window is counted): sums against the chunk max ``mx`` found by pass 1a, and the window.
+
+    Every element ``>= lo_v`` (one of the window's ``NB`` largest keys below the chunk max) is counted into
+    ``hist_row[key16 & key_mask]``. With ``mx`` known nothing is rescaled: ``exp2((x - mx) * c2)`` and a sum.
+    """
+    raw = _count_window(raw, hist_row, lo_v, key_mask, ASM)
+    x = raw.to(tl.float32)
+    e = tl.exp2((x - mx) * c2)  # (G, W)
+    s_g += tl.sum(e, axis=1)
+    if ENTROPY:
+        h_g += tl.sum(tl.where(e > 0.0, e * ((x - mx) * inv_t), 0.0), axis=1)
+    if SECOND:  # how many hold the max, and the largest below it
+        n_top += tl.sum((x == mx).to(tl.int32), axis=1)
+        b2_g = tl.maximum(b2_g, tl.max(tl.where(x < mx, x, float("-inf")), axis=1))
+    if COUNT:
+        nf_g += tl.sum((x > float("-inf")).to(tl.int32), axis=1)
+    return s_g, h_g, n_top, b2_g, nf_g
+
+
+# Pass 1b's window count in PTX, eight bf16 / fp16 logits (one 16-byte load: $0-$3, returned unchanged) per
+# instance: the max of the eight decides, per thread, whether any of them can be in the window (``>= lo``,
+# $16); only then are the eight counted, each with a fire-and-forget atomic add of 0 or 1 into
+# ``base[key & mask]`` ($8, $24; adding 0 instead of a predicated add keeps ptxas from wrapping every element in
+# a reconvergence branch). A thread that skips pays 9 instructions for 8 elements, one that counts ~10 an
+# element; Triton's own masked atomic_add costs ~16 an element whether or not it counts. The interpreter runs
+# the same count with tl.atomic_add.
+_WINDOW_HEAD = """{
+    .reg .pred p, q;
+    .reg .b32 m, t, f, b, s, v;
+    .reg .b64 a;
+    .reg .b16 h0, h1;
+"""
+_BF16_MAX8 = """    max.bf16x2 m, $0, $1;
+    max.bf16x2 m, m, $2;
+    max.bf16x2 m, m, $3;
+    prmt.b32 t, m, 0, 0x1032;
+    max.bf16x2 m, m, t;
+    shl.b32 f, m, 16;
+"""
+_FP16_MAX8 = """    max.f16x2 m, $0, $1;
+    max.f16x2 m, m, $2;
+    max.f16x2 m, m, $3;
+    prmt.b32 t, m, 0, 0x1032;
+    max.f16x2 m, m, t;
+    mov.b32 {h0, h1}, m;
+    cvt.f32.f16 f, h0;
+"""
+_SKIP = """    setp.ge.f32 p, f, $16;
+    @!p bra SKIP${:uid};
+"""
+# one element: f = its value as fp32, b = its 16-bit pattern (-0 as +0); key & mask = (b ^ sign fill) & mask
+_BF16_ONE = """    {lift}
+    setp.ge.f32 p, f, $16;
+    selp.u32 v, 1, 0, p;
+    add.f32 f, f, 0f00000000;
+    shr.u32 b, f, 16;
+    shr.s32 s, f, 31;
+    xor.b32 b, b, s;
+    and.b32 b, b, $24;
+    mad.wide.u32 a, b, 4, $8;
+    red.global.add.u32 [a], v;
+"""
+_FP16_ONE = """    mov.b32 {{h0, h1}}, ${reg};
+    cvt.f32.f16 f, {half};
+    setp.ge.f32 p, f, $16;
+    selp.u32 v, 1, 0, p;
+    cvt.u32.u16 b, {half};
+    and.b32 t, b, 0x7FFF;
+    setp.eq.u32 q, t, 0;
+    selp.b32 b, 0, b, q;
+    shl.b32 s, b, 16;
+    shr.s32 s, s, 31;
+    xor.b32 b, b, s;
+    and.b32 b, b, $24;
+    mad.wide.u32 a, b, 4, $8;
+    red.global.add.u32 [a], v;
+"""
+_WINDOW_BF16 = tl.constexpr(
+    _WINDOW_HEAD + _BF16_MAX8 + _SKIP
+    + "".join(_BF16_ONE.format(lift=f"and.b32 f, ${i // 2}, 0xFFFF0000;" if i % 2 else f"shl.b32 f, ${i // 2}, 16;")
+              for i in range(8))
+    + "SKIP${:uid}:\n}"
+)  # fmt: skip
+_WINDOW_FP16 = tl.constexpr(
+    _WINDOW_HEAD + _FP16_MAX8 + _SKIP
+    + "".join(_FP16_ONE.format(reg=i // 2, half=f"h{i % 2}") for i in range(8))
+    + "SKIP${:uid}:\n}"
+)  # fmt: skip
+_WINDOW_CONSTRAINTS = tl.constexpr("=r,=r,=r,=r,0,1,2,3," + "l," * 8 + "f," * 8 + "r," * 7 + "r")
+
+
+@triton.jit
+def _count_window(raw, hist_row, lo_v, key_mask, ASM: tl.constexpr):
+    """Count the elements of ``raw`` (``(G, W)`` bf16 / fp16, W = 8) that are ``>= lo_v`` into
+    ``hist_row[key16 & key_mask]``; returns ``raw``."""
+    if ASM:
+        base = (hist_row + tl.zeros(raw.shape, tl.int32)).to(tl.int64, bitcast=True)
+        lo = tl.zeros(raw.shape, tl.float32) + lo_v
+        km = tl.zeros(raw.shape, tl.int32) + key_mask
+        if raw.dtype == tl.bfloat16:
+            raw = tl.inline_asm_elementwise(_WINDOW_BF16, _WINDOW_CONSTRAINTS, [raw, base, lo, km],
+                                            dtype=tl.bfloat16, is_pure=False, pack=8)  # fmt: skip
+        else:
+            raw = tl.inline_asm_elementwise(_WINDOW_FP16, _WINDOW_CONSTRAINTS, [raw, base, lo, km],
+                                            dtype=tl.float16, is_pure=False, pack=8)  # fmt: skip
+    else:
+        tl.atomic_add(hist_row + (_key16(raw) & key_mask), 1, mask=raw.to(tl.float32) >= lo_v, sem="relaxed")
+    return raw
 
 
 @triton.jit
@@ -313,6 +439,51 @@ def _scan(row_ptr, col_lo, col_hi, cut_v, m_z, kept_mass, target, want_sample, w
     return tok, ent
 
 
+@triton.jit
+def _sample_scan(row_ptr, col_lo, col_hi, cut_v, mx, c2, target, BLOCK: tl.constexpr):
+    """Inverse-CDF sample inside one chunk: the first kept column of ``[col_lo, col_hi)`` where the running kept
+    mass passes ``target`` (the last kept one if rounding never gets there; -1 if none is kept).
+
+    The chunk was read by its own program moments before, so this re-read comes from L2. The loop only sums
+    block masses (one ``exp2((x - mx) * c2)``, a compare and an add an element) until the block holding the
+    target; one scan of that block then finds the token. ``cut_v``: a value of x (16-bit keys), or -inf for
+    a row without a cut (then any dtype).
+    """
+    lane = tl.arange(0, BLOCK)
+    cut = tl.maximum(cut_v, -3.4028234663852886e38)  # -inf logits are never kept
+    acc = tl.full((), 0.0, dtype=tl.float32)
+    hit = tl.full((), -1, dtype=tl.int64)  # start of the block holding the target
+    last = tl.full((), -1, dtype=tl.int64)  # start of the last block with kept mass (rounding fallback)
+    before_last = tl.full((), 0.0, dtype=tl.float32)
+    before_hit = tl.full((), 0.0, dtype=tl.float32)
+    start = tl.full((), 0, dtype=tl.int64) + col_lo
+    go = start < col_hi
+    while go:  # static: scan
+        cols = start + lane
+        x = tl.load(row_ptr + cols, mask=cols < col_hi, other=float("-inf")).to(tl.float32)
+        block_mass = tl.sum(tl.where(x >= cut, tl.exp2((x - mx) * c2), 0.0), axis=0)
+        found = acc + block_mass > target
+        hit = tl.where(found, start, hit)
+        before_hit = tl.where(found, acc, before_hit)
+        last = tl.where(block_mass > 0.0, start, last)
+        before_last = tl.where(block_mass > 0.0, acc, before_last)
+        acc += block_mass
+        start += BLOCK
+        go = (start < col_hi) & (hit < 0)
+    # the one block: its running mass from the mass before it
+    use_last = hit < 0
+    blk = tl.where(use_last, last, hit)
+    base = tl.where(use_last, before_last, before_hit)
+    cols = tl.maximum(blk, col_lo) + lane
+    end = tl.where(blk >= 0, col_hi, col_lo)  # no block: nothing to load
+    x = tl.load(row_ptr + cols, mask=cols < end, other=float("-inf")).to(tl.float32)
+    w = tl.where(x >= cut, tl.exp2((x - mx) * c2), 0.0)
+    run = tl.cumsum(w, axis=0) + base
+    first = tl.min(tl.where((w > 0.0) & (run > target), cols, 2**62), axis=0)
+    tok = tl.where(first < 2**62, first, tl.max(tl.where(w > 0.0, cols, -1), axis=0))
+    return tl.where(blk >= 0, tok, -1)
+
+
 # --------------------------------------------------------------------------------------------------
 # kernel
 # --------------------------------------------------------------------------------------------------
@@ -371,11 +542,13 @@ def _fused_step_rows_kernel(
     BLOCK_V: tl.constexpr,
     W: tl.constexpr,  # columns per group and block in pass 1 (one 16-byte load of bf16)
     BLOCK_F: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     BLOCK_D: tl.constexpr,
     NB: tl.constexpr,
     P: tl.constexpr,
     C_POW2: tl.constexpr,
     CB: tl.constexpr,  # chunks whose windows the finisher loads at once
+    ASM: tl.constexpr,  # compiled for sm_80+: pass 1b counts its window with inline PTX (see _count_window)
 ):
     DT: tl.constexpr = logits_ptr.dtype.element_ty
     FILTERS: tl.constexpr = TOP_P_MODE + TOP_K_MODE != 0
@@ -410,46 +583,89 @@ def _fused_step_rows_kernel(
     else:
         k = tl.full((), 0, dtype=tl.int64)
 
-    # ---- pass 1: this chunk, once; per-group online statistics, one reduction at the end ----
+    # ---- pass 1: this chunk; per-group statistics (one thread's W columns), one reduction at the end ----
     c_lo = chunk * CHUNK
     c_hi = tl.minimum(c_lo + CHUNK, V)
     G: tl.constexpr = BLOCK_V // W
     g_off = tl.arange(0, G) * W  # (G,) first column of each group in a block
     cols0 = g_off[:, None] + tl.arange(0, W)[None, :]  # (G, W) contiguous along W
-    slots = tl.arange(0, NB)
+    c2 = 1.4426950408889634 * inv_t  # exp((x - m) / T) = exp2(x * c2 - m * c2)
     m_g = tl.full((G,), float("-inf"), dtype=tl.float32)
+    b_g = tl.zeros((G,), dtype=tl.int32)
     s_g = tl.zeros((G,), dtype=tl.float32)
     h_g = tl.zeros((G,), dtype=tl.float32)
     m2_g = tl.full((G,), float("-inf"), dtype=tl.float32)
-    i_g = tl.zeros((G,), dtype=tl.int32)
     nf_g = tl.zeros((G,), dtype=tl.int32)
-    ring = tl.zeros((NB,), dtype=tl.int32)
-    top = tl.full((), -1, dtype=tl.int32)
-    if valid:
-        full_end = c_lo + ((c_hi - c_lo) // BLOCK_V) * BLOCK_V
-        for start in range(c_lo, full_end, BLOCK_V):  # full blocks: unmasked, vectorised loads
-            cols = start + cols0
-            raw = tl.load(row_ptr + cols)
-            m_g, s_g, i_g, h_g, m2_g, nf_g, ring, top = _pass1_block(
-                raw, start + g_off, inv_t, m_g, s_g, i_g, h_g, m2_g, nf_g, ring, top, slots,
-                TEMP_MODE != 0, CONFIDENCE == 2, CONFIDENCE == 1, FILTERS, WINDOW, NB, BLOCK_V,
-            )  # fmt: skip
-        if full_end < c_hi:  # the ragged tail
-            cols = full_end + cols0
-            raw = tl.load(row_ptr + cols, mask=cols < c_hi, other=float("-inf"))
-            m_g, s_g, i_g, h_g, m2_g, nf_g, ring, top = _pass1_block(
-                raw, full_end + g_off, inv_t, m_g, s_g, i_g, h_g, m2_g, nf_g, ring, top, slots,
-                TEMP_MODE != 0, CONFIDENCE == 2, CONFIDENCE == 1, FILTERS, WINDOW, NB, BLOCK_V,
-            )  # fmt: skip
-    mx = tl.max(m_g, axis=0)
-    mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
-    dz = tl.where(m_g == float("-inf"), float("-inf"), (m_g - mx_safe) * inv_t)
-    f = tl.exp(dz)  # (G,) 0 for empty groups
-    s_c = tl.sum(f * s_g, axis=0)
-    h_c = tl.sum(tl.where(f > 0.0, f * (h_g + dz * s_g), 0.0), axis=0)
-    i_c = tl.min(tl.where(m_g == mx, i_g, 2147483647), axis=0)
-    winner = (m_g == mx) & (i_g == i_c)
-    m2_c = tl.maximum(tl.max(m2_g, axis=0), tl.max(tl.where(winner, float("-inf"), m_g), axis=0))
+    n_top = tl.zeros((G,), dtype=tl.int32)
+    hist_row = hist_ptr + pid * NB
+    full_end = c_lo + ((c_hi - c_lo) // BLOCK_V) * BLOCK_V
+    if WINDOW:
+        # pass 1a: the chunk max (and the block of each group's first maximum), from memory
+        if valid:
+            for start in range(c_lo, full_end, BLOCK_V):  # static: pass-1a (full blocks: unmasked, 16-byte loads)
+                raw = tl.load(row_ptr + start + cols0)
+                m_g, b_g = _max_block(raw, start, m_g, b_g)
+            if full_end < c_hi:  # the ragged tail
+                cols = full_end + cols0
+                m_g, b_g = _max_block(tl.load(row_ptr + cols, mask=cols < c_hi, other=float("-inf")), full_end,
+                                      m_g, b_g)  # fmt: skip
+        mx = tl.max(m_g, axis=0)
+        # pass 1b: the same chunk again (L1 / L2 hot): sums against mx and the window of the NB keys below it
+        slots = tl.arange(0, NB)
+        tl.store(hist_row + slots, tl.zeros((NB,), dtype=tl.int32))
+        tl.debug_barrier()  # the zeros land before any thread's count
+        top = tl.where(mx == float("-inf"), -1, _key16(mx.to(DT)))
+        lo_v = tl.where(top < 0, float("inf"), _value16(tl.maximum(top - (NB - 1), key_lo), DT))
+        mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+        if valid:
+            for start in range(c_lo, full_end, BLOCK_V):  # static: pass-1
+                raw = tl.load(row_ptr + start + cols0)
+                s_g, h_g, n_top, m2_g, nf_g = _known_max_block(
+                    raw, mx_safe, c2, inv_t, s_g, h_g, n_top, m2_g, nf_g, hist_row, lo_v, NB - 1,
+                    CONFIDENCE == 2, CONFIDENCE == 1, TOP_K_MODE != 0, ASM,
+                )  # fmt: skip
+            if full_end < c_hi:
+                cols = full_end + cols0
+                raw = tl.load(row_ptr + cols, mask=cols < c_hi, other=float("-inf"))
+                s_g, h_g, n_top, m2_g, nf_g = _known_max_block(
+                    raw, mx_safe, c2, inv_t, s_g, h_g, n_top, m2_g, nf_g, hist_row, lo_v, NB - 1,
+                    CONFIDENCE == 2, CONFIDENCE == 1, TOP_K_MODE != 0, ASM,
+                )  # fmt: skip
+        s_c = tl.sum(s_g, axis=0)
+        h_c = tl.sum(h_g, axis=0)
+        m2_c = tl.where(tl.sum(n_top, axis=0) >= 2, mx, tl.max(m2_g, axis=0))
+    else:
+        # one online pass from memory: per-group max, sum of exp (and entropy / second max / finite count)
+        if valid:
+            for start in range(c_lo, full_end, BLOCK_V):  # static: pass-1
+                raw = tl.load(row_ptr + start + cols0)
+                m_g, b_g, s_g, h_g, m2_g, nf_g = _online_block(
+                    raw, start, c2, inv_t, m_g, b_g, s_g, h_g, m2_g, nf_g,
+                    CONFIDENCE == 2, CONFIDENCE == 1, FILTERS,
+                )  # fmt: skip
+            if full_end < c_hi:
+                cols = full_end + cols0
+                raw = tl.load(row_ptr + cols, mask=cols < c_hi, other=float("-inf"))
+                m_g, b_g, s_g, h_g, m2_g, nf_g = _online_block(
+                    raw, full_end, c2, inv_t, m_g, b_g, s_g, h_g, m2_g, nf_g,
+                    CONFIDENCE == 2, CONFIDENCE == 1, FILTERS,
+                )  # fmt: skip
+        mx = tl.max(m_g, axis=0)
+        mx_safe = tl.where(mx == float("-inf"), 0.0, mx)
+        f = tl.exp2((m_g - mx_safe) * c2)  # (G,) each group's sums to the chunk max; 0 for empty groups
+        s_c = tl.sum(f * s_g, axis=0)
+        dz = tl.where(m_g == float("-inf"), 0.0, (m_g - mx_safe) * inv_t)
+        h_c = tl.sum(tl.where(f > 0.0, f * (h_g + dz * s_g), 0.0), axis=0)
+    # the chunk's first maximum: the winning group's block, then its W columns once more
+    first_g = tl.where(m_g == mx, b_g + g_off, 2147483647)  # (G,) first column of each group's max block
+    col0 = tl.min(first_g, axis=0)
+    w_cols = col0 + tl.arange(0, W)
+    w_end = tl.where(mx > float("-inf"), c_hi, 0)  # nothing to find in an empty chunk
+    w_raw = tl.load(row_ptr + w_cols, mask=w_cols < w_end, other=float("-inf"))
+    i_c = tl.min(tl.where(w_raw.to(tl.float32) == mx, w_cols, 2147483647), axis=0)
+    if not WINDOW:
+        winner = first_g == col0  # the group holding the first maximum; another group at mx makes M2 = mx
+        m2_c = tl.maximum(tl.max(m2_g, axis=0), tl.max(tl.where(winner, float("-inf"), m_g), axis=0))
     nf_c = tl.sum(nf_g, axis=0)
     part = pid * 4
     tl.store(part_f_ptr + part, mx)
@@ -458,8 +674,6 @@ def _fused_step_rows_kernel(
     tl.store(part_f_ptr + part + 3, m2_c)
     tl.store(part_i_ptr + pid * 2, tl.where(mx == float("-inf"), 0, i_c))
     tl.store(part_i_ptr + pid * 2 + 1, nf_c)
-    if WINDOW:
-        tl.store(hist_ptr + pid * NB + slots, ring)
 
     # ---- arrival: the program that takes the row's last ticket finishes the row ----
     tl.debug_barrier()  # every thread's partial stores precede the release below
@@ -505,7 +719,7 @@ def _fused_step_rows_kernel(
                 p_on = (top_p < 1.0).to(tl.int32)
                 k_on = ((k > 0) & (k < NF)).to(tl.int32)
                 jj = tl.arange(0, NB)
-                if ((p_on + k_on) > 0) & (NF > 0):
+                if ((p_on + k_on) > 0) & (MX > float("-inf")):
                     deep = tl.full((), 1, dtype=tl.int32)
                     if WINDOW:
                         # the row window: the NB largest keys; each chunk's ring covers them exactly
@@ -615,8 +829,9 @@ def _fused_step_rows_kernel(
                         before = tl.sum(tl.where(cc < c_star, km, 0.0), axis=0)
                         s_lo = c_star * CHUNK
                         s_hi = tl.minimum(s_lo + CHUNK, V)
-                        x0, _ = _scan(row_ptr, s_lo, s_hi, cut_v, m_z, kept_mass, target - before, 1, 0, t_safe,
-                                      sampling, TEMP_MODE, KEY_BITS, False, BLOCK_F)  # fmt: skip
+                        x0 = _sample_scan(  # static: scan
+                            row_ptr, s_lo, s_hi, cut_v, MX, c2, target - before, BLOCK_S
+                        )
                     x0 = tl.where(x0 < 0, i1, x0)
             if CONFIDENCE == 2:
                 if FILTERS:
@@ -682,14 +897,23 @@ def arrival_counters(device: torch.device, n: int) -> Tensor:
     return held[-1]
 
 
-def split_rows(N: int, V: int, device: torch.device, sampled: bool) -> tuple[int, int, int]:
-    """``(C, CHUNK, BLOCK_V)``: chunks per row so ``N * C`` fills the GPU, chunk length, pass-1 block."""
+def split_rows(N: int, V: int, device: torch.device, sampled: bool, itemsize: int = 2) -> tuple[int, int, int]:
+    """``(C, CHUNK, BLOCK_V)``: chunks per row so ``N * C`` fills the GPU, chunk length, pass-1 block.
+
+    On a GPU (a :class:`dinfill.target.Target`) chunks are also kept short enough that what the programs in
+    flight re-read (pass 1b, the sample scan) stays in half the L2: ``chunk * itemsize * resident programs
+    <= L2 / 2``, with up to ``PROGRAMS_PER_SM`` programs per SM.
+    """
     block_v = min(MAX_BLOCK_V, max(16, triton.next_power_of_2(V)))
-    sms = torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else DEFAULT_SMS
+    target = target_for(device)
+    sms = target.sms if target is not None else DEFAULT_SMS
     chunks = max(1, -(-PROGRAMS_PER_SM * sms // max(N, 1)))
     if sampled:
         chunks = max(chunks, MIN_SPLIT_SAMPLED)
     chunk = max(MIN_CHUNK, -(-V // chunks))
+    if target is not None:
+        in_flight = PROGRAMS_PER_SM * target.sms
+        chunk = min(chunk, max(MIN_CHUNK, target.l2_bytes // 2 // (in_flight * itemsize)))
     chunk = -(-chunk // block_v) * block_v  # whole blocks: only the row's last chunk has a ragged tail
     return -(-V // chunk), chunk, block_v
 
@@ -757,7 +981,7 @@ def launch_rows(
         raise ValueError("fused_step: alg_temp / bernoulli need seed and offset tensors on the Triton path")
     key_bits = 32 if logits.dtype == torch.float32 else 16
     window = (top_p_mode or top_k_mode) and key_bits == 16
-    C, chunk, block_v = split_rows(N, V, dev, sampled=temp_mode != 0)
+    C, chunk, block_v = split_rows(N, V, dev, sampled=temp_mode != 0, itemsize=logits.element_size())
     nb = WINDOW_KEYS
     if not (16 <= PIVOTS <= nb and nb & (nb - 1) == 0 and PIVOTS & (PIVOTS - 1) == 0):
         raise ValueError("fused_step: WINDOW_KEYS and PIVOTS must be powers of two with 16 <= PIVOTS <= WINDOW_KEYS")
@@ -825,11 +1049,13 @@ def launch_rows(
             BLOCK_V=block_v,
             W=min(GROUP_W, block_v),
             BLOCK_F=BLOCK_F,
+            BLOCK_S=BLOCK_S,
             BLOCK_D=BLOCK_D,
             NB=nb,
             P=PIVOTS,
             C_POW2=c_pow2,
             CB=min(FINISH_CHUNKS, c_pow2),
+            ASM=window and compiled_target(dev),
             num_warps=8 if block_v >= 2048 else 4,
         )
     return conf, key, tok, state
