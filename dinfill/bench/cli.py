@@ -70,6 +70,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring the copy / matmul ceilings")
     p.add_argument("--nvtx", action="store_true", help="NVTX ranges for Nsight Systems")
     p.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace per configuration into DIR")
+    from dinfill.bench.static import add_arguments as add_static_arguments
+
+    add_static_arguments(p)
+    for action in p._actions:  # --static needs no model (it runs every seed shape); a timed run checks below
+        if action.dest == "model":
+            action.required = False
     p.set_defaults(func=bench_command)
 
     from dinfill.bench.sweep import add_sweep_args, sweep_command
@@ -210,6 +216,12 @@ def bench_command(args: argparse.Namespace) -> int:
     """Handler of ``dinfill bench``; returns the exit code."""
     from dinfill.sampler.settings import axis_values
 
+    if args.static:
+        from dinfill.bench import static
+
+        return static.main(args)
+    if not args.model:
+        raise ValueError("dinfill bench needs --model (a hub id, a local checkpoint or a built-in shape), or --static")
     kind, settings = check_common(args)  # every option checked before torch or the model is loaded
     if args.nvtx:
         from dinfill.bench.profiling import nvtx_available

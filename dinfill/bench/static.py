@@ -81,7 +81,8 @@ ELEMENTWISE_BW_EFFICIENCY = 0.8  # small aten kernels (copies, gathers, comparis
 BUDGET_PUBLISHED = 20.0  # fused_step pass 1 and the sample scan, published preset, sm_90 (issue 18)
 BUDGET_GREEDY = 10.0  # fused_step greedy pass 1
 FLOOR_RATIO = 1.5  # predicted batch-1 forward of the 0.5B shape / its weight-read floor
-DECODE_BW_FRACTION = 0.5  # batch-1 decode attention at 1152 keys: predicted fraction of the bandwidth
+DECODE_BW_FRACTION = 0.5  # batch-1 decode attention at DECODE_KEYS keys: predicted fraction of the bandwidth
+DECODE_KEYS = 1152
 
 SEED_MODELS = ("open-dcoder-0.5b", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "deepseek-coder-1.3b", "starcoder2-3b")
 BATCHES = (1, 8, 32)
@@ -361,12 +362,17 @@ def sass_loops(ins: list[tuple]) -> list[Loop]:
         for head in out:
             if blocks[head][0][0] > blocks[tail][-1][0]:
                 continue  # a forward edge
-            members, todo = {head, tail}, [tail]
+            members, todo, closed = {tail}, [tail], head == tail
             while todo:  # blocks laid out between head and tail that reach the tail without passing the head
                 for q in pred[todo.pop()]:
-                    if q not in members and head < q < tail:
+                    if q == head:
+                        closed = True
+                    elif q not in members and head < q < tail:
                         members.add(q)
                         todo.append(q)
+            if not closed:
+                continue  # a backward jump that never comes back (an exit path placed earlier): no loop
+            members.add(head)
             body = [x for n in sorted(members) for x in blocks[n]]
             loads = [x for x in body if x[1].startswith("LDG") and ".STRONG" not in x[1]]
             first = loads[0][3] if loads else body[0][3]
@@ -578,6 +584,8 @@ class Recorder(TorchDispatchMode):
         if self._paused or func.is_view or name in _NO_KERNEL:
             return out
         tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
+        if not any(t.device.type == "meta" for t in tensors):
+            return out  # host-side arithmetic on CPU tensors (a cached constant, a shape): no device op
         moved = float(sum(_nbytes(t) for t in tensors))
         if name in _GEMMS:
             a, b = args[0], args[1]
@@ -730,6 +738,8 @@ def workloads(models=SEED_MODELS, batches=BATCHES, lengths=LENGTHS, dtypes=tuple
                         out += [Workload(model, "prefill", B, L, dtype), Workload(model, "decode", B, L, dtype)]
                         if B == 1:
                             out.append(Workload(model, "decode-gemv", B, L, dtype))
+            if kind == "ar" and 1 in batches and DECODE_KEYS not in lengths:  # the decode-attention rule's shape
+                out.append(Workload(model, "decode", 1, DECODE_KEYS, dtype))
             window = BUILTIN_SHAPES[model].get("sliding_window")
             if window:  # one long prefill past the sliding window
                 out.append(Workload(model, "prefill", 1, window + 512, dtype))
@@ -812,7 +822,9 @@ def run_workload(w: Workload, target: Target | str) -> list[Launch]:
                 fn = _diffusion_runner(w, model)
             else:
                 fn = _ar_runner(w, model)
-            with Recorder(target) as rec:
+            with Recorder(target):  # a first call allocates and compiles (the warm-up before a graph capture)
+                fn()
+            with Recorder(target) as rec:  # the steady state a CUDA graph replays
                 fn()
     finally:
         for k, v in old.items():
@@ -886,6 +898,11 @@ class Result:
             "kernels": self.kernels, "predicted_s": self.total_s, "floor_s": self.floor_s, "floor_bound":
             self.floor_bound, "ratio": self.total_s / self.floor_s if self.floor_s else None,
             "breakdown": self.breakdown(), "error": self.error,
+            "launches": [
+                dict(op=x.op, kind=x.kind, grid=x.grid, kernel=x.info.key if x.info else None, bytes=x.bytes,
+                     flops=x.flops, streams=x.streams, **{k: v for k, v in p.items()})
+                for x, p in zip(self.launches, self.predictions, strict=True)
+            ],
         }  # fmt: skip
 
 
@@ -961,7 +978,7 @@ def _budget_rules(r: Result) -> list[str]:
                 bad.append(f"{t.name}: {w.name}: attention launches {launch.programs} programs on {t.sms} SMs "
                            f"({keys} keys; a full wave is {t.sms})")
                 break
-            if w.mode == "decode" and keys >= 1152 and p["t_mem"] > 0:
+            if w.mode == "decode" and keys >= DECODE_KEYS and p["t_mem"] > 0:
                 frac = launch.bytes / (p["seconds"] - LAUNCH_S) / t.stream_bandwidth
                 if frac < DECODE_BW_FRACTION:
                     bad.append(f"{t.name}: {w.name}: attention reaches {frac:.0%} of the bandwidth "
@@ -1029,6 +1046,7 @@ def workload_table(results: list[Result]) -> list[str]:
 
 
 def select(items: list[Workload], model: list[str] | None, mode: list[str] | None) -> list[Workload]:
+    """The workloads of the given models and modes (``None``: all)."""
     if model:
         items = [w for w in items if w.model in model]
     if mode:
@@ -1037,7 +1055,8 @@ def select(items: list[Workload], model: list[str] | None, mode: list[str] | Non
 
 
 CHECK_SUBSET = dict(models=("open-dcoder-0.5b", "qwen2.5-coder-0.5b", "starcoder2-3b"), batches=(1, 32),
-                    lengths=(276, 1152), dtypes=("bf16",))  # fmt: skip
+                    lengths=(276,), dtypes=("bf16",))  # fmt: skip
+_DTYPE_NAMES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
 
 
 def add_arguments(p) -> None:
@@ -1050,6 +1069,8 @@ def add_arguments(p) -> None:
     g.add_argument("--kernel", nargs="+", help="only report these kernels (substring match)")
     g.add_argument("--mode", nargs="+", choices=("full", "window", "prefill", "decode", "decode-gemv", "step"),
                    help="only these workload modes")
+    g.add_argument("--step-preset", nargs="+", choices=tuple(STEP_PRESETS),
+                   help="only these fused_step settings in --mode step (default: all)")
     g.add_argument("--json", metavar="FILE", help="also write every result as JSON ('-' for stdout)")
     g.add_argument("--check", action="store_true", help="print only what breaks a fit or budget rule; exit 1 if any")
     g.add_argument("--full", action="store_true", help="with --check: the whole matrix (default: a CI-sized subset)")
@@ -1061,13 +1082,25 @@ def main(args) -> int:
         print("dinfill bench --static: the installed triton has no NVIDIA backend (ptxas / nvdisasm); "
               "install the triton wheel from PyPI")
         return 2
+    from dinfill.models.config import BUILTIN_SHAPES
+
     targets = [lookup(a) for a in (args.arch or ARCHS)]
-    models = args.model if getattr(args, "model", None) and args.model != "open-dcoder-0.5b" else None
-    if args.check and not args.full and not args.arch and not models:
+    model = getattr(args, "model", None)
+    if model and model.lower() not in BUILTIN_SHAPES:
+        raise ValueError(f"--static --model takes a built-in shape ({', '.join(SEED_MODELS)}), not {model!r}")
+    if args.check and not args.full and not model:
         items = workloads(**CHECK_SUBSET)
     else:
-        items = workloads(models=tuple(models) if models else SEED_MODELS)
+        items = workloads(models=(model.lower(),) if model else SEED_MODELS)
     items = select(items, None, args.mode)
+    if getattr(args, "batch", None):
+        items = [w for w in items if w.batch in args.batch]
+    if getattr(args, "step_preset", None):
+        items = [w for w in items if w.mode != "step" or w.preset in args.step_preset]
+    if getattr(args, "dtype", None):
+        if args.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"--static models bf16 and fp16 launches, not --dtype {args.dtype}")
+        items = [w for w in items if w.dtype == _DTYPE_NAMES[args.dtype]]
     results = []
     for t in targets:
         for w in items:

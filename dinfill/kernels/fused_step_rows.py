@@ -103,7 +103,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dinfill.backend import compiled_target
 from dinfill.kernels._common import device_context
 from dinfill.kernels.fused_step_options import CONFIDENCES, FusedStepOptions
 from dinfill.target import target_for
@@ -982,6 +981,7 @@ def launch_rows(
     key_bits = 32 if logits.dtype == torch.float32 else 16
     window = (top_p_mode or top_k_mode) and key_bits == 16
     C, chunk, block_v = split_rows(N, V, dev, sampled=temp_mode != 0, itemsize=logits.element_size())
+    target = target_for(dev)
     nb = WINDOW_KEYS
     if not (16 <= PIVOTS <= nb and nb & (nb - 1) == 0 and PIVOTS & (PIVOTS - 1) == 0):
         raise ValueError("fused_step: WINDOW_KEYS and PIVOTS must be powers of two with 16 <= PIVOTS <= WINDOW_KEYS")
@@ -1055,7 +1055,7 @@ def launch_rows(
             P=PIVOTS,
             C_POW2=c_pow2,
             CB=min(FINISH_CHUNKS, c_pow2),
-            ASM=window and compiled_target(dev),
+            ASM=window and target is not None and target.arch >= 80,  # max.bf16x2 / f16x2 need sm_80
             num_warps=8 if block_v >= 2048 else 4,
         )
     return conf, key, tok, state

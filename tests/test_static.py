@@ -1,0 +1,272 @@
+"""The static GPU model (issue 18): the target table, its arithmetic, the SASS loop reader, and the budgets.
+
+The arithmetic is checked against values computed by hand here; the loop reader against small hand-written
+disassemblies whose answers are obvious; the budgets and fit rules by compiling the real launchers' kernels
+for sm_90 / sm_89 on the CPU (Triton's NVIDIA backend ships ptxas and nvdisasm; no GPU is involved). The
+compile tests share one module-scoped set of results so each kernel compiles once per run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dinfill.backend import compiled_target
+from dinfill.bench import static as S
+from dinfill.target import TARGETS, lookup, static_active, static_target, target_for
+
+# ------------------------------------------------------------------------------------------------
+# the target table and its arithmetic
+# ------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "key, expected",
+    [
+        # SMs x 4 schedulers x clock x 32 lanes / (bandwidth / 2 bytes), by hand
+        ("h200", 132 * 4 * 1.98e9 * 32 / (4.3e12 / 2)),  # ~15.56 at the measured 4.3 TB/s
+        ("h100", 132 * 4 * 1.98e9 * 32 / (3.0e12 / 2)),  # ~22.3 at the measured 3.0 TB/s
+        ("a100", 108 * 4 * 1.41e9 * 32 / (2.039e12 / 2)),  # ~19.1
+        ("a10", 72 * 4 * 1.695e9 * 32 / (600e9 / 2)),  # ~52.1
+        ("l4", 58 * 4 * 2.04e9 * 32 / (300e9 / 2)),  # ~101
+    ],
+)
+def test_issue_budget_matches_hand_computation(key, expected):
+    assert TARGETS[key].issue_budget(2) == pytest.approx(expected, rel=1e-9)
+
+
+def test_issue_budget_values_quoted_in_the_docs():
+    """docs/gpu.md and the issue quote H200 ~15.5, H100 SXM ~20 (datasheet bandwidth), L4 ~100."""
+    assert TARGETS["h200"].issue_budget() == pytest.approx(15.5, abs=0.1)
+    assert TARGETS["h100"].issue_budget(bandwidth=3.35e12) == pytest.approx(20.0, abs=0.1)
+    assert TARGETS["l4"].issue_budget() == pytest.approx(101, abs=1)
+    assert TARGETS["h200"].issue_budget(4) == pytest.approx(2 * TARGETS["h200"].issue_budget(2))  # fp32
+
+
+@pytest.mark.parametrize(
+    "threads, regs, smem, key, expected",
+    [
+        (256, 98, 1024, "h100", 2),  # 98 regs -> 13 x 256 a warp -> 26,624 a block: 2 blocks of 65,536
+        (256, 40, 32, "h100", 6),  # 40 -> 1,280 a warp, 10,240 a block: 6 by registers (8 by threads)
+        (256, 32, 32, "l4", 6),  # 1,536 threads an SM on sm_89: 6 blocks of 256
+        (128, 32, 50 * 1024, "l4", 1),  # 100 KB an SM, 1 KB reserved per block: one 50 KB block
+        (128, 32, 100 * 1024, "l4", 0),  # over the 99 KB per-block limit: cannot launch
+        (128, 32, 100 * 1024, "h100", 2),  # fits sm_90's 227 KB
+        (1024, 255, 0, "a100", 0),  # 255 x 1024 registers do not exist on any SM
+    ],
+)
+def test_resident_blocks(threads, regs, smem, key, expected):
+    assert TARGETS[key].resident_blocks(threads, regs, smem) == expected
+
+
+def test_lookup_by_key_arch_and_name():
+    assert lookup("l4") is TARGETS["l4"] and lookup("sm_89") is TARGETS["l4"] and lookup("89") is TARGETS["l4"]
+    assert lookup("sm_90") is TARGETS["h100"] and lookup("NVIDIA H200") is TARGETS["h200"]
+    assert lookup("sm_80").smem_per_block == 163 * 1024 and lookup("sm_86").smem_per_block == 99 * 1024
+    with pytest.raises(ValueError, match="unknown GPU target 'sm_75'.*known: a100"):
+        lookup("sm_75")
+
+
+def test_target_for_devices():
+    """CPU: the interpreter (no target); meta: a GPU only inside static_target, restored after."""
+    assert target_for("cpu") is None and target_for("meta") is None and not compiled_target("meta")
+    with static_target("sm_89") as t:
+        assert t is TARGETS["l4"] and target_for("meta") is t and compiled_target("meta")
+        with static_target(TARGETS["h200"]):
+            assert target_for("meta") is TARGETS["h200"]
+        assert target_for("meta") is t and target_for("cpu") is None
+    assert static_active() is None
+
+
+# ------------------------------------------------------------------------------------------------
+# the SASS loop reader, on hand-written disassemblies
+# ------------------------------------------------------------------------------------------------
+
+
+def _ins(addr, op, rest="", line=10, predicated=False):
+    return (addr, op, rest, [("kernel.py", line)], predicated)
+
+
+def test_loop_body_and_fast_path():
+    """A loop of 8 instructions whose 3-instruction rare block is skipped by a predicated forward branch."""
+    ins = [
+        _ins(0x00, "MOV"),
+        _ins(0x10, "LDG.E.128", "R4, [R2.64]"),  # head
+        _ins(0x20, "HMNMX2"),
+        _ins(0x30, "BRA", "0x70", predicated=True),  # skip the rare block
+        _ins(0x40, "SHF"),
+        _ins(0x50, "LOP3"),
+        _ins(0x60, "REDG.E.ADD"),
+        _ins(0x70, "IADD3"),
+        _ins(0x80, "BRA", "0x10", predicated=True),  # back edge
+        _ins(0x90, "EXIT"),
+    ]
+    (loop,) = S.sass_loops(ins)
+    assert (loop.start, loop.body, loop.fast, loop.loads, loop.bytes) == (0x10, 8, 5, 1, 16)
+    loop.elems = loop.bytes / 2  # bf16
+    assert loop.per_elem == 1.0 and loop.fast_per_elem == 5 / 8
+
+
+def test_loop_excludes_code_laid_out_inside_but_off_the_loop():
+    """A block between head and tail that the loop never reaches (an exit path placed there) is not counted."""
+    ins = [
+        _ins(0x00, "LDG.E", "R1, [R2.64]"),  # head
+        _ins(0x10, "BRA", "0x40"),  # unconditional: jump over the block below
+        _ins(0x20, "FADD"),  # off the loop: only reached from outside
+        _ins(0x30, "EXIT"),
+        _ins(0x40, "IADD3"),
+        _ins(0x50, "BRA", "0x00", predicated=True),  # back edge
+        _ins(0x60, "BRA", "0x20"),  # the block at 0x20 is entered from here
+    ]
+    (loop,) = S.sass_loops(ins)
+    assert loop.body == 4 and loop.fast == 4
+
+
+def test_nested_loops_and_tags(tmp_path):
+    """Tags come from the loop statement's line; the innermost loop carrying a tag owns it."""
+    src = tmp_path / "k.py"
+    src.write_text("x\nfor a in b:  # static: outer\nfor c in d:  # static: inner\n")
+    f = str(src)
+    ins = [
+        (0x00, "LDG.E.128", "", [(f, 2)], False),  # outer head
+        (0x10, "LDG.E.64", "", [(f, 3)], False),  # inner head
+        (0x20, "BRA", "0x10", [(f, 3)], True),  # inner back edge
+        (0x30, "BRA", "0x00", [(f, 2)], True),  # outer back edge
+    ]
+    loops = {lp.tag: lp for lp in S.sass_loops(ins)}
+    assert set(loops) == {"outer", "inner"}
+    assert loops["inner"].body == 2 and loops["inner"].bytes == 8
+    assert loops["outer"].body == 4 and loops["outer"].bytes == 24
+
+
+# ------------------------------------------------------------------------------------------------
+# the rules, on hand-made results (no compile)
+# ------------------------------------------------------------------------------------------------
+
+
+def _fake_result(per_elem: float, shared: int = 1024, spills: int = 0, target: str = "h100") -> S.Result:
+    t = TARGETS[target]
+    loop = S.Loop("pass-1", "k.py:1", 0, int(per_elem * 16), 16, 2, 32, elems=16.0)
+    info = S.KernelInfo("_fused_step_rows_kernel", "abc", t.arch, t.name, shared, t.smem_per_block, 64, spills, 8,
+                        t.resident_blocks(256, 64, shared), 2, [loop])  # fmt: skip
+    launch = S.Launch("_fused_step_rows_kernel", "triton", (528, 1, 1), info, 9e6, 0.0, {"pass-1": 4.5e6})
+    w = S.Workload("open-dcoder-0.5b", "step", 1, 276, "bf16", "published")
+    return S.Result(w, t, [launch], [S.predict(launch, t)], 1e-5, 3e-6, "bytes")
+
+
+def test_rules_report_budget_fit_and_spills_by_name():
+    assert S.check_rules([_fake_result(12.0)]) == []
+    (over,) = S.check_rules([_fake_result(25.0)])
+    assert "fused_step published loop pass-1" in over and "25.0 instructions per element (budget 20)" in over
+    (big,) = S.check_rules([_fake_result(12.0, shared=100 * 1024, target="l4")])
+    assert "uses 102400 B of shared memory" in big and "101376 - 8192 margin" in big
+    (spill,) = S.check_rules([_fake_result(12.0, spills=8)])
+    assert "spills 8 B" in spill
+    assert S.check_rules([_fake_result(25.0, target="l4")]) == []  # the budget is for sm_90 (an L4 allows ~100)
+
+
+def test_issue_time_enters_the_prediction():
+    """A loop costing 25 instructions an element for 4.5e6 elements on an H100 is issue-bound."""
+    r = _fake_result(25.0)
+    p = r.predictions[0]
+    t = TARGETS["h100"]
+    assert p["t_issue"] == pytest.approx(4.5e6 * 25.0 / (32 * t.warp_issue_rate))
+    assert p["bound"] == "issue" and p["seconds"] == pytest.approx(p["t_issue"] + S.LAUNCH_S)
+
+
+# ------------------------------------------------------------------------------------------------
+# compiled for real targets: the fused_step budgets and fit rules
+# ------------------------------------------------------------------------------------------------
+
+needs_nvidia = pytest.mark.skipif(
+    not S.nvidia_backend_available(), reason="the installed triton has no NVIDIA backend (ptxas / nvdisasm)"
+)
+STEP_ARGS = ["--model", "open-dcoder-0.5b", "--mode", "step", "--batch", "1", "--step-preset", "published", "greedy",
+             "--arch", "sm_90", "sm_89"]  # fmt: skip
+
+
+def _static(args: list[str], tmp: Path) -> subprocess.CompletedProcess:
+    """``dinfill bench --static ...`` in a fresh process: the test process runs Triton's interpreter, whose
+    kernels cannot be compiled for a GPU (TRITON_INTERPRET is read when triton is imported)."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    env["DINFILL_STATIC_CACHE"] = str(tmp / "analysis")
+    cmd = [sys.executable, "-m", "dinfill", "bench", "--static", *args]
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def step_json(tmp_path_factory):
+    """The fused_step launches of the two budgeted presets at batch 1, compiled for sm_90 and sm_89."""
+    tmp = tmp_path_factory.mktemp("static")
+    done = _static([*STEP_ARGS, "--json", str(tmp / "out.json")], tmp)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((tmp / "out.json").read_text())
+    data["tmp"] = tmp
+    return data
+
+
+def _rows_kernel(data, preset: str, dtype: str, arch: int) -> dict:
+    (row,) = [r for r in data["workloads"] if r["preset"] == preset and r["dtype"] == dtype and r["arch"] == arch]
+    assert row["error"] is None, row["error"]
+    (launch,) = [x for x in row["launches"] if x["op"] == "_fused_step_rows_kernel"]
+    (info,) = [k for k in data["kernels"] if k["key"] == launch["kernel"] and k["arch"] == arch]
+    return info
+
+
+def _loop(info: dict, tag: str) -> dict | None:
+    found = [lp for lp in info["loops"] if lp["tag"] == tag and lp["elems"]]
+    return max(found, key=lambda lp: lp["per_elem"], default=None)
+
+
+@needs_nvidia
+def test_fused_step_fits_and_does_not_spill(step_json):
+    assert len(step_json["workloads"]) == 8  # 2 presets x 2 dtypes x 2 targets
+    assert {tuple(x["op"] for x in r["launches"]) for r in step_json["workloads"]} == {
+        ("_fused_step_rows_kernel", "_fused_step_select_kernel")
+    }
+    for k in step_json["kernels"]:
+        assert k["shared"] <= k["smem_limit"] - S.SMEM_MARGIN and k["resident"] > 0, k["name"]
+        assert k["spill_bytes"] == 0, (k["name"], k["target"], k["regs"])
+    assert step_json["violations"] == []
+
+
+@needs_nvidia
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+def test_fused_step_loops_inside_their_budgets(step_json, dtype):
+    """Issue 18, sm_90: published pass 1 (1a and 1b) and the sample scan <= 20 per element; greedy <= 10."""
+    pub = _rows_kernel(step_json, "published", dtype, 90)
+    for tag in ("pass-1a", "pass-1", "scan"):
+        loop = _loop(pub, tag)
+        assert loop is not None, f"no loop tagged {tag} in the compiled kernel"
+        assert loop["per_elem"] <= S.BUDGET_PUBLISHED, (tag, loop["per_elem"])
+        assert loop["fast"] <= loop["body"]
+    greedy = _rows_kernel(step_json, "greedy", dtype, 90)
+    assert _loop(greedy, "pass-1")["per_elem"] <= S.BUDGET_GREEDY
+    assert _loop(greedy, "pass-1a") is None and _loop(greedy, "scan") is None  # one pass, nothing sampled
+    # the pass-1 loops stream 16 bytes a thread per load (8 bf16), never 2-byte loads
+    assert _loop(pub, "pass-1")["bytes"] % 16 == 0 and _loop(greedy, "pass-1")["bytes"] % 16 == 0
+
+
+@needs_nvidia
+def test_predictions_are_bounded_by_their_parts(step_json):
+    """Predicted time = max(bytes / bandwidth, issue, flops) + launch, never below the read-once floor."""
+    for r in step_json["workloads"]:
+        for x in r["launches"]:
+            assert x["seconds"] == pytest.approx(max(x["t_mem"], x["t_issue"], x["t_math"]) + S.LAUNCH_S)
+        assert r["predicted_s"] >= r["floor_s"] > 0 and r["floor_bound"] == "bytes"
+        assert r["launches"][0]["bytes"] >= S.middle(276) * 151936 * 2  # every logit read at least once
+
+
+@needs_nvidia
+def test_check_mode_prints_only_broken_rules(step_json):
+    """``--check`` on the same launches (compiled already): nothing broken, exit 0, one summary line."""
+    done = _static([*STEP_ARGS, "--check"], step_json["tmp"])
+    assert done.returncode == 0, done.stdout + done.stderr[-2000:]
+    assert done.stdout.strip().splitlines() == ["static check: 0 broken rule(s) over 4 workloads x 2 targets"]
