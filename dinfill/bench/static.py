@@ -699,8 +699,10 @@ class Workload:
 
     ``mode``: ``full`` (diffusion, no cache: the published setting's step), ``window`` (diffusion, dual cache:
     the middle window against cached keys), ``prefill`` / ``decode`` (AR), ``decode-gemv`` (AR decode with
-    ``DINFILL_GEMV=triton``), ``step`` (``fused_step`` alone with ``preset``). ``length`` is the canvas /
-    prompt / cache length; a diffusion middle is ``middle(length)`` tokens.
+    ``DINFILL_GEMV=triton``), ``step`` (``fused_step`` alone with ``preset``), and the forward alone as
+    ``gpu_check``'s forward phase times it: ``forward`` (a bidirectional canvas, logits at ``middle`` rows) and
+    ``forward-decode`` (one causal token against ``length`` cached ones). ``length`` is the canvas / prompt /
+    cache length; a diffusion middle is ``middle`` tokens (default :func:`middle` of the length).
     """
 
     model: str
@@ -709,6 +711,11 @@ class Workload:
     length: int
     dtype: str = "bf16"
     preset: str = "published"
+    mid: int = 0
+
+    @property
+    def middle(self) -> int:
+        return self.mid or middle(self.length)
 
     @property
     def name(self) -> str:
@@ -744,6 +751,9 @@ def workloads(models=SEED_MODELS, batches=BATCHES, lengths=LENGTHS, dtypes=tuple
             if window:  # one long prefill past the sliding window
                 out.append(Workload(model, "prefill", 1, window + 512, dtype))
         if kind == "diffusion":
+            for dtype in dtypes:  # gpu_check's forward phase: one decode step, canvases with 16 logits rows
+                out.append(Workload(model, "forward-decode", 1, 276, dtype))
+                out += [Workload(model, "forward", B, 276, dtype, mid=16) for B in batches if B in (1, 32)]
             for dtype in dtypes:
                 for preset in STEP_PRESETS:
                     for B in batches:
@@ -769,7 +779,7 @@ def _step_options(preset: str, rows: int) -> dict:
 def _fused_step_call(w: Workload, model_vocab: int, mask_id: int) -> Callable[[], Any]:
     from dinfill.kernels import fused_step
 
-    B, L, M = w.batch, w.length, middle(w.length)
+    B, L, M = w.batch, w.length, w.middle
     dev = torch.device("meta")
     logits = torch.empty(B, M, model_vocab, dtype=DTYPES[w.dtype], device=dev)
     x = torch.empty(B, L, dtype=torch.long, device=dev)
@@ -783,7 +793,7 @@ def _fused_step_call(w: Workload, model_vocab: int, mask_id: int) -> Callable[[]
 def _diffusion_runner(w: Workload, model):
     from dinfill.sampler import diffusion as diff
 
-    B, L, M = w.batch, w.length, middle(w.length)
+    B, L, M = w.batch, w.length, w.middle
     opts = STEP_PRESETS[w.preset]
     sampled = opts.get("temperature", 0.0) > 0
     spec = diff._SamplingSpec(sampled=sampled, top_p="top_p" in opts, top_k="top_k" in opts, needs_rng=sampled,
@@ -816,13 +826,18 @@ def run_workload(w: Workload, target: Target | str) -> list[Launch]:
     os.environ.update(env)
     try:
         with static_target(target), torch.no_grad():
-            if w.mode == "step":
-                fn = _fused_step_call(w, model.config.vocab_size, model.config.vocab_size - 1)
-            elif w.mode in ("full", "window"):
-                fn = _diffusion_runner(w, model)
-            else:
-                fn = _ar_runner(w, model)
             with Recorder(target):  # a first call allocates and compiles (the warm-up before a graph capture)
+                if w.mode == "step":
+                    fn = _fused_step_call(w, model.config.vocab_size, model.config.vocab_size - 1)
+                elif w.mode in ("full", "window"):
+                    fn = _diffusion_runner(w, model)
+                elif w.mode.startswith("forward"):  # gpu_check's forward phase builds its inputs (and cache) so
+                    from dinfill.bench.forward import _forward_inputs
+
+                    decode = w.mode == "forward-decode"
+                    fn = _forward_inputs(model, w.batch, 1 if decode else w.length, w.middle, w.length)[0]
+                else:
+                    fn = _ar_runner(w, model)
                 fn()
             with Recorder(target) as rec:  # the steady state a CUDA graph replays
                 fn()
@@ -847,7 +862,7 @@ def _floor(w: Workload, target: Target) -> tuple[float, str]:
 
     cfg = builtin_config(w.model)
     item = 2
-    B, L, M = w.batch, w.length, middle(w.length)
+    B, L, M = w.batch, w.length, w.middle
     if w.mode == "step":
         work_bytes, flops = B * M * cfg.vocab_size * item, 0.0
     else:
@@ -857,7 +872,9 @@ def _floor(w: Workload, target: Target) -> tuple[float, str]:
             work = forward_work(cfg, batch=B, queries=M + 1, keys=L, logits_rows=B * M, itemsize=item)
         elif w.mode == "prefill":
             work = forward_work(cfg, batch=B, queries=L, logits_rows=B, itemsize=item, causal=True)
-        else:
+        elif w.mode == "forward":
+            work = forward_work(cfg, batch=B, queries=L, logits_rows=B * M, itemsize=item)
+        else:  # decode, decode-gemv, forward-decode
             work = forward_work(cfg, batch=B, queries=1, keys=L, logits_rows=B, itemsize=item)
         work_bytes, flops = work.bytes, work.flops
         if w.mode in ("full", "window"):
@@ -984,14 +1001,30 @@ def _budget_rules(r: Result) -> list[str]:
                     bad.append(f"{t.name}: {w.name}: attention reaches {frac:.0%} of the bandwidth "
                                f"(target {DECODE_BW_FRACTION:.0%}; wave {wave})")
                 break
-    if (w.model, w.mode, w.batch, w.dtype) == ("qwen2.5-coder-0.5b", "decode", 1, "bf16") and t.arch in (89, 90):
-        ratio = r.total_s / r.floor_s
-        if ratio > FLOOR_RATIO:
-            top = sorted(r.breakdown().items(), key=lambda kv: -kv[1])[:3]
-            why = ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in top)
-            bad.append(f"{t.name}: {w.name}: predicted {r.total_s * 1e3:.3f} ms is {ratio:.2f}x the floor "
-                       f"{r.floor_s * 1e3:.3f} ms (target {FLOOR_RATIO}x); largest: {why}")
     return bad
+
+
+def targets(results: list[Result]) -> list[tuple[bool, str]]:
+    """Issue 18's whole-forward target, per sm_89 / sm_90 result: ``(met, line)``.
+
+    The predicted batch-1 forward of the 0.5B shape (fused path, graph replay) within ``FLOOR_RATIO`` of its
+    weight-read floor. It is a target, not a fit rule: it depends on the stated launch cost and cuBLAS
+    efficiency as much as on the kernels, so ``--check`` prints it (with what keeps the forward from the
+    floor) but does not fail on it; gpu_check measures it.
+    """
+    out = []
+    for r in results:
+        w, t = r.workload, r.target
+        if r.error or (w.model, w.mode, w.batch, w.dtype) != ("open-dcoder-0.5b", "forward-decode", 1, "bf16"):
+            continue
+        if t.arch not in (89, 90):
+            continue
+        ratio = r.total_s / r.floor_s
+        top = sorted(r.breakdown().items(), key=lambda kv: -kv[1])[:3]
+        why = ", ".join(f"{k} {v * 1e6:.0f} us" for k, v in top)
+        out.append((ratio <= FLOOR_RATIO, f"{t.name}: {w.name}: predicted {r.total_s * 1e3:.3f} ms = {ratio:.2f}x the "
+                    f"floor {r.floor_s * 1e3:.3f} ms (target {FLOOR_RATIO}x; {r.kernels} kernels); largest: {why}"))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1067,7 +1100,8 @@ def add_arguments(p) -> None:
     g.add_argument("--arch", nargs="+", help=f"targets: {', '.join(TARGETS)} or sm_80 sm_86 sm_89 sm_90 "
                    "(default: all four architectures)")
     g.add_argument("--kernel", nargs="+", help="only report these kernels (substring match)")
-    g.add_argument("--mode", nargs="+", choices=("full", "window", "prefill", "decode", "decode-gemv", "step"),
+    g.add_argument("--mode", nargs="+",
+                   choices=("full", "window", "prefill", "decode", "decode-gemv", "step", "forward", "forward-decode"),
                    help="only these workload modes")
     g.add_argument("--step-preset", nargs="+", choices=tuple(STEP_PRESETS),
                    help="only these fused_step settings in --mode step (default: all)")
@@ -1084,7 +1118,7 @@ def main(args) -> int:
         return 2
     from dinfill.models.config import BUILTIN_SHAPES
 
-    targets = [lookup(a) for a in (args.arch or ARCHS)]
+    gpus = [lookup(a) for a in (args.arch or ARCHS)]
     model = getattr(args, "model", None)
     if model and model.lower() not in BUILTIN_SHAPES:
         raise ValueError(f"--static --model takes a built-in shape ({', '.join(SEED_MODELS)}), not {model!r}")
@@ -1102,14 +1136,15 @@ def main(args) -> int:
             raise ValueError(f"--static models bf16 and fp16 launches, not --dtype {args.dtype}")
         items = [w for w in items if w.dtype == _DTYPE_NAMES[args.dtype]]
     results = []
-    for t in targets:
+    for t in gpus:
         for w in items:
             results.append(evaluate(w, t))
     if args.kernel:
         for r in results:
             r.launches = [x for x in r.launches if any(k in x.op for k in args.kernel)]
     if args.json:
-        rows = {"workloads": [r.row() for r in results], "kernels": [], "violations": check_rules(results)}
+        rows = {"workloads": [r.row() for r in results], "kernels": [], "violations": check_rules(results),
+                "targets": [{"met": met, "line": line} for met, line in targets(results)]}
         seen = set()
         for r in results:
             for x in r.launches:
@@ -1122,14 +1157,16 @@ def main(args) -> int:
         else:
             Path(args.json).write_text(text)
     bad = check_rules(results)
+    goals = [f"target {'met' if met else 'missed'}: {line}" for met, line in targets(results)]
     if args.check:
-        for line in bad:
+        for line in bad + goals:
             print(line)
-        print(f"static check: {len(bad)} broken rule(s) over {len(items)} workloads x {len(targets)} targets")
+        print(f"static check: {len(bad)} broken rule(s) over {len(items)} workloads x {len(gpus)} targets")
         return 1 if bad else 0
     print("\n".join(kernel_table(results)))
     print()
     print("\n".join(workload_table(results)))
     print()
     print(f"{len(bad)} broken rule(s)" + (":\n" + "\n".join(bad) if bad else ""))
+    print("\n".join(goals))
     return 0
