@@ -270,3 +270,23 @@ def test_check_mode_prints_only_broken_rules(step_json):
     done = _static([*STEP_ARGS, "--check"], step_json["tmp"])
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
     assert done.stdout.strip().splitlines() == ["static check: 0 broken rule(s) over 4 workloads x 2 targets"]
+
+
+@needs_nvidia
+def test_gpu_check_predictions_on_the_dry_run_shapes(tmp_path):
+    """gpu_check prints the static prediction beside each measured row: its helper works (tiny AR shape, the
+    stand-in sm_90 target off CUDA) and gives a positive rate for the steady-decode row."""
+    code = (
+        "import json, torch\n"
+        "from dinfill.bench import gpu_check, static\n"
+        "t = static.calibrated_target('cpu')\n"
+        "print(json.dumps([t.name, gpu_check._predicted('ar decode (steady)', 1, gpu_check._shapes(True), t)]))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    env.update(TRITON_DEFAULT_FP_FUSION="1", DINFILL_STATIC_CACHE=str(tmp_path))
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    name, cells = json.loads(done.stdout.strip().splitlines()[-1])
+    assert name == "H100 SXM (stand-in: no CUDA)"
+    assert cells["pred tok/s"] > 0, cells

@@ -512,9 +512,27 @@ def phase_micro(repo: Path, out_dir: Path, results: Path, timeout: float) -> Out
 
 
 def phase_forward(device: torch.device, small: bool, seed: int, budget_s: float, results: Path) -> Outcome:
-    """Phase 4: ``dinfill.bench.forward.forward_phase`` (issue 10); its rows judge themselves (``ok`` per row)."""
+    """Phase 4: ``dinfill.bench.forward.forward_phase`` (issue 10); its rows judge themselves (``ok`` per row).
+
+    Beside each shape: the static model's prediction for this device (issue 18), ``pred_ms`` and
+    ``meas/pred`` (measured fused time / predicted), which calibrates the model on every GPU run.
+    """
+    from dinfill.bench import static
+    from dinfill.bench.forward import DECODE_CACHE, LOGITS_ROWS
+
     result = forward_phase(device=device, small=small, seed=seed, budget_s=budget_s, results=results)
-    return Outcome("forward", ok=result["ok"], rows=result["rows"], detail=result["detail"])
+    target = static.calibrated_target(device)
+    tiny = small or device.type != "cuda"
+    model, dt = ("tiny-dcoder", "fp32") if tiny else ("open-dcoder-0.5b", "bf16")  # forward_phase's own choice
+    for row in result["rows"]:
+        B, T = row["batch"], row["tokens"]
+        w = (static.Workload(model, "forward-decode", B, DECODE_CACHE, dt) if T == 1 else
+             static.Workload(model, "forward", B, T, dt, mid=min(LOGITS_ROWS, T)))  # fmt: skip
+        row.update(static.predict_ms(w, target))
+        if "pred_ms" in row and "fused_ms" in row:
+            row["meas/pred"] = round(row["fused_ms"] / row["pred_ms"], 2)
+    return Outcome("forward", ok=result["ok"], rows=result["rows"], detail=result["detail"] + f"; predicted for "
+                   f"{target.name}")
 
 
 # --------------------------------------------------------------------------------------------------
@@ -558,6 +576,34 @@ def _target_cells(mode: str, batch: int, ms: float | None, tok_s: float | None, 
         "x target": ratio_goal,
         "x met": None if ratio_goal is None or ratio is None else ratio >= ratio_goal,
     }
+
+
+def _predicted(mode: str, batch: int, sh: _Shapes, target, steps_run: float | None = None) -> dict[str, Any]:
+    """The static model's ms per problem for an end-to-end row (issue 18): the predicted device time of one step
+    (diffusion: forward + fused step; AR: prefill / decode step) times the steps the row ran, per problem."""
+    from dinfill.bench import static
+
+    prefix, middle, suffix = sh.canvas
+    L, B = prefix + middle + suffix, batch
+    if mode in ("p2 published", "dual+threshold"):
+        step = static.Workload(sh.diffusion, "full" if mode == "p2 published" else "window", B, L,
+                               static.dtype_name(sh.dtype),
+                               "published" if mode == "p2 published" else "fast", mid=middle)  # fmt: skip
+        cells = static.predict_ms(step, target)
+        n = steps_run if steps_run else sh.steps
+        if "pred_ms" in cells:
+            cells["pred ms/prob"] = round(cells.pop("pred_ms") * n / B, 3)
+        return cells
+    p_prefix, new, p_suffix = sh.prompt
+    P = p_prefix + p_suffix + 3
+    dt = static.dtype_name(sh.dtype)
+    decode = static.predict_ms(static.Workload(sh.ar, "decode", B, P + new // 2, dt), target)
+    if mode == "ar decode (steady)":
+        return {"pred tok/s": round(1e3 / decode["pred_ms"], 1)} if "pred_ms" in decode else decode
+    prefill = static.predict_ms(static.Workload(sh.ar, "prefill", B, P, dt), target)
+    if "pred_ms" not in prefill or "pred_ms" not in decode:
+        return prefill if "pred_ms" not in prefill else decode
+    return {"pred ms/prob": round((prefill["pred_ms"] + new * decode["pred_ms"]) / B, 3)}
 
 
 def _bench_row(rec: dict[str, Any], mode: str, batch: int) -> dict[str, Any]:
@@ -653,8 +699,9 @@ def _ar_steady_decode(model, sh: _Shapes, device: torch.device, seed: int) -> di
 
 
 def phase_e2e(device: torch.device, small: bool, results: Path, seed: int, baselines: str, deadline: float) -> Outcome:
-    """Phase 2: the issue's end-to-end table (see the module docstring)."""
-    from dinfill.bench import report, roofline, throughput
+    """Phase 2: the issue's end-to-end table (see the module docstring), each row beside the static model's
+    prediction for this device (``pred ms/prob``, ``meas/pred``)."""
+    from dinfill.bench import report, roofline, static, throughput
     from dinfill.bench.workload import Problem, Workload
     from dinfill.sampler.autoregressive import hf_twin
 
@@ -662,6 +709,7 @@ def phase_e2e(device: torch.device, small: bool, results: Path, seed: int, basel
     env = report.environment(device)
     peaks = roofline.device_peaks(env["device"]) if device.type == "cuda" else None
     ceilings = roofline.measure_ceilings(device)
+    target = static.calibrated_target(device, ceilings if device.type == "cuda" else None)  # issue 18's predictions
     vs = "none" if baselines == "none" else "reference"
     short = baselines == "short"  # slow baselines on the first batch only (two at batch 1)
     out = Outcome("end to end", detail=f"{sh.diffusion} / {sh.ar}, {str(sh.dtype)[6:]}, random weights, "
@@ -689,7 +737,12 @@ def phase_e2e(device: torch.device, small: bool, results: Path, seed: int, basel
     def bench(mode: str, batch: int, model, workload, cfg, sampling, **kw) -> tuple[dict, dict]:
         rec = throughput.run_config(model, workload, cfg, sampling, vs=vs, warmup=True, peaks=peaks,
                                     ceilings=ceilings, **kw)  # fmt: skip
-        return _bench_row(rec, mode, batch), rec
+        row = _bench_row(rec, mode, batch)
+        pred = _predicted(mode, batch, sh, target, rec["metrics"].get("steps_run"))
+        row.update(pred)
+        if pred.get("pred ms/prob"):
+            row["meas/pred"] = round(row["ms/prob"] / pred["pred ms/prob"], 2)
+        return row, rec
 
     try:
         model = _load(sh.diffusion, "diffusion", device, sh.dtype)
@@ -719,7 +772,8 @@ def phase_e2e(device: torch.device, small: bool, results: Path, seed: int, basel
         for batch, _ in sh.sizes:
             run("ar + stops", batch,
                 lambda b=batch: (_ar_with_stops(model, hf, b, sh, device, seed, vs == "reference"), None))  # fmt: skip
-        run("ar decode (steady)", 1, lambda: (_ar_steady_decode(model, sh, device, seed), None))
+        run("ar decode (steady)", 1, lambda: (_ar_steady_decode(model, sh, device, seed)
+                                              | _predicted("ar decode (steady)", 1, sh, target), None))
         model = hf = None  # (not del: the row closures read these names)
         _release(device)
     finally:  # what was measured is kept even when a model or the baseline cannot be built

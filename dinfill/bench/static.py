@@ -87,7 +87,7 @@ DECODE_KEYS = 1152
 SEED_MODELS = ("open-dcoder-0.5b", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "deepseek-coder-1.3b", "starcoder2-3b")
 BATCHES = (1, 8, 32)
 LENGTHS = (64, 276, 608)
-DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}  # the matrix: bf16 and fp16
 STEP_PRESETS = {  # fused_step settings per name: every alg / preset a diffusion step can launch
     "greedy": dict(select="p2", temperature=0.0),
     "published": dict(select="p2", temperature=0.6, top_p=0.95),
@@ -728,7 +728,12 @@ def middle(length: int) -> int:
     return max(8, length // 9)
 
 
-def workloads(models=SEED_MODELS, batches=BATCHES, lengths=LENGTHS, dtypes=tuple(DTYPES)) -> list[Workload]:
+def dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bf16"`` (the names :class:`Workload` takes)."""
+    return {v: k for k, v in DTYPES.items()}[dtype]
+
+
+def workloads(models=SEED_MODELS, batches=BATCHES, lengths=LENGTHS, dtypes=("bf16", "fp16")) -> list[Workload]:
     """The issue's matrix: every seed model in its modes, every batch, length and dtype, plus fused_step alone."""
     out: list[Workload] = []
     from dinfill.models.config import BUILTIN_SHAPES
@@ -861,7 +866,7 @@ def _floor(w: Workload, target: Target) -> tuple[float, str]:
     from dinfill.models.config import builtin_config
 
     cfg = builtin_config(w.model)
-    item = 2
+    item = DTYPES[w.dtype].itemsize
     B, L, M = w.batch, w.length, w.middle
     if w.mode == "step":
         work_bytes, flops = B * M * cfg.vocab_size * item, 0.0
@@ -1002,6 +1007,39 @@ def _budget_rules(r: Result) -> list[str]:
                                f"(target {DECODE_BW_FRACTION:.0%}; wave {wave})")
                 break
     return bad
+
+
+def calibrated_target(device: torch.device | str | None = None, ceilings: dict | None = None) -> Target:
+    """The target of a real GPU (from its properties) with the ceilings a run measured as its peaks.
+
+    Without CUDA (gpu_check's CPU dry run) the stand-in is the sm_90 table entry, said in its name.
+    """
+    from dataclasses import replace
+
+    from dinfill.target import target_for
+
+    device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
+    t = target_for(device) if device.type == "cuda" else None
+    if t is None:
+        t = replace(lookup("sm_90"), name="H100 SXM (stand-in: no CUDA)")
+    if ceilings:
+        t = replace(t, measured_bandwidth=ceilings.get("bandwidth"), measured_bf16_flops=ceilings.get("flops"))
+    return t
+
+
+def predict_ms(w: Workload, target: Target) -> dict[str, Any]:
+    """Prediction cells for a measured row: ``pred_ms`` (the workload's device time), kernels, what bounds it."""
+    from dinfill.backend import triton_interpreted
+
+    if not nvidia_backend_available():
+        return {"pred_note": "no NVIDIA backend in this triton: no prediction"}
+    if triton_interpreted():  # kernels defined under TRITON_INTERPRET cannot be compiled for a GPU
+        return {"pred_note": "Triton interpreter process: see dinfill bench --static"}
+    r = evaluate(w, target)
+    if r.error:
+        return {"pred_note": f"prediction failed: {r.error[:120]}"}
+    top = max(((k, v) for k, v in r.breakdown().items()), key=lambda kv: kv[1])
+    return {"pred_ms": round(r.total_s * 1e3, 4), "pred_kernels": r.kernels, "pred_largest": top[0]}
 
 
 def targets(results: list[Result]) -> list[tuple[bool, str]]:
