@@ -15,9 +15,12 @@ masked and every row gets its real RoPE positions):
   middle-plus-suffix), so it falls back to ``"right"`` when that width would exceed the length limit.
 
 Middle lengths (``length=``): ``"oracle"`` (token length of the true middle, what the published numbers
-used), ``"fixed"`` (``middle_tokens``) and ``"adaptive"``: a canvas of ``middle_tokens`` masks whose
+used), ``"fixed"`` (``middle_tokens``), ``"adaptive"``: a canvas of ``middle_tokens`` masks whose
 generated middle is cut at the first end token (eos / pad / mask / any special token), see
-:func:`trim_at_end`.
+:func:`trim_at_end`, and ``"search"``: every length of :func:`search_lengths` decoded as an adaptive
+canvas, the candidates of one hole in the same batch, and the one whose middle best predicts the context
+tokens touching the hole kept (:func:`boundary_row` builds the scoring canvas; the rule and its cost are in
+docs/sampler-semantics.md).
 """
 
 from __future__ import annotations
@@ -30,7 +33,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-LENGTH_STRATEGIES = ("oracle", "fixed", "adaptive")
+LENGTH_STRATEGIES = ("oracle", "fixed", "adaptive", "search")
+SEARCH_SHORTEST = 4  # the first candidate of length="search"; shorter middles come from trimming (end tokens)
+BOUNDARY_WINDOW = 8  # context tokens scored on each side of the hole by length="search"
 LAYOUTS = ("right", "aligned")
 
 
@@ -127,11 +132,12 @@ def middle_lengths(
     count : int
         Number of problems.
     length : str
-        ``"oracle"`` (needs ``middles``), ``"fixed"`` or ``"adaptive"`` (need ``middle_tokens``).
+        ``"oracle"`` (needs ``middles``), ``"fixed"``, ``"adaptive"`` or ``"search"`` (need ``middle_tokens``;
+        ``search`` gives the longest candidate, see :func:`search_lengths`).
     middles : sequence of str, optional
         True middles, for ``oracle``.
     middle_tokens : int, optional
-        Canvas middle length for ``fixed``; the maximum length for ``adaptive``.
+        Canvas middle length for ``fixed``; the maximum length for ``adaptive`` and ``search``.
 
     Returns
     -------
@@ -280,3 +286,78 @@ def trim_at_end(middle: Sequence[int], end_ids: set[int]) -> list[int]:
             break
         out.append(t)
     return out
+
+
+def search_lengths(max_tokens: int) -> list[int]:
+    """The candidate middle lengths of ``length="search"``: 4, 8, 16, ... doubling while below ``max_tokens``,
+    then ``max_tokens`` itself (``[4, 8, 16, 32, 64]`` for 64; ``[max_tokens]`` when it is at most 4).
+
+    Doubling keeps the candidate count logarithmic in the maximum (5 rows per hole for 64) while every true
+    length up to the maximum lies within a factor of two of a candidate; each candidate is an adaptive canvas
+    (cut at its first end token), so a candidate can also produce any shorter middle.
+    """
+    if isinstance(max_tokens, bool) or not isinstance(max_tokens, int) or max_tokens < 1:
+        raise ValueError(
+            f"length='search' needs middle_tokens= (an int >= 1, the longest candidate), got {max_tokens!r}"
+        )
+    lengths, n = [], SEARCH_SHORTEST
+    while n < max_tokens:
+        lengths.append(n)
+        n *= 2
+    return lengths + [max_tokens]
+
+
+@dataclass(frozen=True)
+class BoundaryRow:
+    """A finished candidate laid out for scoring: ``prefix + middle + suffix`` with the context tokens that touch
+    the middle masked.
+
+    Attributes
+    ----------
+    ids : list[int]
+        The canvas, after left truncation, with ``mask_id`` at every scored column.
+    columns : list[int]
+        The scored columns (the last ``window`` prefix tokens, then the first ``window`` suffix tokens).
+    targets : list[int]
+        The true token of each scored column.
+    """
+
+    ids: list[int]
+    columns: list[int]
+    targets: list[int]
+
+
+def boundary_row(
+    prefix_ids: Sequence[int],
+    middle_ids: Sequence[int],
+    suffix_ids: Sequence[int],
+    *,
+    mask_id: int,
+    limit: int,
+    window: int = BOUNDARY_WINDOW,
+) -> BoundaryRow:
+    """The scoring canvas of one candidate middle (see :func:`search_lengths`).
+
+    The scored tokens are the same for every candidate of a hole (the last ``window`` prefix tokens and the
+    first ``window`` suffix tokens, fewer when the context is shorter), so the candidates' scores compare
+    like with like whatever their lengths: only the middle between them differs.
+    """
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ValueError(f"window must be an int >= 1, got {window!r}")
+    prefix_ids, middle_ids, suffix_ids = list(prefix_ids), list(middle_ids), list(suffix_ids)
+    ids = prefix_ids + middle_ids + suffix_ids
+    cut = max(0, len(ids) - limit)
+    if cut > len(prefix_ids):
+        raise ValueError(
+            f"the middle ({len(middle_ids)} tokens) plus the suffix ({len(suffix_ids)} tokens) exceed the canvas "
+            f"limit of {limit} tokens"
+        )
+    ids = ids[cut:]
+    n_prefix = len(prefix_ids) - cut
+    suffix_start = n_prefix + len(middle_ids)
+    columns = list(range(max(0, n_prefix - window), n_prefix))
+    columns += list(range(suffix_start, suffix_start + min(window, len(suffix_ids))))
+    targets = [ids[c] for c in columns]
+    for c in columns:
+        ids[c] = mask_id
+    return BoundaryRow(ids=ids, columns=columns, targets=targets)

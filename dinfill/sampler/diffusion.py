@@ -41,6 +41,7 @@ Design choices worth knowing:
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 import time
 import weakref
@@ -54,9 +55,14 @@ from torch import Tensor
 from dinfill.backend import use_triton
 from dinfill.models.loading import require_mask_token
 from dinfill.sampler.canvas import (
+    BOUNDARY_WINDOW,
+    BoundaryRow,
+    boundary_row,
+    build_row,
     end_token_ids,
     layout_rows,
     middle_lengths,
+    search_lengths,
     text_problems,
     tokenize_rows,
     trim_at_end,
@@ -84,6 +90,7 @@ __all__ = [
     "infill",
     "step_fractions",
     "benchmark",
+    "boundary_scores",
     "graph_bucket",
 ]
 
@@ -133,6 +140,10 @@ class DiffusionStats:
     graph_bucket: tuple[int, int, int, int] | None = None  # (batch, canvas, rows, window) padded shape, or None
     backend: str = "torch"
     history: list[Tensor] | None = None
+    # length="search": holes (input index of each hole of this call), candidates (lengths), rows_per_hole, chosen
+    # (length per hole), scores and middles (token ids, per hole and candidate) and scoring_forwards (its one extra
+    # forward, also counted in forward_passes)
+    length_search: dict[str, Any] | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain dict for JSON records (without the history)."""
@@ -836,17 +847,22 @@ def infill(
     middles : sequence of str, optional
         True middles, needed by ``length="oracle"``.
     length : str
-        ``"oracle"`` (``m`` = token length of the true middle), ``"fixed"`` (``m = middle_tokens``) or
+        ``"oracle"`` (``m`` = token length of the true middle), ``"fixed"`` (``m = middle_tokens``),
         ``"adaptive"`` (``middle_tokens`` masks, the result cut at the first end token: eos, pad, mask or any
-        special token; see :mod:`dinfill.sampler.canvas`).
+        special token; see :mod:`dinfill.sampler.canvas`) or ``"search"`` (an adaptive canvas for every length
+        of :func:`~dinfill.sampler.canvas.search_lengths`, all candidates of a hole decoded in one batch, the one
+        kept whose middle gives the context tokens around the hole the highest log-probability; see
+        :func:`boundary_scores`). Its cost: the same number of diffusion steps, over ``len(candidates)`` rows per
+        hole, plus one scoring forward.
     middle_tokens : int, optional
-        Middle length for ``fixed``; maximum for ``adaptive`` (default 64 there).
+        Middle length for ``fixed``; maximum for ``adaptive`` and ``search`` (default 64 there).
     steps, alg
         See :func:`diffusion_generate`.
     max_length : int
         Canvas limit in tokens (the reference keeps the last 2048).
     batch_size : int
-        Problems per model batch; problems are grouped by canvas length to limit padding.
+        Problems per model batch; problems are grouped by canvas length to limit padding (with ``search`` each
+        problem brings its candidates: ``batch_size * len(candidates)`` rows per call).
     cache : str
         ``"none"`` or ``"dual"`` (then the batch uses the aligned layout: all middles start at one column).
     mask_id : int, optional
@@ -870,13 +886,20 @@ def infill(
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
     mask_id = require_mask_token(tokenizer, model, mask_id)
-    if length == "adaptive" and middle_tokens is None:
+    if length in ("adaptive", "search") and middle_tokens is None:
         middle_tokens = 64  # HumanEval-Infill single-line middles are far shorter; multi-line ones mostly fit
     limit = min(int(max_length), int(model.config.max_position_embeddings))
     lens = middle_lengths(tokenizer, len(prefixes), length=length, middles=middles, middle_tokens=middle_tokens)
-    rows = tokenize_rows(tokenizer, prefixes, suffixes, lens, mask_id=mask_id, limit=limit)
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     pad_id = 0 if pad_id is None or pad_id >= model.config.vocab_size else int(pad_id)  # never attended to
+    if length == "search":
+        texts, all_stats = _search_infill(
+            model, tokenizer, prefixes, suffixes, search_lengths(lens[0]) if lens else [], steps=steps, alg=alg,
+            limit=limit, batch_size=batch_size, cache=cache, mask_id=mask_id, pad_id=pad_id,
+            skip_special_tokens=skip_special_tokens, options=options,
+        )  # fmt: skip
+        return (texts, all_stats) if return_stats else texts
+    rows = tokenize_rows(tokenizer, prefixes, suffixes, lens, mask_id=mask_id, limit=limit)
     ends = end_token_ids(tokenizer, mask_id) if length == "adaptive" else None
 
     texts = [""] * len(rows)  # an empty oracle middle stays empty
@@ -898,6 +921,125 @@ def infill(
                 mid = trim_at_end(mid, ends)
             texts[i] = tokenizer.decode(mid, skip_special_tokens=skip_special_tokens)
     return (texts, all_stats) if return_stats else texts
+
+
+@torch.no_grad()
+def boundary_scores(model, rows: Sequence[BoundaryRow], *, pad_id: int, chunk: int = 32) -> list[float]:
+    """Mean log-probability of each row's scored tokens, the score ``length="search"`` ranks candidates by.
+
+    Each row is one finished candidate laid out by :func:`~dinfill.sampler.canvas.boundary_row` (the context
+    tokens touching the middle masked); the model predicts them in one bidirectional forward through the logit
+    shift (column ``j`` reads the output of ``j - 1``; column 0 its own). Rows are right-padded (padding is
+    never attended to, so a row scores the same in any batch) and run ``chunk`` at a time: a forward per
+    ``chunk`` rows, each reading ``V`` logits for its scored columns only.
+
+    Returns
+    -------
+    list[float]
+        One score per row; ``-inf`` for a row with nothing to score (no prefix and no suffix).
+    """
+    dev = model.device
+    scores: list[float] = []
+    for start in range(0, len(rows), chunk):
+        part = rows[start : start + chunk]
+        width = max(len(r.ids) for r in part)
+        n_cols = max(1, max(len(r.columns) for r in part))
+        ids = torch.full((len(part), width), pad_id, dtype=torch.long)  # (R, W)
+        am = torch.zeros(len(part), width, dtype=torch.bool)  # (R, W)
+        index = torch.zeros(len(part), n_cols, dtype=torch.long)  # (R, N) the output column of each scored one
+        target = torch.zeros(len(part), n_cols, dtype=torch.long)  # (R, N)
+        valid = torch.zeros(len(part), n_cols, dtype=torch.bool)  # (R, N)
+        for r, row in enumerate(part):
+            ids[r, : len(row.ids)] = torch.tensor(row.ids, dtype=torch.long)
+            am[r, : len(row.ids)] = True
+            n = len(row.columns)
+            index[r, :n] = torch.tensor([max(c - 1, 0) for c in row.columns], dtype=torch.long)  # the logit shift
+            target[r, :n] = torch.tensor(row.targets, dtype=torch.long)
+            valid[r, :n] = True
+        logits = model(ids.to(dev), causal=False, attention_mask=am.to(dev), logits_index=index.to(dev))  # (R, N, V)
+        logp = logits.float().log_softmax(-1).gather(-1, target.to(dev).unsqueeze(-1)).squeeze(-1).cpu()  # (R, N)
+        for r, row in enumerate(part):
+            n = len(row.columns)
+            scores.append(float(logp[r, :n].mean()) if n else float("-inf"))
+    return scores
+
+
+def _search_infill(
+    model,
+    tokenizer,
+    prefixes: list[str],
+    suffixes: list[str],
+    candidates: list[int],
+    *,
+    steps: int,
+    alg: str,
+    limit: int,
+    batch_size: int,
+    cache: str,
+    mask_id: int,
+    pad_id: int,
+    skip_special_tokens: bool,
+    options: dict[str, Any],
+) -> tuple[list[str], list[DiffusionStats]]:
+    """``length="search"``: decode every candidate length of each hole in one batch, score, keep the best.
+
+    The rule (docs/sampler-semantics.md, "Unknown middle lengths"): each candidate is an adaptive canvas (its
+    middle cut at the first end token); its score is :func:`boundary_scores` of its finished middle; a hole
+    keeps its highest-scoring candidate with a non-empty middle (all empty: the empty middle), ties going to
+    the shorter candidate. Everything is a function of the decoded tokens, so a seed fixes the choice.
+    """
+    ends = end_token_ids(tokenizer, mask_id)
+    p_ids = [tokenizer(p, add_special_tokens=True)["input_ids"] for p in prefixes]
+    s_ids = [tokenizer(s, add_special_tokens=False)["input_ids"] for s in suffixes]
+    k = len(candidates)
+    texts = [""] * len(prefixes)
+    all_stats: list[DiffusionStats] = []
+    todo = sorted(range(len(prefixes)), key=lambda i: len(p_ids[i]) + len(s_ids[i]))
+    truncated = 0
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        rows = [build_row(p_ids[i], s_ids[i], n, mask_id, limit) for i in chunk for n in candidates]  # hole-major
+        truncated += sum(r.truncated > 0 for r in rows[::k])
+        batch = layout_rows(rows, pad_id=pad_id, layout="aligned" if cache == "dual" else "right", limit=limit,
+                            device=model.device)  # fmt: skip
+        out, stats = diffusion_generate(
+            model, batch.input_ids, attention_mask=batch.attention_mask, mask_id=mask_id, steps=steps, alg=alg,
+            cache=cache, return_stats=True, **options,
+        )  # fmt: skip
+        middles = [trim_at_end(m, ends) for m in batch.middles(out)]
+        scoring = [
+            boundary_row(p_ids[i], middles[h * k + c], s_ids[i], mask_id=mask_id, limit=limit)
+            for h, i in enumerate(chunk)
+            for c in range(k)
+        ]
+        scores = boundary_scores(model, scoring, pad_id=pad_id, chunk=len(scoring))
+        chosen = []
+        for h, i in enumerate(chunk):
+            own = list(range(h * k, (h + 1) * k))
+            filled = [j for j in own if middles[j]] or own  # a hole is assumed non-empty unless every candidate is
+            best = max(filled, key=lambda j: (scores[j], -j))  # ties: the shorter candidate
+            chosen.append(candidates[best - h * k])
+            texts[i] = tokenizer.decode(middles[best], skip_special_tokens=skip_special_tokens)
+        # the scoring forward is part of the cost: counted like any full forward
+        stats.forward_passes += 1
+        stats.full_forwards += 1
+        stats.tokens_forwarded += sum(len(r.ids) for r in scoring)
+        stats.length_search = {
+            "holes": list(chunk),  # the input index of each hole below (holes run grouped by length)
+            "candidates": list(candidates),
+            "rows_per_hole": k,
+            "chosen": chosen,
+            "scores": [scores[h * k : (h + 1) * k] for h in range(len(chunk))],
+            "middles": [middles[h * k : (h + 1) * k] for h in range(len(chunk))],
+            "scoring_forwards": 1,
+            "window": BOUNDARY_WINDOW,
+        }
+        all_stats.append(stats)
+    if truncated:  # said, not silent, as tokenize_rows does for the other modes
+        logging.getLogger("dinfill").warning(
+            "%d of %d canvas(es) exceed %d tokens: their prefixes lose their first tokens", truncated, len(todo), limit
+        )
+    return texts, all_stats
 
 
 # --------------------------------------------------------------------------------------------------

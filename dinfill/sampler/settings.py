@@ -47,6 +47,7 @@ __all__ = [
     "axis_values",
     "check_option",
     "given_sampler_options",
+    "length_setting",
     "settings_for",
     "settings_from_args",
 ]
@@ -56,7 +57,7 @@ KINDS = ("diffusion", "ar")
 # checks it); repeated here so that validating them does not import torch
 ALGORITHMS = ("origin", "maskgit_plus", "topk_margin", "entropy", "p2", "threshold", "factor")
 CACHE_MODES = ("none", "dual")
-LENGTH_MODES = ("oracle", "fixed", "adaptive")
+LENGTH_MODES = ("oracle", "fixed", "adaptive", "search")
 
 
 @dataclass(frozen=True)
@@ -84,9 +85,11 @@ class SamplerSettings:
     eps : float
         End of the diffusion time schedule ``linspace(1, eps, steps + 1)``.
     length : str
-        Diffusion middle length: ``oracle`` (the true middle's, needs the middles), ``fixed`` or ``adaptive``.
+        Diffusion middle length: ``oracle`` (the true middle's, needs the middles), ``fixed``, ``adaptive`` or
+        ``search`` (candidate lengths decoded in one batch, one chosen by the model's own scores; see
+        :mod:`dinfill.sampler.canvas`).
     middle_tokens : int
-        Masks in the canvas for ``fixed``; the maximum for ``adaptive``. Default 64.
+        Masks in the canvas for ``fixed``; the maximum for ``adaptive`` and ``search``. Default 64.
     cache : str
         ``none`` (exact) or ``dual`` (prefix/suffix K/V cached).
     refresh : int
@@ -180,6 +183,41 @@ PRESETS: dict[str, dict[str, dict[str, Any]]] = {
     # deterministic
     "greedy": {"diffusion": {"temperature": 0.0, "top_p": None}, "ar": {"temperature": 0.0, "top_p": None}},
 }
+
+
+def length_setting(spec: str, middle_tokens: int | None = None) -> dict[str, Any]:
+    """Parse a middle-length setting written ``MODE`` or ``MODE:N`` (``oracle``, ``fixed:32``, ``adaptive:64``,
+    ``search:64``) into the sampler options ``length`` and ``middle_tokens``.
+
+    Parameters
+    ----------
+    spec : str
+        The setting. ``oracle`` takes no ``N``; the other modes take ``N`` (masks for ``fixed``, the maximum for
+        ``adaptive`` and ``search``) or, without it, ``middle_tokens``.
+    middle_tokens : int, optional
+        ``N`` for a mode written without one (default: the class default, 64).
+
+    Raises
+    ------
+    ValueError
+        For an unknown mode, ``oracle:N``, or an ``N`` that is not an integer >= 1.
+    """
+    if not isinstance(spec, str) or not spec:
+        raise ValueError(f"a middle-length setting is MODE or MODE:N ({', '.join(LENGTH_MODES)}), got {spec!r}")
+    mode, sep, count = spec.partition(":")
+    _choice("length", mode, LENGTH_MODES)
+    if mode == "oracle":
+        if sep:
+            raise ValueError(f"length oracle takes the true middle's length, not a count: write 'oracle', not {spec!r}")
+        return {"length": "oracle"}
+    if sep:
+        if not count.isdigit():
+            raise ValueError(f"{spec!r}: the count after ':' must be an integer >= 1 (as in {mode}:32)")
+        middle_tokens = int(count)
+    if middle_tokens is None:
+        middle_tokens = SamplerSettings.middle_tokens
+    check_option("middle_tokens", middle_tokens)
+    return {"length": mode, "middle_tokens": middle_tokens}
 
 
 def settings_for(kind: str, preset: str = "published", **overrides: Any) -> SamplerSettings:
@@ -286,8 +324,9 @@ _HELP = {
     "alg": "diffusion algorithm: " + ", ".join(ALGORITHMS) + " (default p2)",
     "alg_temp": "Gumbel noise on maskgit-family selection, 0 = deterministic (default 0)",
     "eps": "end of the diffusion time schedule (default 0.001)",
-    "length": "middle length: oracle = the true middle's (needs it), fixed, adaptive (default oracle: published)",
-    "middle_tokens": "masks for --length fixed; the maximum for adaptive (default 64)",
+    "length": "middle length: oracle = the true middle's (needs it), fixed, adaptive, search = candidate lengths "
+    "batched and chosen by the model's own scores (default oracle: published)",
+    "middle_tokens": "masks for --length fixed; the maximum for adaptive and search (default 64)",
     "cache": "none = exact, dual = prefix/suffix K/V cached (default none)",
     "refresh": "dual cache: steps between full refreshes, 1 = exact (default 8)",
     "threshold": "confidence bound of --alg threshold (default 0.9)",
