@@ -161,7 +161,8 @@ def test_model_generator_calls_the_sampler_api(monkeypatch, kind):
 
     def infill(model, tokenizer, prefixes, suffixes, **options):
         calls["infill"] = options
-        return [f"{p}|{s}" for p, s in zip(prefixes, suffixes, strict=True)]
+        texts = [f"{p}|{s}" for p, s in zip(prefixes, suffixes, strict=True)]
+        return (texts, []) if options.get("return_stats") else texts
 
     monkeypatch.setattr(dinfill, "load_model", load_model, raising=False)
     monkeypatch.setattr(dinfill, "load_tokenizer", load_tokenizer, raising=False)
@@ -179,6 +180,9 @@ def test_model_generator_calls_the_sampler_api(monkeypatch, kind):
     options = calls["infill"]
     assert isinstance(options.pop("generator"), torch.Generator)
     assert options.pop("middles") == ["m1", "m2"]  # oracle length needs the canonical middles
+    assert options.pop("return_stats") is True  # for the tokens generated, which the records keep
+    assert generator.last_tokens == 0 and generator.last_peak_memory is None  # no stats; no CUDA memory on a CPU
+    assert generator.environment["device_type"] == "cpu" and generator.environment["random_weights"] is False
     # every option of the kind, at the published setting (dinfill.sampler.settings)
     assert options == SamplerSettings.preset("published", kind).for_kind(kind)
     assert options["temperature"] == 0.6 and options.get("steps", options.get("max_new_tokens")) in (64, 512)

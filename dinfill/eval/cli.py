@@ -233,30 +233,45 @@ def sampler_settings(args: argparse.Namespace, kind: str) -> dict:
 
 
 class ModelGenerator:
-    """The real generator: ``dinfill.sampler.infill`` on a loaded model, seeded per batch."""
+    """The real generator: ``dinfill.sampler.infill`` on a loaded model, seeded per batch.
+
+    After each call it says what the call cost (the runner records it): ``last_tokens`` (tokens generated),
+    ``last_peak_memory`` (peak CUDA memory allocated during the call, weights included; None on the CPU) and
+    ``last_capture_s`` (CUDA-graph captures); ``environment`` is the device, dtype and versions.
+    """
 
     def __init__(self, model, tokenizer, settings: dict) -> None:
+        from dinfill.eval.runner import generator_environment
+
         self.model, self.tokenizer, self.settings = model, tokenizer, settings
         self.kind = model.kind
         self.last_capture_s = 0.0
+        self.last_tokens: int | None = None
+        self.last_peak_memory: int | None = None
+        self.environment = generator_environment(model)
 
     def __call__(self, prefixes: list[str], suffixes: list[str], middles: list[str], *, seed: int) -> list[str]:
         import torch
 
+        from dinfill.eval.runner import generated_tokens
         from dinfill.sampler import infill
+        from dinfill.sampler.graphs import graph_pool
 
         device = next(self.model.parameters()).device if hasattr(self.model, "parameters") else torch.device("cpu")
         # One generator per batch, seeded by the runner: the batch's middles do not depend on what ran before.
         generator = torch.Generator(device=device).manual_seed(seed)
-        from dinfill.sampler.graphs import graph_pool
-
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         captured = graph_pool().stats.capture_s
         # The oracle length mode (the published setting) reads the canonical middles; other modes ignore them.
-        out = infill(
-            self.model, self.tokenizer, prefixes, suffixes, middles=middles, generator=generator, **self.settings
-        )
+        out, stats = infill(
+            self.model, self.tokenizer, prefixes, suffixes, middles=middles, generator=generator, return_stats=True,
+            **self.settings,
+        )  # fmt: skip
         # seconds this batch spent capturing CUDA graphs (a new shape bucket); the runner records them
         self.last_capture_s = graph_pool().stats.capture_s - captured
+        self.last_tokens = generated_tokens(stats)
+        self.last_peak_memory = torch.cuda.max_memory_allocated(device) if device.type == "cuda" else None
         return out
 
 

@@ -42,6 +42,16 @@ def summarize_run(records: Sequence[dict]) -> dict:
     summary["graph_capture_s"] = round(capture_s, 3)
     steady_s = generate_s - capture_s
     summary["problems_per_s_steady"] = round(len(records) / steady_s, 4) if steady_s > 0 else None
+    summary["ms_per_problem"] = round(1000 * generate_s / len(records), 3) if generate_s > 0 else None
+    # what the generator said about its cost (absent for custom generators and re-scored files)
+    tokens = [r["timings"]["tokens"] for r in records if (r.get("timings") or {}).get("tokens") is not None]
+    summary["tokens"] = round(sum(tokens), 3) if tokens else None
+    summary["tokens_per_s"] = round(sum(tokens) / generate_s, 3) if tokens and generate_s > 0 else None
+    peaks = [r["timings"]["peak_memory_bytes"] for r in records if (r.get("timings") or {}).get("peak_memory_bytes")]
+    summary["peak_memory_bytes"] = max(peaks) if peaks else None
+    # the environments the records were generated in (one, unless a run was resumed elsewhere)
+    envs = {json.dumps(r["env"], sort_keys=True) for r in records if r.get("env")}
+    summary["env"] = [json.loads(e) for e in sorted(envs)]
     # Complete means every problem for every seed and sample; a resumed run may still be short.
     sizes = {r["task_size"] for r in records if "task_size" in r}
     if sizes:
@@ -84,6 +94,10 @@ def _throughput_text(summary: dict) -> str:
     if not rate:
         return "-"
     text = f"{rate:.2f} problems/s"
+    if summary.get("ms_per_problem"):
+        text += f", {summary['ms_per_problem']:.4g} ms/problem"
+    if summary.get("tokens_per_s"):
+        text += f", {summary['tokens_per_s']:.4g} tokens/s"
     if summary.get("graph_capture_s") and summary.get("problems_per_s_steady"):
         text += f" ({summary['problems_per_s_steady']:.2f} without {summary['graph_capture_s']:.3g} s of graph capture)"
     return text
@@ -209,3 +223,4 @@ def report(paths: Sequence[str | os.PathLike]) -> tuple[str, list[dict]]:
         notes.append(f"Note: skipped {len(empty)} run folder(s) without records yet: {', '.join(empty)}.")
     text = markdown_table(summaries) + ("\n" + "\n".join(notes) + "\n" if notes else "")
     return text, summaries
+

@@ -13,7 +13,11 @@ Why it is built this way:
 - Under ``torchrun`` (``WORLD_SIZE > 1``) ranks take batches round-robin, each writes
   ``records.rank{r}.jsonl``, and after a barrier rank 0 merges them into ``records.jsonl`` and writes
   the summary. torch.distributed (gloo: only barriers are needed) does the coordination.
-- Summaries and tables are computed from the records alone (:mod:`dinfill.eval.report`).
+- Summaries and tables are computed from the records alone (:mod:`dinfill.eval.report`), so what a report
+  says about cost must be in the records too: a generator may report, per call, the tokens it generated
+  (``last_tokens``), the peak device memory (``last_peak_memory``) and the CUDA-graph capture time
+  (``last_capture_s``), and once the environment it runs in (``environment``: device, dtype, versions); each
+  record carries its share of its batch's numbers and that environment.
 """
 
 from __future__ import annotations
@@ -57,6 +61,38 @@ class InfillGenerator(Protocol):
     def __call__(
         self, prefixes: list[str], suffixes: list[str], middles: list[str], *, seed: int
     ) -> list[str]: ...  # pragma: no cover - protocol
+
+
+def generated_tokens(stats: Sequence) -> int:
+    """Tokens a sampler generated over a call's statistics (``infill(..., return_stats=True)``).
+
+    Diffusion: every canvas position it filled (all candidates of ``length="search"``, untrimmed middles of
+    ``adaptive``); AR: every new token decoded, stop tokens included. Either way the work done, not the length
+    of the text kept.
+    """
+    total = 0
+    for st in stats:
+        if hasattr(st, "revealed_per_step"):
+            total += sum(st.revealed_per_step) + st.masks_left
+        else:
+            total += int(st.new_tokens)
+    return total
+
+
+def generator_environment(model) -> dict:
+    """What a record says about where it was generated: device, dtype, weights and versions (no date: the
+    record has its own time stamp)."""
+    from dinfill.bench.report import environment
+
+    param = next(model.parameters(), None) if hasattr(model, "parameters") else None
+    env = environment(param.device if param is not None else "cpu")
+    env.pop("date", None)
+    dtype = param.dtype if param is not None else None
+    env.update(
+        dtype=str(dtype).removeprefix("torch.") if dtype is not None else None,
+        random_weights=bool(getattr(model, "random_weights", False)),
+    )
+    return env
 
 
 @dataclass
@@ -351,6 +387,10 @@ def _run_batch(
     # CUDA-graph captures inside this call (a generator that keeps graphs per shape bucket says how long they
     # took): the first batch of each bucket pays them, so the report can show the steady throughput too.
     capture_s = min(generate_s, max(0.0, float(getattr(generator, "last_capture_s", 0.0) or 0.0)))
+    # What the generator can say about its cost (None when it cannot: a custom generator, or the CPU's memory)
+    tokens = getattr(generator, "last_tokens", None)
+    peak = getattr(generator, "last_peak_memory", None)
+    env = getattr(generator, "environment", None)
     if not isinstance(middles, list) or len(middles) != len(chosen) or not all(isinstance(m, str) for m in middles):
         raise TypeError(f"the generator must return a list of {len(chosen)} strings, got {type(middles).__name__}")
     # Only the missing problems are scored and written; the rest of the batch is already on disk.
@@ -382,9 +422,12 @@ def _run_batch(
                     "graph_capture_s": round(capture_s / len(chosen), 6),
                     "batch_size": len(chosen),
                     "score_s": round(score_s / len(todo), 6),
+                    "tokens": None if tokens is None else round(tokens / len(chosen), 3),
+                    "peak_memory_bytes": peak,  # the batch's peak (device memory), not a share
                 },
                 "task_size": len(problems),
                 "rank": ctx.rank,
                 "time": stamp,
+                **({"env": env} if env is not None else {}),
             }
         )
