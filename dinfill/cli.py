@@ -1,4 +1,4 @@
-"""The ``dinfill`` command: ``infill | eval | score | bench | sweep | report`` (contract names).
+"""The ``dinfill`` command: ``infill | eval | score | compare | bench | sweep | report`` (contract names).
 
 Each area registers its own subcommands (``register(subparsers)`` in ``dinfill.<area>.cli``), so this
 file stays a table of contents. Handlers return an exit code.
@@ -12,14 +12,15 @@ import logging
 import sys
 
 # modules that add subcommands, in the order they appear in --help
-_COMMAND_MODULES = ("dinfill.sampler.cli", "dinfill.eval.cli", "dinfill.bench.cli")
+_COMMAND_MODULES = ("dinfill.sampler.cli", "dinfill.eval.cli", "dinfill.eval.compare", "dinfill.bench.cli")
 
 
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser with every registered subcommand."""
     parser = argparse.ArgumentParser(
         prog="dinfill",
-        description="Fast code infilling with diffusion and AR FIM models: infill, eval, score, bench, sweep, report.",
+        description="Fast code infilling with diffusion and AR FIM models: infill, eval, score, compare, bench, sweep, "
+        "report.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log what is loaded and decided")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")

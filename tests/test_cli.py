@@ -36,7 +36,7 @@ def tok(shared_dir) -> str:
 
 def test_contract_subcommands_are_registered():
     choices = build_parser()._subparsers._group_actions[0].choices
-    assert {"infill", "eval", "score", "bench", "sweep", "report"} <= set(choices)
+    assert {"infill", "eval", "score", "compare", "bench", "sweep", "report"} <= set(choices)
 
 
 def test_infill_both_kinds_in_real_processes(tok):
@@ -67,6 +67,10 @@ def test_infill_both_kinds_in_real_processes(tok):
          "--cache applies to diffusion models only"),
         (["bench", "--model", "starcoder2-3b", "--temperature", "-1"], "temperature (--temperature) must be >= 0"),
         (["sweep", "--model", "open-dcoder-0.5b", "--threshold", "2"], "threshold (--threshold) must lie in (0, 1]"),
+        (["compare", "--out", "{out}", "--models", "qwen2.5-coder-0.5b", "starcoder2-3b", "--steps", "8"],
+         "--steps applies to diffusion models only, and no model in --models is one"),
+        (["compare", "--out", "{out}", "--length", "oracle:12"], "length oracle takes the true middle's length"),
+        (["compare", "--out", "{out}", "--temperature", "-1"], "temperature (--temperature) must be >= 0"),
     ],
 )  # fmt: skip
 def test_options_are_checked_before_the_model_is_loaded(argv, message, tmp_path):

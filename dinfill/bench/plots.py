@@ -1,4 +1,5 @@
-"""PNG plots of benchmark records: throughput per configuration, throughput against steps, quality against speed.
+"""PNG plots: benchmark throughput per configuration and against steps, quality against speed (sweeps), and the
+speed / quality plane of a model comparison (``dinfill compare``, ``dinfill report --plot``).
 
 matplotlib is an optional extra (``pip install dinfill[plot]``); :func:`require_matplotlib` is called before
 any benchmark runs, so a missing install fails in a second rather than after the measurements. The Agg
@@ -13,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["require_matplotlib", "plot_bench", "plot_quality_vs_speed"]
+__all__ = ["require_matplotlib", "plot_bench", "plot_comparison", "plot_quality_vs_speed"]
 
 
 def require_matplotlib() -> None:
@@ -123,6 +124,92 @@ def plot_quality_vs_speed(rows: Sequence[dict[str, Any]], path: str | Path, *, m
     ax.set_title(title, fontsize=9, wrap=True)
     ax.legend(fontsize=7)
     fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def plot_comparison(
+    points: Sequence[dict[str, Any]],
+    path: str | Path,
+    *,
+    sweeps: Sequence[dict[str, Any]] = (),
+    title: str = "",
+) -> Path:
+    """The speed / quality plane of a comparison, one panel per task, plus the steps sweep curve when given.
+
+    Parameters
+    ----------
+    points : sequence of dict
+        One per run: ``label``, ``kind``, ``task``, ``metric`` (its name), ``quality`` (a rate in [0, 1]) and
+        ``ms_per_problem``; a point without quality or time is left out (and the panel says so when it is empty).
+    path : path
+        The PNG to write.
+    sweeps : sequence of dict
+        ``dinfill sweep`` rows (``model``, ``task``, ``steps``, ``alg``, ``length``, ``quality``,
+        ``quality_metric``, ``problems_per_s``): drawn as quality against steps, one line per model, task, alg and
+        length mode (problems / s against steps where no quality was measured: random weights).
+    title : str
+        Figure title (the device, for example).
+
+    Returns
+    -------
+    Path
+        ``path``.
+    """
+    plt = _pyplot()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tasks = list(dict.fromkeys(p["task"] for p in points))
+    if not tasks and not sweeps:
+        raise ValueError("nothing to plot: no runs and no sweep results")
+    panels = len(tasks) + bool(sweeps)
+    fig, axes = plt.subplots(1, panels, figsize=(5.5 * panels, 4.8), squeeze=False)
+    markers = {"diffusion": "o", "ar": "s"}
+    # one colour per label in every panel, named once in the figure's legend (labels of close points would overlap)
+    labels = list(dict.fromkeys(p["label"] for p in points))
+    colours = {label: plt.cm.tab10(i % 10) for i, label in enumerate(labels)}
+    handles = {}
+    for ax, task in zip(axes[0], tasks, strict=False):
+        pts = [p for p in points if p["task"] == task and p.get("quality") is not None and p.get("ms_per_problem")]
+        metric = next((p["metric"] for p in points if p["task"] == task), "quality")
+        for p in pts:
+            x, y = p["ms_per_problem"], 100 * p["quality"]
+            handles[p["label"]] = ax.scatter(
+                [x], [y], marker=markers.get(p.get("kind"), "^"), s=45, color=colours[p["label"]], label=p["label"]
+            )
+        if pts:
+            ax.set_xscale("log")
+        else:
+            ax.text(0.5, 0.5, "no run with a score and a time yet", ha="center", va="center", transform=ax.transAxes)
+        ax.set_xlabel("ms per problem (generation; log scale)")
+        ax.set_ylabel(f"{metric} (%)")
+        ax.set_ylim(-3, 103)  # the whole scale: panels and runs compare at a glance
+        ax.set_title(f"{task}: quality against time (o diffusion, □ AR)", fontsize=9)
+        ax.grid(alpha=0.3)
+    if sweeps:
+        ax = axes[0][-1]
+        measured = [r for r in sweeps if r.get("quality") is not None]
+        rows = measured or list(sweeps)
+        series: dict[str, list[dict[str, Any]]] = defaultdict(list)
+        for r in rows:
+            series[f"{r.get('model')} {r.get('task')} {r.get('alg')} {r.get('length')}"].append(r)
+        for key, pts in sorted(series.items()):
+            pts = sorted(pts, key=lambda r: r["steps"])
+            ys = [100 * r["quality"] if measured else r["problems_per_s"] for r in pts]
+            ax.plot([r["steps"] for r in pts], ys, marker="o", label=key)
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("diffusion steps")
+        metric = next((r.get("quality_metric") for r in measured if r.get("quality_metric")), "quality")
+        ax.set_ylabel(f"{metric} (%)" if measured else "problems / s (quality not measured: random weights)")
+        ax.set_title("dinfill sweep: steps", fontsize=9)
+        ax.legend(fontsize=6)
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    if handles:
+        fig.legend(list(handles.values()), list(handles), loc="lower center", ncol=min(3, len(handles)), fontsize=7)
+    fig.tight_layout(rect=(0, 0.06 + 0.035 * ((len(handles) + 2) // 3), 1, 1) if handles else None)
     fig.savefig(path, dpi=120)
     plt.close(fig)
     return path

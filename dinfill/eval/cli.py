@@ -91,6 +91,26 @@ def _add_scoring_options(parser: argparse.ArgumentParser, stop: bool = True) -> 
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
+def add_run_options(parser: argparse.ArgumentParser) -> None:
+    """The options of a model run that ``eval`` and ``compare`` share: seeds, samples, batches, limit, device,
+    dtype, random weights, tokenizer."""
+    parser.add_argument("--seed", nargs="+", type=int, default=[0], help="one run per seed (default 0)")
+    parser.add_argument("--samples", type=int, default=1, help="samples per problem and seed (pass@k)")
+    # Part of the run identity: the batches fix the seeds, so a resume must keep it.
+    parser.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=16,
+                        help="holes per generator call (default 16)")  # fmt: skip
+    parser.add_argument("--limit", "--problems", dest="limit", type=int, default=None,
+                        help="only the first N problems")  # fmt: skip
+    parser.add_argument("--device", default=None,
+                        help="model device (default: cuda:LOCAL_RANK if available, else cpu)")  # fmt: skip
+    parser.add_argument("--dtype", choices=("bf16", "bfloat16", "fp16", "float16", "fp32", "float32"),
+                        metavar="DTYPE", help="bf16|bfloat16, fp16|float16, fp32|float32 (default: bf16 on CUDA, "
+                        "fp32 on CPU)")  # fmt: skip
+    parser.add_argument("--random-weights", action="store_true",
+                        help="built-in shape with random weights (smoke tests)")  # fmt: skip
+    parser.add_argument("--tokenizer", default=None, help="tokenizer name or folder (default: --model)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add the ``eval``, ``score`` and ``report`` subcommands to a parser's subparsers."""
     ev = subparsers.add_parser(
@@ -104,20 +124,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     # Several tasks in one command, each into its own OUT/<task>-<subset> folder: one command per model.
     ev.add_argument("--task", nargs="+", required=True, choices=sorted(TASKS), help="one or more benchmarks")
     ev.add_argument("--out", required=True, help="output folder (reuse it to resume)")
-    ev.add_argument("--seed", nargs="+", type=int, default=[0], help="one run per seed (default 0)")
-    ev.add_argument("--samples", type=int, default=1, help="samples per problem and seed (pass@k)")
-    # Part of the run identity: the batches fix the seeds, so a resume must keep it.
-    ev.add_argument("--batch-size", "--batch", dest="batch_size", type=int, default=16,
-                    help="holes per generator call (default 16)")  # fmt: skip
-    ev.add_argument("--limit", "--problems", dest="limit", type=int, default=None, help="only the first N problems")
-    ev.add_argument("--device", default=None, help="model device (default: cuda:LOCAL_RANK if available, else cpu)")
-    ev.add_argument("--dtype", choices=("bf16", "bfloat16", "fp16", "float16", "fp32", "float32"), metavar="DTYPE",
-                    help="bf16|bfloat16, fp16|float16, fp32|float32 (default: bf16 on CUDA, fp32 on CPU)")  # fmt: skip
-    ev.add_argument("--random-weights", action="store_true", help="built-in shape with random weights (smoke tests)")
-    ev.add_argument("--tokenizer", default=None, help="tokenizer name or folder (default: --model)")
+    add_run_options(ev)
     # the sampler options every subcommand shares (dinfill.sampler.settings): unset = the published setting
-    stop = "stop string (repeatable): the middle ends before it, AR decoding stops there, and without --postprocess " \
+    stop = (
+        "stop string (repeatable): the middle ends before it, AR decoding stops there, and without --postprocess "
         "scoring uses the stop_sequences rule with these strings (default: none)"
+    )
     add_sampler_arguments(ev, help_overrides={"stop": stop})
     _add_data_options(ev)
     _add_scoring_options(ev, stop=False)
@@ -151,6 +163,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     rp.add_argument("dirs", nargs="+", help="run folders (or folders containing them)")
     rp.add_argument("--json", action="store_true", help="print the summaries as JSON instead")
+    rp.add_argument(
+        "--plot", nargs="?", const="", default=None, metavar="PNG",
+        help="also draw the speed / quality plane of the runs (and the steps curve of dinfill sweep results found "
+        "under the folders) into PNG (default: report.png in the first folder); needs matplotlib",
+    )  # fmt: skip
     rp.set_defaults(func=cmd_report)
 
 
@@ -299,6 +316,24 @@ def build_model_generator(args: argparse.Namespace, local_rank: int, settings: d
     return ModelGenerator(model, tokenizer, settings if settings is not None else sampler_settings(args, model.kind))
 
 
+def run_spec(args: argparse.Namespace, task, model: str, kind: str, settings: dict, warn: bool = True):
+    """The :class:`~dinfill.eval.runner.RunSpec` of one task of an ``eval`` (or ``compare``) command."""
+    from dinfill.eval.runner import RunSpec
+
+    return RunSpec(
+        task=task,
+        model=model,
+        kind=kind,
+        sampler=settings,
+        postprocess=_postprocess(args, task.default_postprocess),
+        seeds=args.seed,
+        samples=args.samples,
+        batch_size=args.batch_size,
+        limit=args.limit,
+        execute=_decide_execute(args, task, warn=warn),
+    )
+
+
 def _decide_execute(args: argparse.Namespace, task, warn: bool = True) -> bool:
     execute = task.executes_by_default if args.execute is None else args.execute
     # Said every time (once per torchrun job: by rank 0): running model-written code must never be a silent default.
@@ -315,7 +350,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from dinfill.eval.execution import SandboxUnavailable
     from dinfill.eval.records import RunLock
     from dinfill.eval.report import markdown_table
-    from dinfill.eval.runner import DistContext, RunSpec, run_eval
+    from dinfill.eval.runner import DistContext, run_eval
 
     if (args.model is None) == (args.generator is None):
         return _fail("pass exactly one of --model (a model to load) or --generator (a custom generator)")
@@ -345,18 +380,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
             model_name = args.model
         summaries = []
         for task, out, lock in zip(tasks, outs, held, strict=True):
-            spec = RunSpec(
-                task=task,
-                model=model_name,
-                kind=generator.kind,
-                sampler=settings,
-                postprocess=_postprocess(args, task.default_postprocess),
-                seeds=args.seed,
-                samples=args.samples,
-                batch_size=args.batch_size,
-                limit=args.limit,
-                execute=_decide_execute(args, task, warn=ctx.rank == 0),
-            )
+            spec = run_spec(args, task, model_name, generator.kind, settings, warn=ctx.rank == 0)
             summary = run_eval(
                 spec,
                 generator,
@@ -520,8 +544,15 @@ def cmd_report(args: argparse.Namespace) -> int:
     """``dinfill report``: the comparison table of run folders (markdown, or ``--json``)."""
     from dinfill.eval.report import report
 
+    plot = None
+    if args.plot is not None:  # checked first: a missing matplotlib fails before any folder is read
+        from dinfill.bench.plots import require_matplotlib
+
+        plot = args.plot or str(Path(args.dirs[0]) / "report.png")
     try:
-        text, summaries = report(args.dirs)
+        if plot is not None:
+            require_matplotlib()
+        text, summaries = report(args.dirs, plot=plot)
     except _USER_ERRORS as exc:
         return _fail(exc)
     print(json.dumps(summaries, indent=2) if args.json else text, end="" if not args.json else "\n")

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import os
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from dinfill.eval.metrics import summarize_records
@@ -70,8 +71,8 @@ def _length_mode(summary: dict) -> str:
         budget = sampler.get("max_new_tokens")
         return f"generated (<= {budget} tokens)" if budget else "generated"
     mode = sampler.get("length", "?")
-    if mode == "fixed" and sampler.get("middle_tokens"):
-        return f"fixed {sampler['middle_tokens']}"
+    if mode in ("fixed", "adaptive", "search") and sampler.get("middle_tokens"):
+        return f"{mode} {sampler['middle_tokens']}"  # fixed: the length; adaptive, search: the longest
     return str(mode)
 
 
@@ -189,11 +190,12 @@ def find_runs(paths: Sequence[str | os.PathLike]) -> list[Path]:
     return found
 
 
-def report(paths: Sequence[str | os.PathLike]) -> tuple[str, list[dict]]:
+def report(paths: Sequence[str | os.PathLike], plot: str | os.PathLike | None = None) -> tuple[str, list[dict]]:
     """Markdown comparison table and the summaries of every run found under ``paths``.
 
     Run folders without records yet (a run that has not written its first record) are listed
-    in a note under the table rather than silently left out.
+    in a note under the table rather than silently left out. With ``plot``, the speed / quality plane of the
+    runs (and the steps curve of any ``dinfill sweep`` results under ``paths``) is written to that PNG.
     """
     summaries, empty = [], []
     for run in find_runs(paths):
@@ -221,6 +223,354 @@ def report(paths: Sequence[str | os.PathLike]) -> tuple[str, list[dict]]:
         )
     if empty:
         notes.append(f"Note: skipped {len(empty)} run folder(s) without records yet: {', '.join(empty)}.")
+    if plot is not None:
+        notes.append(f"Plot: {plot_runs(summaries, plot, sweeps=find_sweeps(paths))}")
     text = markdown_table(summaries) + ("\n" + "\n".join(notes) + "\n" if notes else "")
     return text, summaries
 
+
+# -- the published comparison, in its own layout --------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PublishedModel:
+    """One column of the published comparison (docs/eval-protocol.md, NVIDIA L4).
+
+    Attributes
+    ----------
+    name : str
+        Display name of the column.
+    hub : str
+        Hub id of the checkpoint behind the numbers.
+    shape : str
+        The dinfill built-in shape with that checkpoint's config (what ``--random-weights`` builds).
+    kind : str
+        ``diffusion`` or ``ar``.
+    humaneval : (int, int)
+        HumanEval-Infill single-line pass@1: problems passed, problems.
+    santacoder : (int, int)
+        SantaCoder-FIM Python exact match: matches, problems.
+    santacoder_rule : str
+        The exact-match rule the published number used (``first_line`` for diffusion, ``whole`` for AR).
+    aliases : tuple of str
+        Other hub ids shown beside these numbers, with a note (the published 1.5B column is the Instruct model).
+    """
+
+    name: str
+    hub: str
+    shape: str
+    kind: str
+    humaneval: tuple[int, int]
+    santacoder: tuple[int, int]
+    santacoder_rule: str
+    aliases: tuple[str, ...] = ()
+
+
+# docs/eval-protocol.md, "The comparison it reproduces"; the counts are checked by re-scoring the published files
+PUBLISHED: tuple[PublishedModel, ...] = (
+    PublishedModel("Open-dCoder 0.5B", "fredzzp/open-dcoder-0.5B", "open-dcoder-0.5b", "diffusion",
+                   (790, 1033), (584, 1043), "first_line"),
+    PublishedModel("Qwen2.5-Coder 0.5B", "Qwen/Qwen2.5-Coder-0.5B", "qwen2.5-coder-0.5b", "ar",
+                   (766, 1033), (677, 1043), "whole"),
+    PublishedModel("Qwen2.5-Coder 1.5B", "Qwen/Qwen2.5-Coder-1.5B-Instruct", "qwen2.5-coder-1.5b", "ar",
+                   (829, 1033), (621, 1043), "whole", aliases=("Qwen/Qwen2.5-Coder-1.5B",)),
+    PublishedModel("DeepSeek-Coder 1.3B", "deepseek-ai/deepseek-coder-1.3b-base", "deepseek-coder-1.3b", "ar",
+                   (821, 1033), (604, 1043), "whole"),
+    PublishedModel("StarCoder2 3B", "bigcode/starcoder2-3b", "starcoder2-3b", "ar",
+                   (781, 1033), (591, 1043), "whole"),
+)  # fmt: skip
+# the subsets the published numbers are for
+_PUBLISHED_SUBSETS = {"humaneval-infill": "single-line", "santacoder-fim": "py"}
+_TASK_LABELS = {"humaneval-infill": "HumanEval-Infill", "santacoder-fim": "SantaCoder-FIM"}
+
+
+def published_for(model: str) -> tuple[PublishedModel, str | None] | None:
+    """The published column of ``model`` (a hub id, case-insensitive, or a built-in shape name) and a note when
+    the published numbers came from another checkpoint; None for a model outside the comparison."""
+    key = model.lower()
+    for entry in PUBLISHED:
+        if key in (entry.hub.lower(), entry.shape):
+            return entry, None
+        if key in (a.lower() for a in entry.aliases):
+            return entry, f"{model}: the published column used {entry.hub}"
+    return None
+
+
+@dataclass
+class CompareColumn:
+    """One column of the comparison table: a model under one setting, with a run per task.
+
+    Attributes
+    ----------
+    model : str
+        The model as given (hub id, folder or built-in shape).
+    kind : str or None
+        ``diffusion`` or ``ar`` (None when it could not be told).
+    setting : str
+        The middle-length setting of a diffusion column (``oracle``, ``fixed:32``, ``search:64``...); ``-`` for AR.
+    runs : dict
+        Task name -> summary of its run folder (:func:`summarize_run`), or None when it holds no records.
+    failure : str, optional
+        Why the model could not load or run (the column still shows whatever its runs hold).
+    """
+
+    model: str
+    kind: str | None
+    setting: str
+    runs: dict[str, dict | None] = field(default_factory=dict)
+    failure: str | None = None
+
+    @property
+    def label(self) -> str:
+        """The column header: the published name when the model is one of the comparison, and its setting."""
+        found = published_for(self.model)
+        name = found[0].name if found else self.model
+        random = any(env.get("random_weights") for s in self.runs.values() if s for env in s.get("env", []))
+        name += " (random weights)" if random else ""
+        return f"{name}, {self.setting}" if self.kind == "diffusion" else name
+
+
+def _cell_rate(summary: dict, key: str) -> tuple[float, str] | None:
+    if summary is None or key not in summary.get("counts", {}):
+        return None
+    rate = summary["rates"][key]
+    return rate["mean"], f"{_percent(rate)} {summary['counts'][key]}/{summary['total']}"
+
+
+def _published_cell(column: CompareColumn, task: str, subset: str | None, key: str) -> tuple[int, int] | None:
+    """The published count beside this cell: the model's own column, the published setting, the published rule."""
+    found = published_for(column.model)
+    if found is None or subset != _PUBLISHED_SUBSETS[task]:
+        return None
+    entry = found[0]
+    if column.kind == "diffusion" and column.setting != "oracle":  # the published diffusion runs used the oracle
+        return None
+    if task == "humaneval-infill":
+        return entry.humaneval if key == "passed" else None
+    return entry.santacoder if key == f"exact_match_{entry.santacoder_rule}" else None
+
+
+def _metric_rows(columns: Sequence[CompareColumn], task: str) -> list[tuple[str, str]]:
+    """(label, counts key) of each quality row of a task."""
+    if task == "humaneval-infill":
+        return [("pass@1", "passed")]
+    rows = [("exact match (first_line)", "exact_match_first_line"), ("exact match (whole)", "exact_match_whole")]
+    if any(c.runs.get(task) and "passed" in c.runs[task]["counts"] for c in columns):
+        rows.append(("pass@1 (executed)", "passed"))
+    return rows
+
+
+def _memory_text(column: CompareColumn) -> str:
+    peaks = [s["peak_memory_bytes"] for s in column.runs.values() if s and s.get("peak_memory_bytes")]
+    if peaks:
+        return f"{max(peaks) / 2**30:.2f} GiB"
+    envs = [env for s in column.runs.values() if s for env in s.get("env", [])]
+    return "n/a (CPU)" if envs and all(env.get("device_type") == "cpu" for env in envs) else "-"
+
+
+def _env_texts(column: CompareColumn) -> tuple[str, str]:
+    """(device, versions) of a column's runs; several when its runs were generated in several places."""
+    envs = {json.dumps(env, sort_keys=True): env for s in column.runs.values() if s for env in s.get("env", [])}
+    devices = sorted({f"{e.get('device', '?')} ({e.get('dtype', '?')})" for e in envs.values()})
+    versions = sorted(
+        {
+            ", ".join(f"{k} {e[k]}" for k in ("torch", "cuda", "triton", "transformers", "dinfill", "git") if e.get(k))
+            for e in envs.values()
+        }
+    )
+    return "; ".join(devices) or "-", "; ".join(versions) or "-"
+
+
+def _settings_text(column: CompareColumn) -> str:
+    summaries = [s for s in column.runs.values() if s]
+    if not summaries:
+        return "-"
+    first = summaries[0]
+    seeds = ",".join(map(str, first["seeds"]))
+    return f"{_length_mode(first)}; {_sampler_text(first)}; seeds {seeds}"
+
+
+def _status_text(column: CompareColumn, tasks: Sequence[str]) -> tuple[str, bool]:
+    parts, complete = [], True
+    for task in tasks:
+        summary = column.runs.get(task)
+        if summary is None:
+            parts.append(f"{task}: no records")
+            complete = False
+        elif not summary.get("complete", True):
+            parts.append(f"{task}: {summary['records']}/{summary['expected_records']} records")
+            complete = False
+    if column.failure:
+        parts.append(f"failed: {column.failure}")
+        complete = False
+    return ("complete" if complete else "incomplete: " + "; ".join(parts)), complete
+
+
+def _escape(text: str) -> str:
+    return str(text).replace("|", "\\|").replace("\n", " ")
+
+
+def comparison_table(columns: Sequence[CompareColumn], tasks: Sequence[str]) -> dict:
+    """The comparison in the published layout: one row per metric, one column per model (and setting).
+
+    Quality cells read ``ours% n/N (published% n/N)``; a diffusion column under another length setting than the
+    oracle gets its gap to the same model's oracle column; under them: ms per problem and tokens per second per
+    task, peak GPU memory, device, versions, settings and how far the column's runs got.
+
+    Parameters
+    ----------
+    columns : sequence of CompareColumn
+    tasks : sequence of str
+        The benchmarks, in row order (``humaneval-infill``, ``santacoder-fim``).
+
+    Returns
+    -------
+    dict
+        ``markdown`` (the table and its notes), ``header`` and ``rows`` (the cells as text), ``records`` (one
+        flat dict per column, task and metric: the CSV lines) and ``complete`` (every column complete).
+    """
+    if not columns:
+        raise ValueError("nothing to compare: no columns")
+    unknown = [t for t in tasks if t not in _TASK_LABELS]
+    if unknown:
+        raise ValueError(f"unknown task(s) {unknown}; the comparison covers {', '.join(_TASK_LABELS)}")
+    header = ["metric", *(c.label for c in columns)]
+    oracle = {c.model: c for c in columns if c.kind == "diffusion" and c.setting == "oracle"}
+    rows: list[list[str]] = []
+    records: list[dict] = []
+    statuses = [_status_text(c, tasks) for c in columns]
+    memory = [_memory_text(c) for c in columns]
+    envs = [_env_texts(c) for c in columns]
+    gaps: list[list[str]] = []
+    for task in tasks:
+        subset = next((c.runs[task]["subset"] for c in columns if c.runs.get(task)), _PUBLISHED_SUBSETS[task])
+        name = _TASK_LABELS[task] + ("" if subset == _PUBLISHED_SUBSETS[task] else f" ({subset})")
+        for metric, key in _metric_rows(columns, task):
+            row, gap_row = [f"{name} {metric}"], [f"gap to the oracle: {name} {metric}"]
+            for column, (status, complete) in zip(columns, statuses, strict=True):
+                summary = column.runs.get(task)
+                ours = _cell_rate(summary, key)
+                published = _published_cell(column, task, subset, key)
+                cell = ours[1] if ours else "-"
+                if published:
+                    cell += f" ({100 * published[0] / published[1]:.2f}% {published[0]}/{published[1]})"
+                row.append(cell)
+                gap = None
+                base = oracle.get(column.model) if column.kind == "diffusion" and column.setting != "oracle" else None
+                base_rate = _cell_rate(base.runs.get(task), key) if base else None
+                if ours and base_rate:
+                    gap = round(100 * (ours[0] - base_rate[0]), 2)
+                gap_row.append("" if gap is None else f"{gap:+.2f} pts")
+                records.append(
+                    {
+                        "column": column.label, "model": column.model, "kind": column.kind, "setting": column.setting,
+                        "task": task, "subset": subset, "metric": metric,
+                        "rate": None if ours is None else round(ours[0], 6),
+                        "n": summary["counts"].get(key) if ours else None, "N": summary["total"] if ours else None,
+                        "published_rate": None if published is None else round(published[0] / published[1], 6),
+                        "published_n": published[0] if published else None,
+                        "published_N": published[1] if published else None, "gap_to_oracle_points": gap,
+                        "ms_per_problem": summary.get("ms_per_problem") if summary else None,
+                        "tokens_per_s": summary.get("tokens_per_s") if summary else None,
+                        "peak_memory_bytes": summary.get("peak_memory_bytes") if summary else None,
+                        "device": envs[columns.index(column)][0], "complete": complete, "status": status,
+                        "failure": column.failure,
+                    }
+                )  # fmt: skip
+            rows.append(row)
+            if any(gap_row[1:]):
+                gaps.append(gap_row)
+    rows += gaps
+    for task in tasks:
+        name = _TASK_LABELS[task]
+        ms = [c.runs.get(task) and c.runs[task].get("ms_per_problem") for c in columns]
+        tps = [c.runs.get(task) and c.runs[task].get("tokens_per_s") for c in columns]
+        rows.append([f"ms per problem: {name}", *(f"{v:.4g}" if v else "-" for v in ms)])
+        rows.append([f"tokens / s: {name}", *(f"{v:.4g}" if v else "-" for v in tps)])
+    rows.append(["peak GPU memory", *memory])
+    rows.append(["device", *(e[0] for e in envs)])
+    rows.append(["versions", *(e[1] for e in envs)])
+    rows.append(["settings", *(_settings_text(c) for c in columns)])
+    rows.append(["status", *(s[0] for s in statuses)])
+    for column, (status, _complete) in zip(columns, statuses, strict=True):
+        if not any(column.runs.get(t) for t in tasks):  # nothing ran: still one CSV line, with the reason
+            records.append({"column": column.label, "model": column.model, "kind": column.kind,
+                            "setting": column.setting, "complete": False, "status": status,
+                            "failure": column.failure})  # fmt: skip
+    lines = ["| " + " | ".join(_escape(h) for h in header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_escape(c) for c in row) + " |" for row in rows]
+    notes = [
+        "Cells: ours% n/N (published% n/N). Published: the comparison in docs/eval-protocol.md (NVIDIA L4); its "
+        "diffusion column used the oracle middle length (the true middle's), which AR models never get, so only "
+        "the oracle column of a diffusion model sits beside a published number, and the other length settings "
+        "show their gap to it. Published SantaCoder-FIM exact match used first_line for the diffusion model and "
+        "whole for the AR models; both rules are shown for every model. ms per problem and tokens / s: generation "
+        "only (scoring excluded); tokens / s counts every token the sampler generated."
+    ]
+    for column in columns:
+        found = published_for(column.model)
+        if found and found[1] and found[1] not in notes:
+            notes.append(found[1])
+    if any("random weights" in c.label for c in columns):
+        notes.append("Random weights: the scores are meaningless; such a run shows the pipeline and the costs.")
+    markdown = "\n".join(lines) + "\n\n" + "\n".join(f"- {n}" for n in notes) + "\n"
+    return {
+        "header": header,
+        "rows": rows,
+        "records": records,
+        "markdown": markdown,
+        "complete": all(s[1] for s in statuses),
+    }
+
+
+# -- the picture ----------------------------------------------------------------------------------------------
+
+
+def quality_of(summary: dict) -> tuple[float | None, str]:
+    """The headline quality of a run and its name: pass@1 for HumanEval-Infill, exact match under the run's own
+    rule for SantaCoder-FIM (what the published column of each kind reported)."""
+    rates = summary.get("rates", {})
+    if summary.get("task") == "humaneval-infill":
+        return (rates["passed"]["mean"] if "passed" in rates else None), "pass@1"
+    rule = PostProcess.from_dict(summary.get("postprocess") or {}).describe()
+    return (rates["exact_match"]["mean"] if "exact_match" in rates else None), f"exact match ({rule})"
+
+
+def plane_point(summary: dict, label: str | None = None) -> dict:
+    """One run as a point of the speed / quality plane (:func:`dinfill.bench.plots.plot_comparison`)."""
+    quality, metric = quality_of(summary)
+    if label is None:
+        label = summary["model"] + (f", {_length_mode(summary)}" if summary.get("kind") == "diffusion" else "")
+    return {
+        "label": label,
+        "kind": summary.get("kind"),
+        "task": summary["task"],
+        "metric": metric,
+        "quality": quality,
+        "ms_per_problem": summary.get("ms_per_problem"),
+    }
+
+
+def find_sweeps(paths: Sequence[str | os.PathLike]) -> list[dict]:
+    """The points of every ``dinfill sweep`` under ``paths`` (``sweep.jsonl``): its row, with task and model."""
+    rows = []
+    for path in map(Path, paths):
+        files = [path] if path.is_file() else sorted(path.rglob("sweep.jsonl"))
+        for file in files:
+            for line in file.read_text(encoding="utf-8").splitlines():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a torn last line of an append-only file: the rest still counts
+                if isinstance(record, dict) and record.get("type") == "sweep" and isinstance(record.get("row"), dict):
+                    rows.append({**record["row"], "task": record.get("task"), "model": record.get("model")})
+    return rows
+
+
+def plot_runs(summaries: Sequence[dict], path: str | os.PathLike, *, sweeps: Sequence[dict] = ()) -> Path:
+    """Write the speed / quality plane of ``summaries`` (and the steps sweep curve of ``sweeps``) to ``path``."""
+    from dinfill.bench.plots import plot_comparison
+
+    devices = sorted({env.get("device", "?") for s in summaries for env in s.get("env", [])})
+    title = "on " + ", ".join(devices) if devices else ""
+    return plot_comparison([plane_point(s) for s in summaries], path, sweeps=sweeps, title=title)

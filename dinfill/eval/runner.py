@@ -249,6 +249,37 @@ def plan_batches(n_problems: int, seeds: Sequence[int], samples: int, batch_size
     return batches
 
 
+def run_progress(spec: RunSpec, out_dir: str | os.PathLike) -> dict:
+    """How far a run folder is with ``spec``, read without a model or the folder's lock.
+
+    Returns
+    -------
+    dict
+        ``done`` (records of the run's plan already on disk), ``expected`` (records the plan holds), ``complete``
+        and ``conflict``: a message when the folder holds records of a run with other settings (``run_eval``
+        would refuse it), else None. A command that must redo nothing (``dinfill compare``) skips a run only
+        when it is complete and without conflict.
+    """
+    out = Path(out_dir)
+    task = spec.task
+    problems = task.problems()[: spec.limit]
+    expected = {
+        (problems[i].task_id, batch.seed, batch.sample)
+        for batch in plan_batches(len(problems), spec.seeds, spec.samples, spec.batch_size)
+        for i in batch.indices
+    }
+    records = load_records(out) if out.is_dir() else []
+    conflict = None
+    recorded = read_run_identity(out) if out.is_dir() else None
+    identity = {**spec.identity(), "dataset_sha256": task.dataset_sha256()}
+    if records and recorded != identity:
+        changed = sorted(k for k in set(recorded or {}) | set(identity) if (recorded or {}).get(k) != identity.get(k))
+        conflict = f"{out} holds a different run (differs in {', '.join(changed)}); use another --out"
+    done = len(expected & {record_key(r) for r in records})
+    return {"done": done, "expected": len(expected), "complete": done == len(expected) and not conflict,
+            "conflict": conflict}  # fmt: skip
+
+
 def run_eval(
     spec: RunSpec,
     generator: InfillGenerator,
