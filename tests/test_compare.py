@@ -32,10 +32,13 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 @pytest.fixture
 def tiny_argv(shared_dir, tmp_path, monkeypatch) -> list[str]:
+    data = Path(os.environ.get("DINFILL_DATA_DIR") or shared_dir / "data")
+    if not (data / "santacoder-fim" / "train.parquet").is_file():
+        pytest.skip(f"no benchmark data in {data}: set DINFILL_DATA_DIR to a copy of ../shared/data")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")  # the model processes: one thread each on a shared machine
     return [
         "--random-weights", "--limit", "4", "--tokenizer", str(shared_dir / "tokenizers" / "qwen2.5-coder"),
-        "--data-dir", str(shared_dir / "data"), "--no-download", "--length", "oracle", "search:8",
+        "--data-dir", str(data), "--no-download", "--length", "oracle", "search:8",
         "--steps", "4", "--temperature", "0", "--max-new-tokens", "8", "--no-progress",
     ]  # fmt: skip
 

@@ -265,19 +265,23 @@ def run_jobs(jobs: Sequence[ModelJob], slots: Sequence[str | None], launch: Call
     return results
 
 
-def _job_args(args: argparse.Namespace) -> dict:
-    """The parsed flags a model process needs (JSON: the same values, re-read on the other side)."""
+def _job_args(args: argparse.Namespace, quiet: bool) -> dict:
+    """The parsed flags a model process needs (JSON: the same values, re-read on the other side). ``quiet``: no
+    progress bars (processes running side by side would interleave them)."""
     skip = {"func", "models", "length", "gpus", "no_plot", "out"}
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k not in skip}
+    flags = {k: list(v) if isinstance(v, tuple) else v for k, v in vars(args).items() if k not in skip}
+    flags["no_progress"] = bool(flags.get("no_progress")) or quiet
+    return flags
 
 
-def _launch(args: argparse.Namespace, job: ModelJob, slot: str | None, echo: bool) -> dict:
-    """Run one model's process; returns its status (what it wrote, or why it died)."""
+def _launch(args: argparse.Namespace, job: ModelJob, slot: str | None, quiet: bool) -> dict:
+    """Run one model's process, its output echoed line by line; returns its status (what it wrote, or why it
+    died)."""
     job.folder.mkdir(parents=True, exist_ok=True)
     status_path = job.folder / STATUS_FILE
     status_path.unlink(missing_ok=True)
     payload = {
-        "args": _job_args(args), "model": job.model, "load_name": job.load_name, "kind": job.kind,
+        "args": _job_args(args, quiet), "model": job.model, "load_name": job.load_name, "kind": job.kind,
         "runs": [{"task": r.task, "setting": r.setting, "out": str(r.out), "overrides": r.overrides} for r in job.runs],
         "status": str(status_path),
     }  # fmt: skip
@@ -299,8 +303,7 @@ def _launch(args: argparse.Namespace, job: ModelJob, slot: str | None, echo: boo
         )  # fmt: skip
         for line in process.stderr:
             tail.append(line.rstrip())
-            if echo:
-                print(f"[{job.model}] {line.rstrip()}", file=sys.stderr)
+            print(f"[{job.model}] {line.rstrip()}", file=sys.stderr)
         code = process.wait()
     finally:
         os.unlink(f.name)
@@ -393,7 +396,7 @@ def cmd_compare(args: argparse.Namespace) -> int:
     slots = _gpu_slots(args) if todo else [None]
     if todo and args.gpus is None and slots[0] is not None:
         print(f"# compare: {len(todo)} model(s) over GPU(s) {', '.join(map(str, slots))}", file=sys.stderr)
-    statuses = run_jobs(todo, slots, lambda job, slot: _launch(args, job, slot, echo=True))
+    statuses = run_jobs(todo, slots, lambda job, slot: _launch(args, job, slot, quiet=len(slots) > 1))
     return _write_outputs(args, jobs, statuses)
 
 
