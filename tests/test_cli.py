@@ -70,6 +70,8 @@ def test_infill_both_kinds_in_real_processes(tok):
         (["compare", "--out", "{out}", "--models", "qwen2.5-coder-0.5b", "starcoder2-3b", "--steps", "8"],
          "--steps applies to diffusion models only, and no model in --models is one"),
         (["compare", "--out", "{out}", "--length", "oracle:12"], "length oracle takes the true middle's length"),
+        (["compare", "--out", "{out}", "--models", "starcoder2-3b", "--length", "search"],
+         "--length sets the middle length of diffusion models, and no model in --models is one"),
         (["compare", "--out", "{out}", "--temperature", "-1"], "temperature (--temperature) must be >= 0"),
     ],
 )  # fmt: skip

@@ -237,3 +237,39 @@ def test_models_are_spread_over_gpus_one_process_per_gpu_at_a_time():
     order = []
     run_jobs(jobs, [None], lambda job, slot: order.append((job.model, slot)))  # one slot: in order, one at a time
     assert order == [(f"m{i}", None) for i in range(5)]
+
+
+def test_the_default_plan_and_a_model_process(tmp_path, monkeypatch):
+    from dinfill.cli import build_parser
+    from dinfill.eval import compare
+
+    args = build_parser().parse_args(["compare", "--out", str(tmp_path), "--random-weights", "--steps", "8"])
+    jobs = compare.plan_jobs(args)
+    # the five published checkpoints, as their built-in shapes under --random-weights (nothing to download)
+    assert [job.load_name for job in jobs] == ["open-dcoder-0.5b", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b",
+                                               "deepseek-coder-1.3b", "starcoder2-3b"]  # fmt: skip
+    assert [job.kind for job in jobs] == ["diffusion", "ar", "ar", "ar", "ar"]
+    dcoder = jobs[0]
+    assert [run.setting for run in dcoder.runs[::2]] == ["oracle", "fixed:32", "adaptive:64", "search:64"]
+    assert dcoder.runs[7].out == tmp_path / "fredzzp--open-dcoder-0.5B" / "search-64" / "santacoder-fim-py"
+    assert jobs[4].runs[0].out == tmp_path / "bigcode--starcoder2-3b" / "humaneval-infill-single-line"
+    assert compare._settings(args, "ar", {}) == {"temperature": 0.6, "top_p": None, "top_k": None, "stop": [],
+                                                 "max_new_tokens": 512}  # --steps is the diffusion model's  # fmt: skip
+    assert compare._settings(args, "diffusion", dcoder.runs[6].overrides)["steps"] == 8
+
+    seen = {}
+
+    class Process:  # a model process that dies without a word of its own: its last lines are the reason
+        def __init__(self, argv, env, **options):
+            seen.update(argv=argv, env=env, job=json.loads(Path(argv[-1]).read_text()))
+            self.stderr = iter(["loading the weights\n", "\n", "Killed\n"])
+
+        def wait(self):
+            return -9
+
+    monkeypatch.setattr(compare.subprocess, "Popen", Process)
+    status = compare._launch(args, jobs[4], "3", quiet=True)
+    assert seen["argv"][1:3] == ["-m", "dinfill.eval.compare"] and seen["env"]["CUDA_VISIBLE_DEVICES"] == "3"
+    assert seen["env"]["PYTHONPATH"].split(os.pathsep)[0] == str(Path(compare.__file__).resolve().parents[2])
+    assert seen["job"]["load_name"] == "starcoder2-3b" and seen["job"]["args"]["no_progress"] is True
+    assert status["error"] == "its process exited with code -9: loading the weights / Killed"

@@ -100,7 +100,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )  # fmt: skip
     cp.add_argument("--task", nargs="+", choices=TASKS, default=list(TASKS), help="benchmarks (default: both)")
     cp.add_argument(
-        "--length", nargs="+", default=list(DEFAULT_LENGTHS), metavar="MODE[:N]",
+        "--length", nargs="+", default=None, metavar="MODE[:N]",
         help="middle-length settings of the diffusion models, one column each: oracle, fixed:N, adaptive:N, "
         f"search:N (default: {' '.join(DEFAULT_LENGTHS)}); AR models need none",
     )  # fmt: skip
@@ -158,10 +158,11 @@ def plan_jobs(args: argparse.Namespace) -> list[ModelJob]:
     repeated = sorted({m for m in models if models.count(m) > 1})
     if repeated:
         raise ValueError(f"--models names {', '.join(repeated)} more than once")
-    settings = [length_setting(spec, args.middle_tokens) for spec in args.length]
+    specs = args.length or DEFAULT_LENGTHS
+    settings = [length_setting(spec, args.middle_tokens) for spec in specs]
     labels = [s["length"] if s["length"] == "oracle" else f"{s['length']}:{s['middle_tokens']}" for s in settings]
     if len(set(labels)) != len(labels):
-        raise ValueError(f"--length repeats a setting: {' '.join(args.length)}")
+        raise ValueError(f"--length repeats a setting: {' '.join(specs)}")
     out = Path(args.out)
     # each run in its task's folder, as `dinfill eval --out` lays it out (OUT/<task>-<subset>)
     subsets = {task: _subset_folder(task, args.subset) for task in args.task}
@@ -184,6 +185,8 @@ def plan_jobs(args: argparse.Namespace) -> list[ModelJob]:
             runs = [RunPlan(task, "-", folder / subsets[task]) for task in args.task]
         jobs.append(ModelJob(model, load, kind, folder, runs))
     kinds = {job.kind for job in jobs}
+    if args.length is not None and "diffusion" not in kinds:
+        raise ValueError("--length sets the middle length of diffusion models, and no model in --models is one")
     given = given_sampler_options(args, include_axes=True)
     for name in given:  # a flag of a kind that no model has is a mistake, not something to drop silently
         if not kinds & set(FIELD_KINDS[name]):
