@@ -4,7 +4,8 @@ Kept thin on purpose (one small task interface, one file per benchmark) and stri
 matters: datasets are sha256-pinned (:mod:`.datasets`), model-written code runs only in the
 sandbox (:mod:`.execution`), results are append-only and resumable (:mod:`.records`,
 :mod:`.runner`), and every reported number comes from the records with its settings next to it
-(:mod:`.report`). The command line is in :mod:`.cli` (``dinfill eval | score | report``).
+(:mod:`.report`). The command line is in :mod:`.cli` (``dinfill eval | score | report``) and :mod:`.compare`
+(``dinfill compare``: the published comparison in one command).
 Submodules are imported lazily so that ``import dinfill.eval`` stays cheap.
 """
 

@@ -5,6 +5,13 @@ more thing to trust. ``summary.json``, ``summary.md`` and ``dinfill report`` all
 ``records*.jsonl``. Every number in a table sits next to the settings that produced it: the
 scoring rule, the middle-length mode (the published diffusion number used the oracle length),
 the seeds, the sampler settings and the generation throughput.
+
+Two layouts: :func:`markdown_table` (one row per run and metric, for any run folders: ``dinfill report``) and
+:func:`comparison_table` (the published comparison's own layout, one row per metric and one column per model
+and setting, each cell beside its published number: ``dinfill compare``). The published numbers live here
+(:data:`PUBLISHED`) because this is where they are put beside ours. Costs (ms per problem, tokens per second,
+peak GPU memory) and the device and versions come from the records too; :func:`plot_runs` draws the speed /
+quality plane.
 """
 
 from __future__ import annotations
