@@ -20,6 +20,7 @@ import pytest
 
 from dinfill.cli import main
 from dinfill.eval.compare import ModelJob, run_jobs
+from dinfill.eval.records import RunLock
 from dinfill.eval.report import CompareColumn, comparison_table, find_sweeps, summarize_run
 
 # Programs must run, not be fully isolated (tests/test_eval_execution.py checks that): where the evaluator is
@@ -47,13 +48,26 @@ def test_compare_end_to_end_then_nothing_to_do(tiny_argv, tmp_path, capsys):
     out = tmp_path / "cmp"
     broken = tmp_path / "broken-checkpoint"  # a folder without config.json: it fails in its own process
     broken.mkdir()
-    rc = main(["compare", "--out", str(out), "--models", "tiny-dcoder", "tiny-qwen2", str(broken), *tiny_argv])
-    captured = capsys.readouterr()
-    assert rc == 1, captured.err  # something failed, and the command says so
     # one run folder per (model, task, setting), exactly where `dinfill eval --out` puts a task
     tasks = ("humaneval-infill-single-line", "santacoder-fim-py")
     runs = [out / "tiny-dcoder" / setting / task for setting in ("oracle", "search-8") for task in tasks]
     runs += [out / "tiny-qwen2" / task for task in tasks]
+    busy = RunLock(runs[5]).acquire()  # another writer holds one run folder: that run waits, the rest goes on
+    try:
+        rc = main(["compare", "--out", str(out), "--models", "tiny-dcoder", "tiny-qwen2", str(broken), *tiny_argv])
+    finally:
+        busy.release()
+    captured = capsys.readouterr()
+    assert rc == 1, captured.err  # something failed, and the command says so
+    assert not (runs[5] / "records.jsonl").exists()
+    assert f"santacoder-fim: {runs[5]} is being written by pid {os.getpid()}" in captured.out
+    # run again: only the missing run is done (its model loaded once more); the complete ones are not touched
+    stamps = {run: (run / "records.jsonl").stat().st_mtime_ns for run in runs[:5]}
+    rc = main(["compare", "--out", str(out), "--models", "tiny-dcoder", "tiny-qwen2", str(broken), *tiny_argv])
+    captured = capsys.readouterr()
+    assert rc == 1 and {run: (run / "records.jsonl").stat().st_mtime_ns for run in runs[:5]} == stamps
+    assert "tiny-dcoder: every run is complete; nothing to do" in captured.err
+    assert "# compare: tiny-qwen2 (ar): 2 run(s)" in captured.err
     for run in runs:
         records = [json.loads(line) for line in (run / "records.jsonl").read_text().splitlines()]
         assert len(records) == 4 and (run / "run.json").is_file() and (run / "summary.json").is_file(), run
@@ -88,7 +102,7 @@ def test_compare_end_to_end_then_nothing_to_do(tiny_argv, tmp_path, capsys):
     assert document["complete"] is False and document["columns"][3]["failure"].startswith("could not load")
     assert (out / "compare.png").read_bytes()[:8] == PNG
 
-    # a second run of the models that worked: every run folder is complete, so no model is even loaded
+    # a third run of the models that worked: every run folder is complete, so no model is even loaded
     stamps = {run: (run / "records.jsonl").stat().st_mtime_ns for run in runs}
     status = out / "tiny-qwen2" / "compare-status.json"
     before = status.stat().st_mtime_ns
