@@ -310,7 +310,8 @@ def test_two_evals_on_one_folder_then_sigkill_and_resume(toy_data, shared_dir, t
     tokenizer = str(shared_dir / "tokenizers" / "qwen2.5-coder")
     command = [sys.executable, "-m", "dinfill.eval", "eval", *TINY, "--tokenizer", tokenizer]
     command += ["--task", "humaneval-infill", "--data", str(toy_data), "--limit", "3", "--out", str(out)]
-    command.append("--no-progress")
+    command += ["--no-progress", "--steps", "24"]  # ~10x the work a record of TINY's 2 steps costs: the kill below,
+    # sent within one 50 ms poll of the first record, lands before the third even on a loaded machine
     env = cli_env(OMP_NUM_THREADS="1")
     pair = [
         subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
