@@ -18,10 +18,16 @@ Two choices shape the kernel:
   run without any masking; only the boundary blocks (``kv_end``, the causal diagonal) pay for it.
   Blocks outside ``[kv_start, kv_end)`` or above the causal bound are never loaded at all.
 
-When there are too few (query block, head) programs to fill the GPU and the keys are long (AR
-decode at small batch), the key range is split over several programs (split-K); a second small
-kernel merges the partial results by their log-sum-exp. Both are sized on the host from shapes
-only, so a captured CUDA graph stays valid.
+When even 16-row query blocks leave SMs idle and the cache holds at least 256 keys (AR decode and
+the diffusion window at small batch), the key range is split flash-decoding style into enough parts
+for one program per SM (each at least one 16-key block); a second small kernel merges the partial
+results by their log-sum-exp, a few wide loads per row. Both are sized on the host from shapes and
+the target only, so a captured CUDA graph stays valid.
+
+Launch configurations come from the target (:mod:`dinfill.target`: compute capability, shared
+memory per block, registers and SMs), see :func:`cuda_config`: register-safe tiles per head dim,
+as many pipeline stages as the shared memory allows with 8 KB to spare, the query block that
+minimises the predicted busiest SM given how many blocks an SM holds at once, and the key split.
 
 Supports
 --------
@@ -39,8 +45,15 @@ Limitations
 * Forward only (inference); no dropout, no ALiBi, no arbitrary masks.
 * With a sliding window every visited key block is masked (no unmasked fast phase): fine for
   decode, about the cost of the causal diagonal on long prefills.
-* Block sizes come from a heuristic table for H100-class GPUs, not from autotuning (an autotuner
-  would benchmark inside CUDA-graph capture).
+* Block sizes come from rules over the target description and a table of register-safe tiles
+  measured by compiling for sm_80 / sm_86 / sm_89 / sm_90 with Triton 3.6 and 3.9, not from
+  autotuning (an autotuner would benchmark inside CUDA-graph capture); the makespan model behind
+  the query block is uncalibrated until a GPU run (``gpu_check``) measures it.
+* Needs sm_80 or newer; older GPUs get :class:`dinfill.target.Unservable` before any launch (use
+  ``DINFILL_BACKEND=torch``). fp32 runs 16 x 16 tiles only (larger ones spill).
+* A batch-1 decode splits into at most ``Lk / 16`` parts: with 2 KV heads that is a full wave of
+  an H100 only from ~1056 keys on (464 on an L4); shorter splits would write more partial output
+  than the K / V they read.
 
 Differences from the reference (``dinfill.kernels.reference.attention_ref``)
 -----------------------------------------------------------------------------
@@ -58,7 +71,6 @@ Differences from the reference (``dinfill.kernels.reference.attention_ref``)
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import dataclass
 
@@ -68,12 +80,12 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dinfill.backend import triton_interpreted, use_triton
+from dinfill.backend import compiled_target, triton_interpreted, use_triton
 from dinfill.kernels._common import device_context, emulate_bf16, round_to_bf16
+from dinfill.target import Target, Unservable, target_for
 
 _MAX_HEAD_DIM = 256  # head dims are padded to a power of two >= 16 (tl.dot's minimum); 256 keeps tiles in registers
-_MAX_SPLITS = 32  # upper bound on split-K partitions (workspace and merge cost grow with it)
-_SPLIT_MIN_KEY_BLOCKS = 16  # split-K only pays when one program would stream at least this many key blocks
+_MAX_SPLITS = 128  # upper bound on split-K partitions (one program per SM on every target in dinfill.target)
 _LOG2E = 1.4426950408889634  # softmax is computed with exp2: exp(x) = exp2(x * log2(e))
 
 
@@ -269,8 +281,8 @@ def _attention_kernel(
     l_safe = tl.where(l_i > 0.0, l_i, 1.0)
     out = acc / l_safe[:, None]  # (BLOCK_M, D) fp32
     if SPLIT:
-        # workspace (splits, B * H_kv, n_rows, D) and (splits, B * H_kv, n_rows), contiguous
-        part = (split * tl.num_programs(1) + pid_bh).to(tl.int64) * n_rows + rows  # (BLOCK_M,)
+        # workspace (B * H_kv, n_rows, splits, BLOCK_D) and (B * H_kv, n_rows, splits): a row's partials are adjacent
+        part = (pid_bh.to(tl.int64) * n_rows + rows) * tl.num_programs(2) + split  # (BLOCK_M,)
         lse = tl.where(l_i > 0.0, m_i + tl.log2(l_safe), float("-inf"))
         tl.store(LSE_PART + part, lse, mask=row_ok)
         tl.store(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], out, mask=row_ok[:, None])
@@ -298,44 +310,51 @@ def _attention_merge_kernel(
     stride_oh,
     stride_om,
     # constexprs
-    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_S: tl.constexpr,
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
 ):
-    """Merge split-K partial outputs: weights exp2(lse_s - max lse), rows with no key anywhere give 0."""
-    start_m = tl.program_id(0)
+    """Merge the split-K partial outputs of BLOCK_R packed rows, BLOCK_S splits per load (online, by log-sum-exp).
+
+    Each row's ``n_splits`` partials are adjacent in the workspace, so a step loads a ``(BLOCK_S, BLOCK_D)`` tile at
+    once: a merge over 100+ splits (flash-decoding at batch 1) is a few wide loads, not a chain of dependent ones.
+    Rows that saw no key in any split get 0.
+    """
+    pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
-    n_bh = tl.num_programs(1)
     b = pid_bh // H_kv
     hk = pid_bh % H_kv
     n_rows = GROUP * L_q
-    rows = start_m * BLOCK_M + tl.arange(0, BLOCK_M)  # (BLOCK_M,)
-    row_ok = rows < n_rows
+    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_D)
-
-    lse_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    for s in range(0, n_splits):
-        part = (s * n_bh + pid_bh).to(tl.int64) * n_rows + rows
-        lse_max = tl.maximum(lse_max, tl.load(LSE_PART + part, mask=row_ok, other=float("-inf")))
-    shift = tl.where(lse_max == float("-inf"), 0.0, lse_max)
-    total = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], tl.float32)
-    for s in range(0, n_splits):
-        part = (s * n_bh + pid_bh).to(tl.int64) * n_rows + rows
-        w = tl.exp2(tl.load(LSE_PART + part, mask=row_ok, other=float("-inf")) - shift)  # (BLOCK_M,)
-        o_s = tl.load(O_PART + part[:, None] * BLOCK_D + offs_d[None, :], mask=row_ok[:, None], other=0.0)
-        acc += w[:, None] * o_s
-        total += w
-    out = acc / tl.where(total > 0.0, total, 1.0)[:, None]  # (BLOCK_M, D)
-
-    i = rows % L_q
-    hq = hk * GROUP + rows // L_q
-    o_row = hq.to(tl.int64) * stride_oh + i.to(tl.int64) * stride_om
-    o_ptrs = Out + b.to(tl.int64) * stride_ob + o_row[:, None] + offs_d[None, :]
-    if EMULATE_BF16:
-        out = round_to_bf16(out)
-    tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=row_ok[:, None] & (offs_d < HEAD_DIM)[None, :])
+    row_end = tl.minimum((pid_r + 1) * BLOCK_R, n_rows)
+    for r in range(pid_r * BLOCK_R, row_end):
+        base = (pid_bh.to(tl.int64) * n_rows + r) * n_splits  # first partial of row r
+        m_run = tl.max(tl.full([BLOCK_S], float("-inf"), tl.float32), 0)  # running max of the lse (scalar)
+        total = tl.sum(tl.zeros([BLOCK_S], tl.float32), 0)
+        acc = tl.zeros([BLOCK_D], tl.float32)
+        for s0 in range(0, n_splits, BLOCK_S):
+            s_ok = (s0 + offs_s) < n_splits
+            lse = tl.load(LSE_PART + base + s0 + offs_s, mask=s_ok, other=float("-inf"))  # (BLOCK_S,)
+            o_s = tl.load(
+                O_PART + (base + s0 + offs_s)[:, None] * BLOCK_D + offs_d[None, :], mask=s_ok[:, None], other=0.0
+            )  # (BLOCK_S, BLOCK_D)
+            m_new = tl.maximum(m_run, tl.max(lse, 0))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)  # no key yet: exp2(-inf) = 0, no NaN
+            alpha = tl.exp2(m_run - shift)
+            w = tl.exp2(lse - shift)  # (BLOCK_S,)
+            acc = acc * alpha + tl.sum(w[:, None] * o_s, 0)
+            total = total * alpha + tl.sum(w, 0)
+            m_run = m_new
+        out = acc / tl.where(total > 0.0, total, 1.0)  # (BLOCK_D,)
+        i = r % L_q
+        hq = hk * GROUP + r // L_q
+        o_ptrs = Out + b.to(tl.int64) * stride_ob + hq.to(tl.int64) * stride_oh + i.to(tl.int64) * stride_om + offs_d
+        if EMULATE_BF16:
+            out = round_to_bf16(out)
+        tl.store(o_ptrs, out.to(Out.dtype.element_ty), mask=offs_d < HEAD_DIM)
 
 
 @dataclass(frozen=True)
@@ -349,67 +368,172 @@ class AttentionConfig:
     num_splits: int = 1
 
 
-@functools.lru_cache(maxsize=8)
-def _sm_count(index: int) -> int:
-    return torch.cuda.get_device_properties(index).multi_processor_count
+@dataclass(frozen=True)
+class _Tile:
+    """A register-safe key block, warps and most pipeline stages for one query block; ``regs`` bounds the registers
+    per thread it compiled to (what the residency arithmetic uses)."""
+
+    block_n: int
+    num_warps: int
+    regs: int
+    max_stages: int = 3
+
+
+# Register-safe tiles: padded head dim -> query block (block_m) -> tile. Registers are what breaks first: the fp32
+# accumulator alone is block_m * BLOCK_D / (32 * warps) registers a thread, and at 255 ptxas spills (head dim 64 at
+# 128 x 64 with 4 warps spilled 16-48 B on sm_80 / sm_89; head dim 128 at 128 x 64 with 8 warps 24-40 B). Each tile
+# compiles without spills on sm_80, sm_86, sm_89 and sm_90 with Triton 3.6 and 3.9 at the seed shapes, in every
+# kernel variant the models launch; ``regs`` is the most registers a thread measured there (rounded up to 8).
+# ptxas sometimes holds an 8-warp kernel to 128 registers and spills 8-24 B (head dim 128: 64 x 32 at 3 stages on
+# sm_86 / sm_89 with Triton 3.9, 32 x 64 on sm_90 with 3.6; head dim 256: 32 x 32): so the 64-row head-dim-128
+# tile keeps 2 stages and 32-row blocks use 4 warps. tests/test_kernel_fit.py recompiles a subset; ``dinfill bench
+# --static --check`` the whole matrix.
+_TILES_16BIT: dict[int, dict[int, _Tile]] = {
+    64: {128: _Tile(64, 8, 192), 64: _Tile(32, 4, 184), 32: _Tile(64, 4, 128), 16: _Tile(64, 4, 120)},
+    128: {64: _Tile(32, 8, 184, 2), 32: _Tile(32, 4, 176), 16: _Tile(64, 4, 176)},
+    256: {64: _Tile(32, 8, 255, 2), 16: _Tile(32, 4, 176, 2)},
+}
+# sm_90 runs 64-row and larger blocks on warpgroup MMA (wgmma), which holds the accumulator in fewer registers:
+# head dim 128 affords 128-row blocks there (244 registers with 8 warps, no spills, both Tritons).
+_TILES_16BIT_SM90: dict[int, dict[int, _Tile]] = {
+    128: {128: _Tile(64, 8, 248), **_TILES_16BIT[128]},
+}
+# fp32 runs "ieee" dot products on the FMA units, whose operands and accumulator take far more registers, and ptxas
+# spills a few bytes of most fp32 tiles somewhere (32-row blocks 8-480 B; 16 x 32 with 4 warps 8-16 B): fp32, a
+# reference path rather than a speed one, runs 16 x 16 tiles on 8 warps, clean at head dims 64 and 128 on all four
+# targets with both Tritons (head dim 256 spills 4 B on sm_80 with Triton 3.6 in the split decode).
+_TILES_FP32: dict[int, dict[int, _Tile]] = {
+    64: {16: _Tile(16, 8, 88, 2)},
+    128: {16: _Tile(16, 8, 88, 2)},
+    256: {16: _Tile(16, 8, 120, 1)},
+}
+
+_MIN_ARCH = 80  # bf16 tensor-core dots; on sm_75 even a 64 x 32 tile spills ~480 B a thread (measured, Triton 3.9)
+_SMEM_MARGIN = 8 * 1024  # issue 18's fit rule: leave 8 KB of the per-block limit to what the estimate misses
+_SPLIT_MIN_KEYS = 256  # issue 18: decode / window attention splits the key range from a 256-key cache on
+_SPLIT_MIN_LEN = 16  # one tl.dot block: a shorter split leaves the tile empty, writes more partials than it reads
+# The block-size model (see cuda_config): an SM is saturated by 8 resident warps (2 per scheduler, enough to overlap
+# one warp's MMA with another's softmax); a key block costs about 32 rows' worth of work whatever block_m is (its K / V
+# loads, the barrier and the pointer updates). Both are a model, not measurements: gpu_check calibrates them.
+_SATURATING_WARPS = 8
+_ROW_OVERHEAD = 32
+
+
+def _tiles(block_d: int, dtype: torch.dtype, arch: int) -> dict[int, _Tile]:
+    """The register-safe tiles for a padded head dim, dtype and compute capability."""
+    if dtype == torch.float32:
+        return _TILES_FP32[max(64, block_d)]
+    if arch >= 90 and block_d in _TILES_16BIT_SM90:
+        return _TILES_16BIT_SM90[block_d]
+    return _TILES_16BIT[max(64, block_d)]
+
+
+def smem_estimate(block_m: int, block_n: int, block_d: int, stages: int, itemsize: int, arch: int) -> int:
+    """Shared memory one program of the attention kernel uses, an upper bound: K / V buffers, the q tile, one p tile.
+
+    Triton's software pipeline keeps ``stages - 1`` K and V buffers on sm_80 - sm_89 (one when unpipelined) and
+    ``stages`` on sm_90; q and the probabilities of the second dot go through shared memory too. Measured with
+    Triton 3.6 and 3.9 on sm_80 / 86 / 89 / 90 at the seed shapes, this is exact for most tiles on sm_8x and an
+    upper bound everywhere (tests/test_kernel_fit.py compares it with the compiled kernels).
+    """
+    buffers = stages if arch >= 90 else max(1, stages - 1)
+    return itemsize * (buffers * 2 * block_n * block_d + block_m * block_d + block_m * block_n)
 
 
 def pick_config(q: Tensor, k: Tensor) -> AttentionConfig:
-    """Heuristic launch parameters for ``attention(q, k, v)``; shapes only, so CUDA graphs stay valid.
+    """Launch parameters for ``attention(q, k, v)`` from shapes and the target only, so CUDA graphs stay valid.
 
-    On CUDA see :func:`cuda_config`. In the CPU interpreter, whose cost is per program and per
-    operation rather than per element, one query block holds up to 64 packed rows (so a small
-    problem is one program per (batch, KV head)) and 16-key blocks keep tests on small shapes
-    crossing many key-block boundaries; bigger problems (more than 128 x 128 packed rows x keys,
-    e.g. whole-model runs through the interpreter) get 64-key blocks.
+    On a GPU (or ``meta`` tensors under :func:`dinfill.target.static_target`) see :func:`cuda_config`. In the
+    CPU interpreter, whose cost is per program and per operation rather than per element, one query block
+    holds up to 64 packed rows (so a small problem is one program per (batch, KV head)) and 16-key blocks
+    keep tests on small shapes crossing many key-block boundaries; bigger problems (more than 128 x 128
+    packed rows x keys, e.g. whole-model runs through the interpreter) get 64-key blocks.
     """
     B, Hq, Lq, D = q.shape
     Hkv, Lk = k.shape[1], k.shape[2]
     rows = (Hq // Hkv) * Lq
-    if q.device.type != "cuda":
+    target = target_for(q.device)
+    if target is None:
         block_n = 64 if rows * Lk > 128 * 128 else 16
         block_m = min(64, max(16, triton.next_power_of_2(rows)))
         return AttentionConfig(block_m=block_m, block_n=block_n, num_warps=4, num_stages=1)
-    sms = _sm_count(q.device.index if q.device.index is not None else torch.cuda.current_device())
-    return cuda_config(B, Hkv, rows, Lk, D, q.dtype, sms)
+    return cuda_config(B, Hkv, rows, Lk, D, q.dtype, target)
 
 
-def cuda_config(B: int, Hkv: int, rows: int, Lk: int, D: int, dtype: torch.dtype, sm_count: int) -> AttentionConfig:
-    """The CUDA heuristic table (a pure function of the shapes, so it is testable without a GPU).
+def _stages(block_m: int, block_n: int, block_d: int, itemsize: int, arch: int, budget: int, most: int) -> int:
+    """Most pipeline stages (up to ``most``, then down to 1) whose shared memory fits ``budget``; 0 when none does."""
+    fits = (s for s in range(most, 0, -1) if smem_estimate(block_m, block_n, block_d, s, itemsize, arch) <= budget)
+    return next(fits, 0)
 
-    The table is the usual FlashAttention-2 Triton setting for H100-class GPUs (128-row query
-    blocks, 64-key blocks, 3 stages; 8 warps from head dim 128), keyed by the head dim padded to a
-    power of two. It is adjusted for small problems: query blocks shrink to the packed row count
-    (``rows = Hq / Hkv * Lq``) and to 64 rows when 128-row blocks leave SMs idle.
 
-    Split-K (decode at small batch): a program reads each K/V block of its group once, so the time
-    of an unsplit launch is the key range of one (batch, KV head) streamed by one SM. Splitting
-    spreads it over more SMs but costs a second launch (the merge, ~2 us even inside a CUDA graph),
-    so keys are split only when there are at most half as many programs as SMs *and* a program
-    would stream at least ``_SPLIT_MIN_KEY_BLOCKS`` blocks (1024 keys at 64 per block: ~0.5 MB of
-    bf16 K/V at head dim 64); each split keeps at least 4 blocks, and the split count fills the SMs.
+def cuda_config(B: int, Hkv: int, rows: int, Lk: int, D: int, dtype: torch.dtype, target: Target) -> AttentionConfig:
+    """Launch parameters on ``target`` (a pure function of the shapes and the target: testable without a GPU).
+
+    1. **Tiles that fit.** For each query block ``block_m`` the register-safe tile of ``_TILES*`` (key block,
+       warps) gets the most pipeline stages (3, 2, 1) whose shared memory (:func:`smem_estimate`) stays 8 KB
+       under the target's per-block limit. None fits, or a target below sm_80: :class:`Unservable`.
+    2. **Key splits (flash-decoding).** Packed rows ``rows = Hq / Hkv * Lq`` give ``cdiv(rows, block_m) * B *
+       Hkv`` programs; when that is fewer than the SMs and the cache holds at least 256 keys (decode and the
+       diffusion window at small batch), the key range is split into enough parts for one program per SM,
+       each at least 16 keys (one key block), at most 128 parts. A second small launch merges the parts by
+       their log-sum-exp.
+    3. **Query block by predicted makespan.** Among the fitting ``block_m`` (up to the packed rows), take the
+       one with the shortest busiest SM: it holds ``p = cdiv(programs, SMs)`` programs, of which
+       ``c = min(p, resident)`` run at once (``Target.resident_blocks`` from the tile's registers, threads and
+       shared memory); the SM runs at ``min(1, c * warps / 8)`` of its peak, and a program costs
+       ``(block_m + 32) * keys``. So a 128-row block that leaves SMs idle gives way to smaller ones only
+       where the smaller ones actually run side by side; ties keep the larger block (fewer K / V re-reads).
     """
+    if target.arch < _MIN_ARCH:
+        raise Unservable(
+            f"attention: {target.name} (sm_{target.arch}) is below sm_{_MIN_ARCH}, which the Triton kernel needs "
+            "(bf16 tensor-core dot products; older targets spill hundreds of bytes a thread); use DINFILL_BACKEND=torch"
+        )
     block_d = max(16, triton.next_power_of_2(D))
-    block_m, block_n, num_warps, num_stages = {
-        16: (128, 64, 4, 3),
-        32: (128, 64, 4, 3),
-        64: (128, 64, 4, 3),
-        128: (128, 64, 8, 3),
-        256: (64, 32, 4, 2),
-    }[block_d]
-    if dtype == torch.float32:  # twice the bytes per element: smaller blocks, fewer stages
-        block_m, block_n, num_stages = min(block_m, 64), 32, 2
-    block_m = min(block_m, max(16, triton.next_power_of_2(rows)))
-    if block_m == 128 and triton.cdiv(rows, 128) * B * Hkv < sm_count:
-        block_m = 64
-    if block_m <= 64:
-        num_warps = 4
-    programs = triton.cdiv(rows, block_m) * B * Hkv
-    key_blocks = triton.cdiv(Lk, block_n)
-    num_splits = 1
-    if 2 * programs <= sm_count and key_blocks >= _SPLIT_MIN_KEY_BLOCKS:
-        num_splits = max(1, min(sm_count // programs, key_blocks // 4, _MAX_SPLITS))
-    return AttentionConfig(block_m, block_n, num_warps, num_stages, num_splits)
+    itemsize = dtype.itemsize
+    budget = target.smem_per_block - _SMEM_MARGIN
+    fitting = {}  # block_m -> (tile, stages)
+    arch = target.arch
+    for block_m, tile in _tiles(block_d, dtype, arch).items():
+        stages = _stages(block_m, tile.block_n, block_d, itemsize, arch, budget, tile.max_stages)
+        if stages:
+            fitting[block_m] = (tile, stages)
+    if not fitting:
+        smallest = min(_tiles(block_d, dtype, arch).items())
+        need = smem_estimate(smallest[0], smallest[1].block_n, block_d, 1, itemsize, arch)
+        raise Unservable(
+            f"attention: no launch configuration fits {target.name} (sm_{target.arch}) for head dim {D} in {dtype}: "
+            f"the smallest tile needs {need} bytes of shared memory, the limit is {target.smem_per_block} bytes "
+            f"minus {_SMEM_MARGIN} kept free; use DINFILL_BACKEND=torch"
+        )
+    cap = max(16, triton.next_power_of_2(rows))
+    # split only where even 16-row blocks leave SMs idle (decode, the diffusion window at small batch): elsewhere
+    # smaller query blocks fill the GPU without a merge launch and its partial-output traffic
+    may_split = Lk >= _SPLIT_MIN_KEYS and triton.cdiv(rows, 16) * B * Hkv < target.sms
+    best = None  # (fills a wave, -cost, block_m, config): the largest wins
+    for block_m, (tile, stages) in fitting.items():
+        if block_m > cap:
+            continue
+        programs = triton.cdiv(rows, block_m) * B * Hkv
+        splits = 1
+        if may_split:  # a split reads at least as many K / V bytes as it writes partial output (fp32, block_m rows)
+            min_len = max(_SPLIT_MIN_LEN, 2 * block_m // itemsize)
+            splits = max(1, min(triton.cdiv(target.sms, programs), Lk // min_len, _MAX_SPLITS))
+        keys = triton.cdiv(Lk, splits)
+        block_n = tile.block_n
+        if splits > 1:  # short splits: the largest power-of-two key block that the split fills
+            block_n = min(block_n, max(16, 1 << (keys.bit_length() - 1)))
+            stages = _stages(block_m, block_n, block_d, itemsize, arch, budget, tile.max_stages)
+        smem = smem_estimate(block_m, block_n, block_d, stages, itemsize, arch)
+        resident = max(1, target.resident_blocks(32 * tile.num_warps, tile.regs, smem))
+        per_sm = triton.cdiv(programs * splits, target.sms)
+        rate = min(1.0, min(per_sm, resident) * tile.num_warps / _SATURATING_WARPS)
+        cost = per_sm * (block_m + _ROW_OVERHEAD) * keys / rate
+        full = may_split and programs * splits >= target.sms  # issue 18: decode / window launch a full wave
+        key = (full, -cost, block_m)
+        if best is None or key > best[0]:
+            best = (key, AttentionConfig(block_m, block_n, tile.num_warps, stages, splits))
+    return best[1]
 
 
 def _is_int_tensor(t: Tensor) -> bool:
@@ -502,7 +626,7 @@ def attention_triton(
 
 def _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, window, config) -> Tensor:
     """Kernel-specific checks (device, head dim, config) and the launch, on inputs _check_inputs accepted."""
-    if q.device.type != "cuda" and not triton_interpreted():
+    if not compiled_target(q.device) and not triton_interpreted():
         raise RuntimeError(
             f"attention: tensors are on {q.device.type}; the Triton kernel needs CUDA, or TRITON_INTERPRET=1 "
             "set before triton is imported (slow), or call attention() with DINFILL_BACKEND=torch"
@@ -514,14 +638,14 @@ def _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, window, con
             f"attention: head dim {D} is not supported by the Triton kernel (1 to {_MAX_HEAD_DIM}); "
             "use DINFILL_BACKEND=torch"
         )
+    if q.numel() == 0:
+        return _empty_like_layout(q)
+    cfg = pick_config(q, k) if config is None else config  # before any device work: Unservable raises here
+    if cfg.block_m < 16 or cfg.block_n < 16 or cfg.num_splits < 1:
+        raise ValueError(f"attention: config {cfg} needs block_m, block_n >= 16 (tl.dot) and num_splits >= 1")
     # the kernel vectorises along D: only a non-unit stride there forces a copy
     q, k, v = (t if t.stride(-1) == 1 or t.shape[-1] == 1 else t.contiguous() for t in (q, k, v))
     out = _empty_like_layout(q)  # (B, Hq, Lq, D)
-    if out.numel() == 0:
-        return out
-    cfg = pick_config(q, k) if config is None else config
-    if cfg.block_m < 16 or cfg.block_n < 16 or cfg.num_splits < 1:
-        raise ValueError(f"attention: config {cfg} needs block_m, block_n >= 16 (tl.dot) and num_splits >= 1")
 
     block_d = max(16, triton.next_power_of_2(D))
     group = Hq // Hkv
@@ -531,11 +655,12 @@ def _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, window, con
     offset_t = causal_offset if offset_is_tensor else q  # q: placeholder pointer, never read
     per_batch = offset_is_tensor and causal_offset.dim() == 1 and causal_offset.numel() == B
     stride_offb = causal_offset.stride(0) if per_batch else 0  # 0-dim and (1,) offsets broadcast
-    num_splits = min(cfg.num_splits, max(1, triton.cdiv(Lk, cfg.block_n)))
-    split_len = triton.cdiv(triton.cdiv(Lk, num_splits), cfg.block_n) * cfg.block_n  # multiple of block_n
+    # equal splits of at least one key (a split need not start on a block boundary); none of them empty
+    split_len = max(1, triton.cdiv(Lk, cfg.num_splits))
+    num_splits = triton.cdiv(Lk, split_len) if Lk else 1
     if num_splits > 1:
-        o_part = torch.empty(num_splits, B * Hkv, rows, block_d, device=q.device, dtype=torch.float32)
-        lse_part = torch.empty(num_splits, B * Hkv, rows, device=q.device, dtype=torch.float32)
+        o_part = torch.empty(B * Hkv, rows, num_splits, block_d, device=q.device, dtype=torch.float32)
+        lse_part = torch.empty(B * Hkv, rows, num_splits, device=q.device, dtype=torch.float32)
     else:
         o_part = lse_part = out  # placeholders, never touched when SPLIT is False
     emulate = emulate_bf16(q)
@@ -564,11 +689,15 @@ def _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, window, con
             num_warps=cfg.num_warps, num_stages=cfg.num_stages,
         )  # fmt: skip
         if num_splits > 1:
-            _attention_merge_kernel[(triton.cdiv(rows, cfg.block_m), B * Hkv)](
+            # one row per program on a GPU (the merge is a few wide loads per row); in the interpreter, whose cost is
+            # per program, all rows of a (batch, KV head)
+            merge_rows = rows if target_for(q.device) is None else 1
+            _attention_merge_kernel[(triton.cdiv(rows, merge_rows), B * Hkv)](
                 out, o_part, lse_part,
                 Lq, Hkv, group, num_splits,
                 out.stride(0), out.stride(1), out.stride(2),
-                BLOCK_M=cfg.block_m, HEAD_DIM=D, BLOCK_D=block_d, EMULATE_BF16=emulate, num_warps=4,
+                BLOCK_R=merge_rows, BLOCK_S=min(32, triton.next_power_of_2(num_splits)), HEAD_DIM=D, BLOCK_D=block_d,
+                EMULATE_BF16=emulate, num_warps=4,
             )  # fmt: skip
     return out
 
