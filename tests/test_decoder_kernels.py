@@ -7,12 +7,14 @@ the fp32 reference stays within twice torch's own low-precision error plus a sma
 bound is checked to be small next to the values, so no check passes vacuously. Where the kernels round
 exactly where torch rounds (the residual sum, the v copy) the check is bit equality.
 
-The last test compiles every kernel of the decoder (attention included) for sm_90 in a subprocess: the
-interpreter does not type-check like the real compiler.
+The last test compiles add_norm, rope_cache and activation for sm_90 in every dtype and in the variants the
+runtime launches, in a subprocess: the interpreter does not type-check like the real compiler. Attention and
+skinny_linear are compiled as their launchers configure them, for sm_80 / 86 / 89 / 90, by test_kernel_fit.py.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -25,8 +27,10 @@ from dinfill.kernels.activation_kernel import activation
 from dinfill.kernels.add_norm_kernel import add_norm
 from dinfill.kernels.reference import activation_ref, add_norm_ref, rope_cache_ref, skinny_linear_ref
 from dinfill.kernels.rope_cache_kernel import rope_cache
-from dinfill.kernels.skinny_linear_kernel import skinny_linear
+from dinfill.kernels.skinny_linear_kernel import skinny_config, skinny_linear
+from dinfill.kernels.skinny_linear_kernel import smem_estimate as skinny_smem_estimate
 from dinfill.models.decoder import rope_table
+from dinfill.target import TARGETS, Target, Unservable, static_target
 
 DEV = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
@@ -266,6 +270,61 @@ def test_skinny_linear_matches_reference(case, dtype):
         assert skinny_linear(x, w, b, residual=buf, **kw) is buf and torch.equal(buf, out), "residual in place"
 
 
+def test_skinny_config_fits_every_target():
+    """512-byte K tiles and 4 stages fit A100 / A10 / L4 / H100 with 8 KB to spare in every variant (the SwiGLU one
+    is the largest); a smaller GPU gets fewer stages, then narrower tiles, then a clear refusal."""
+    for key in ("a100", "a10", "l4", "h100"):
+        t = TARGETS[key]
+        for dtype, width in ((torch.bfloat16, 256), (torch.float16, 256), (torch.float32, 128)):
+            for swiglu, norm in ((True, True), (False, True), (False, False)):
+                assert skinny_config(4864, dtype, swiglu, norm, t) == (width, 4), (key, dtype, swiglu, norm)
+                est = skinny_smem_estimate(width, 4, dtype.itemsize, swiglu, norm)
+                assert est <= t.smem_per_block - 8 * 1024, (key, est)
+    assert skinny_config(33, torch.bfloat16, False, False, TARGETS["l4"]) == (64, 4)  # never wider than K
+    assert skinny_config(896, torch.bfloat16, True, True, None) == (256, 1)  # the interpreter
+    small = dataclasses.replace(TARGETS["l4"], name="small", smem_per_block=48 * 1024)
+    assert skinny_config(896, torch.bfloat16, True, True, small) == (256, 2)
+    smaller = dataclasses.replace(small, smem_per_block=28 * 1024)
+    assert skinny_config(896, torch.bfloat16, True, True, smaller) == (128, 2)
+    with pytest.raises(Unservable, match=r"no tile fits tiny \(sm_89\).*12288 bytes minus 8192"):
+        skinny_config(896, torch.bfloat16, True, True, dataclasses.replace(small, name="tiny", smem_per_block=12288))
+
+
+T4 = Target("T4", 75, 40, 64 * 1024, 64 * 1024, 65536, 1024, 16, 4 << 20, 320e9, 65e12, 1.59e9)
+
+
+@pytest.mark.parametrize(
+    "target, match",
+    [(T4, r"T4 \(sm_75\) is below sm_80"), (dataclasses.replace(TARGETS["a10"], smem_per_block=12288), "no tile")],
+    ids=["sm_75", "12KB"],
+)
+def test_gemv_on_an_unservable_target_fails_before_any_launch(target, match, monkeypatch):
+    """DINFILL_GEMV=triton on a GPU the GEMVs cannot serve: Unservable from the decoder's first line, not an
+    OutOfResources from a launch in the middle of a forward (meta tensors stand for that GPU's)."""
+    from tiny import hf_config
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from dinfill.models import ModelConfig
+    from dinfill.models.decoder import Decoder
+
+    class Count(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.ops = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.ops.append(func.overloadpacket.__name__)
+            return func(*args, **(kwargs or {}))
+
+    monkeypatch.setenv("DINFILL_GEMV", "triton")
+    with torch.device("meta"):
+        model = Decoder(ModelConfig.from_hf_dict(hf_config("qwen2").to_dict())).eval()
+    ids = torch.zeros(1, 1, dtype=torch.int64, device="meta")
+    with static_target(target), Count() as seen, pytest.raises(Unservable, match=match):
+        model(ids, causal=True)
+    assert seen.ops == [], seen.ops
+
+
 # ------------------------------------------------------------------------------------------------
 # bad inputs: clear errors from the launchers
 # ------------------------------------------------------------------------------------------------
@@ -339,7 +398,7 @@ def test_cpu_tensors_without_interpreter_are_refused(monkeypatch):
 
 
 # ------------------------------------------------------------------------------------------------
-# every decoder kernel compiles for a real GPU (sm_90), in the dtypes and constexpr variants the runtime uses
+# the decoder's small kernels compile for a real GPU (sm_90), in the dtypes and constexpr variants the runtime uses
 # ------------------------------------------------------------------------------------------------
 
 COMPILE_CHECK = r"""
@@ -353,7 +412,6 @@ if "nvidia" not in importlib.import_module("triton.backends").backends:
 an = importlib.import_module("dinfill.kernels.add_norm_kernel")
 rc = importlib.import_module("dinfill.kernels.rope_cache_kernel")
 ac = importlib.import_module("dinfill.kernels.activation_kernel")
-at = importlib.import_module("dinfill.kernels.attention_fwd")
 sig = lambda names, ty: dict.fromkeys(names, ty)
 
 
@@ -380,39 +438,12 @@ for dt in ("bf16", "fp16", "fp32"):
     build(rc._rope_cache_kernel, s, rope)
     s = sig(["X", "OUT"], f"*{dt}") | sig(["n_rows", "inner"], "i32") | sig(["stride_xm", "stride_om"], "i64")
     build(ac._activation_kernel, s, dict(SWIGLU=True, BLOCK_R=1, BLOCK=1024, EMULATE_BF16=False))
-    s = sig(["Q", "K", "V", "Out"], f"*{dt}") | sig(["OFFSET", "KV_START", "KV_END"], "*i32")
-    s |= sig(["O_PART", "LSE_PART"], "*fp32") | {"qk_scale": "fp32"}
-    s |= sig(["L_q", "L_k", "H_kv", "GROUP", "causal_offset", "split_len", "window"], "i32")
-    s |= sig(["stride_qb", "stride_qh", "stride_qm", "stride_kb", "stride_kh", "stride_kn", "stride_vb"], "i32")
-    s |= sig(["stride_vh", "stride_vn", "stride_ob", "stride_oh", "stride_om", "stride_offb", "stride_startb"], "i32")
-    s |= {"stride_endb": "i32"}
-    attn = dict(CAUSAL=True, WINDOW=False, OFFSET_IS_TENSOR=True, HAS_KV_START=True, HAS_KV_END=True, SPLIT=False,
-                BLOCK_M=64, BLOCK_N=32 if dt == "fp32" else 64, HEAD_DIM=64, BLOCK_D=64,
-                DOT_PRECISION="ieee" if dt == "fp32" else "tf32", EMULATE_BF16=False)
-    build(at._attention_kernel, s, attn, 4, 3)
     if dt != "bf16":
         continue
     # the other variants the runtime launches (bf16 is the GPU dtype)
     build(an._add_norm_kernel, s_norm, norm | dict(HAS_DELTA=False, HAS_IDX=True))  # first layer: embedding rows
     build(an._add_norm_kernel, s_norm, norm | dict(HAS_IDX=True, STORE_RESIDUAL=False))  # final rows + norm
     build(an._add_norm_kernel, s_norm, norm | dict(LAYERNORM=True, HAS_BIAS=True, BLOCK_H=4096), 8)  # Starcoder2
-    build(at._attention_kernel, s, attn | dict(CAUSAL=False, OFFSET_IS_TENSOR=False, HAS_KV_START=False,
-                                               HAS_KV_END=False, BLOCK_M=128), 4, 3)  # bidirectional prefill
-    build(at._attention_kernel, s, attn | dict(SPLIT=True, BLOCK_M=16), 4, 3)  # split-K decode
-    build(at._attention_kernel, s, attn | dict(WINDOW=True, HEAD_DIM=128, BLOCK_D=128, BLOCK_M=128), 8, 3)
-    build(at._attention_kernel, s, attn | dict(HEAD_DIM=80, BLOCK_D=128), 4, 3)  # padded head dim
-    sk = sig(["X", "W", "BIAS", "NORM_W", "NORM_B", "RES", "OUT"], "*bf16") | sig(["M", "N", "K"], "i32")
-    sk |= {"eps": "fp32"} | sig(["stride_xm", "stride_wn", "stride_rm", "stride_om"], "i32")
-    skinny = dict(HAS_BIAS=True, NORM=1, HAS_NORM_BIAS=False, ACT=0, HAS_RES=False, BLOCK_M=16, BLOCK_N=16,
-                  BLOCK_K=512, DOT_PRECISION="tf32", EMULATE_BF16=False)
-    build(sk_kernel := importlib.import_module("dinfill.kernels.skinny_linear_kernel")._skinny_linear_kernel, sk,
-          skinny, 4, 4)  # qkv: RMSNorm prologue
-    build(sk_kernel, sk, skinny | dict(ACT=1), 4, 4)  # gate/up: SwiGLU epilogue
-    build(sk_kernel, sk, skinny | dict(NORM=2, HAS_NORM_BIAS=True, ACT=2), 4, 4)  # Starcoder2 c_fc
-    build(sk_kernel, sk, skinny | dict(NORM=0, HAS_RES=True), 4, 4)  # o / down: residual epilogue
-    ms = sig(["Out"], "*bf16") | sig(["O_PART", "LSE_PART"], "*fp32")
-    ms |= sig(["L_q", "H_kv", "GROUP", "n_splits", "stride_ob", "stride_oh", "stride_om"], "i32")
-    build(at._attention_merge_kernel, ms, dict(BLOCK_M=16, HEAD_DIM=64, BLOCK_D=64, EMULATE_BF16=False))
 print("compiled")
 """
 

@@ -14,7 +14,11 @@ in every program (``M x K`` elements, from L2) instead of a launch of its own.
 
 **Experimental**: selected by ``DINFILL_GEMV=triton`` (default ``cublas``: cuBLAS GEMMs plus the
 ``add_norm`` / ``activation`` kernels) until a GPU run shows it faster (``dinfill.bench.forward``'s
-forward phase times both). Block sizes are a first guess for H100-class GPUs, not tuned.
+forward phase times both). Tiles come from the target (:func:`skinny_config`): 16 outputs a program, K tiles of
+512 bytes a row (wider ones spill) and as many pipeline stages as the shared memory allows with 8 KB to spare: 4
+on A100, A10, L4 and H100 (the SwiGLU variant uses 82 KB). Not tuned on a GPU yet. A target it cannot serve
+(below sm_80, or too little shared memory) raises :class:`~dinfill.target.Unservable` when the decoder selects
+the GEMV path, before anything is launched.
 
 Supports
 --------
@@ -52,10 +56,15 @@ from dinfill.kernels._common import (
     round_to_bf16,
     silu_or_gelu_tanh,
 )
+from dinfill.target import Target, Unservable, target_for
 
 NORMS = (None, "rmsnorm", "layernorm")
 ACTIVATIONS = (None, "swiglu", "gelu_tanh")
 MAX_ROWS = 16
+_BLOCK_N = 16  # outputs per program (one tl.dot tile)
+_MIN_ARCH = 80  # bf16 tensor-core dots
+_SMEM_MARGIN = 8 * 1024  # issue 18's fit rule: leave 8 KB of the per-block limit to what the estimate misses
+_TILE_BYTES = 512  # bytes of a row per K tile (see skinny_config)
 
 
 @triton.jit
@@ -183,6 +192,61 @@ def _skinny_linear_kernel(
     tl.store(OUT + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :], y.to(DTYPE), mask=out_ok)
 
 
+def smem_estimate(block_k: int, stages: int, itemsize: int, swiglu: bool, norm: bool) -> int:
+    """Shared memory of one program, an upper bound: ``stages - 1`` buffered x (16 rows) and weight tiles (16 rows,
+    32 for SwiGLU's gate and up), one more x tile for the normalised copy, the norm weight / bias slices of every
+    stage and 2 KB for the epilogue.
+
+    Measured with Triton 3.6 and 3.9 on sm_80 / 86 / 89 / 90 at the seed shapes it bounds the compiled kernels
+    (tests/test_kernel_fit.py compares); e.g. SwiGLU at (256, 4) uses 83,456 bytes, estimated 88,064.
+    """
+    rows = MAX_ROWS + _BLOCK_N * (2 if swiglu else 1)
+    return itemsize * block_k * ((stages - 1) * rows + MAX_ROWS + (2 * stages if norm else 0)) + 2048
+
+
+def skinny_config(K: int, dtype: torch.dtype, swiglu: bool, norm: bool, target: Target | None) -> tuple[int, int]:
+    """``(block_k, num_stages)`` for a ``skinny_linear`` launch on ``target`` (``None``: the interpreter).
+
+    The K tile is 512 bytes of a row (256 bf16 / fp16, 128 fp32): 512-wide bf16 tiles spill 16-24 B (the
+    SwiGLU variant at 255 registers on sm_80 / 86 / 89, measured with Triton 3.6 and 3.9). A GEMV is bound by
+    the weight bytes in flight, so the deepest pipeline whose :func:`smem_estimate` stays 8 KB under the
+    target's per-block limit: 4 stages on every target of :data:`dinfill.target.TARGETS` (an L4's 99 KB hold
+    the SwiGLU variant's 82 KB), fewer or narrower tiles on smaller ones. Raises
+    :class:`~dinfill.target.Unservable`, naming the target and its limit, below sm_80 or when not even a
+    64-wide 2-stage tile fits.
+    """
+    itemsize = dtype.itemsize
+    widest = max(16, min(triton.next_power_of_2(K), _TILE_BYTES // itemsize))
+    if target is None:  # the interpreter: one stage
+        return widest, 1
+    if target.arch < _MIN_ARCH:
+        raise Unservable(
+            f"skinny_linear (DINFILL_GEMV=triton): {target.name} (sm_{target.arch}) is below sm_{_MIN_ARCH}, which "
+            "its bf16 tensor-core dots need; unset DINFILL_GEMV (cuBLAS) or use DINFILL_BACKEND=torch"
+        )
+    budget = target.smem_per_block - _SMEM_MARGIN
+    block_k = widest
+    while True:
+        for stages in (4, 3, 2):
+            if smem_estimate(block_k, stages, itemsize, swiglu, norm) <= budget:
+                return block_k, stages
+        if block_k <= 64:
+            break
+        block_k //= 2
+    need = smem_estimate(block_k, 2, itemsize, swiglu, norm)
+    raise Unservable(
+        f"skinny_linear (DINFILL_GEMV=triton): no tile fits {target.name} (sm_{target.arch}): the smallest needs "
+        f"{need} bytes of shared memory, the limit is {target.smem_per_block} bytes minus {_SMEM_MARGIN} kept free; "
+        "unset DINFILL_GEMV (cuBLAS)"
+    )
+
+
+def check_target(device: torch.device, dtype: torch.dtype) -> None:
+    """Raise :class:`~dinfill.target.Unservable` now, before any launch, if ``skinny_linear`` cannot run on the
+    target of ``device`` (the decoder calls it when ``DINFILL_GEMV=triton`` selects the GEMV path)."""
+    skinny_config(4096, dtype, True, True, target_for(device))
+
+
 def skinny_linear(
     x: Tensor,
     weight: Tensor,
@@ -253,9 +317,8 @@ def skinny_linear(
     if out.numel() == 0:
         return out
     emulate = emulate_bf16(x)
-    block_n = 16
-    block_k = min(triton.next_power_of_2(K), 512 if x.element_size() == 2 else 256)
-    block_k = max(block_k, 16)
+    block_n = _BLOCK_N
+    block_k, stages = skinny_config(K, x.dtype, act == "swiglu", norm is not None, target_for(x.device))
     dummy = out  # placeholder pointer for absent operands (never dereferenced)
     with device_context(x):
         _skinny_linear_kernel[(triton.cdiv(N, block_n),)](
@@ -266,6 +329,6 @@ def skinny_linear(
             HAS_BIAS=bias is not None, NORM=NORMS.index(norm), HAS_NORM_BIAS=norm_bias is not None,
             ACT=ACTIVATIONS.index(act), HAS_RES=residual is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
             BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 or emulate else "tf32",
-            EMULATE_BF16=emulate, num_warps=4, num_stages=4 if x.device.type == "cuda" else 1,
+            EMULATE_BF16=emulate, num_warps=4, num_stages=stages,
         )  # fmt: skip
     return out

@@ -393,6 +393,12 @@ class Decoder(nn.Module):
         Hq, Hkv, D = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
         key_mask = None if attention_mask is None else attention_mask.to(torch.bool)
         Lk = T if cache is None else cache.max_len
+        layers = self.model.layers
+        skinny = len(layers) and B * T <= _SKINNY_MAX_ROWS and os.environ.get("DINFILL_GEMV", "cublas") == "triton"
+        if skinny:  # a target the Triton GEMVs cannot serve is refused here, before anything is launched
+            from dinfill.kernels.skinny_linear_kernel import check_target
+
+            check_target(input_ids.device, self.model.embed_tokens.weight.dtype)
         p = plan(key_mask, causal, cache_pos, Lk, cfg.sliding_window, B, T, input_ids.device)  # once per call
         layernorm = cfg.norm == "layernorm"
         table = self.rotary.table  # (P, D) fp32
@@ -401,10 +407,9 @@ class Decoder(nn.Module):
             bias = getattr(module, "bias", None)
             return add_norm(x, module.weight, bias, eps=cfg.norm_eps, layernorm=layernorm, **kw)
 
-        layers = self.model.layers
         embed = self.model.embed_tokens.weight  # (V, H): the first norm gathers its rows by id
         resid, delta = None, None
-        if len(layers) and B * T <= _SKINNY_MAX_ROWS and os.environ.get("DINFILL_GEMV", "cublas") == "triton":
+        if skinny:
             resid = self._layers_skinny(input_ids, p, table, position_ids, cache, cache_pos)  # decode: 6 ops/layer
             layers = ()
         for i, layer in enumerate(layers):
