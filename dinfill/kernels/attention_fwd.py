@@ -181,7 +181,6 @@ def _attention_kernel(
     H_kv,
     GROUP,
     causal_offset,
-    split_len,
     window,
     qk_scale,
     # strides
@@ -257,8 +256,9 @@ def _attention_kernel(
             lo = tl.maximum(lo, off + i_min - window + 1)
             full_hi = lo
     if SPLIT:
-        lo = tl.maximum(lo, split * split_len)
-        hi = tl.minimum(hi, (split + 1) * split_len)
+        n_splits = tl.num_programs(2)  # split s holds keys [s * L_k // n, (s + 1) * L_k // n): none empty, +-1 key
+        lo = tl.maximum(lo, split * L_k // n_splits)
+        hi = tl.minimum(hi, (split + 1) * L_k // n_splits)
         full_hi = tl.minimum(full_hi, hi)
     n_full = tl.maximum(full_hi - lo, 0) // BLOCK_N
     mid = lo + n_full * BLOCK_N
@@ -655,9 +655,8 @@ def _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, window, con
     offset_t = causal_offset if offset_is_tensor else q  # q: placeholder pointer, never read
     per_batch = offset_is_tensor and causal_offset.dim() == 1 and causal_offset.numel() == B
     stride_offb = causal_offset.stride(0) if per_batch else 0  # 0-dim and (1,) offsets broadcast
-    # equal splits of at least one key (a split need not start on a block boundary); none of them empty
-    split_len = max(1, triton.cdiv(Lk, cfg.num_splits))
-    num_splits = triton.cdiv(Lk, split_len) if Lk else 1
+    # splits of equal length (+-1 key; a split need not start on a block boundary), at least one key each
+    num_splits = max(1, min(cfg.num_splits, Lk))
     if num_splits > 1:
         o_part = torch.empty(B * Hkv, rows, num_splits, block_d, device=q.device, dtype=torch.float32)
         lse_part = torch.empty(B * Hkv, rows, num_splits, device=q.device, dtype=torch.float32)
@@ -673,7 +672,7 @@ def _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, window, con
             kv_start if kv_start is not None else q,
             kv_end if kv_end is not None else q,
             o_part, lse_part,
-            Lq, Lk, Hkv, group, 0 if offset_is_tensor else int(causal_offset), split_len,
+            Lq, Lk, Hkv, group, 0 if offset_is_tensor else int(causal_offset),
             int(window) if use_window else 0, scale * _LOG2E,
             q.stride(0), q.stride(1), q.stride(2),
             k.stride(0), k.stride(1), k.stride(2),
