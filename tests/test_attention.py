@@ -435,6 +435,11 @@ def test_unservable_targets_fail_before_any_launch():
     with static_target(T4), Count() as seen, pytest.raises(Unservable, match="sm_75"):
         attention_triton(q, k, k, causal=True, causal_offset=offset)
     assert seen.ops == [], seen.ops
+    with static_target(T4), pytest.raises(Unservable, match="sm_75"):  # the up-front check callers can make
+        attn_mod.check_target("meta", torch.bfloat16, 64)
+    with static_target("l4"):
+        attn_mod.check_target("meta", torch.bfloat16, 128)  # servable: no error
+    attn_mod.check_target("cpu", torch.bfloat16, 64)  # the interpreter: nothing to check
 
 
 @pytest.mark.parametrize(

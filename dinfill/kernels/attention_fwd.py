@@ -440,6 +440,15 @@ def smem_estimate(block_m: int, block_n: int, block_d: int, stages: int, itemsiz
     return itemsize * (buffers * 2 * block_n * block_d + block_m * block_d + block_m * block_n)
 
 
+def check_target(device: torch.device | str, dtype: torch.dtype, head_dim: int) -> None:
+    """Raise :class:`~dinfill.target.Unservable` now if the kernel cannot run on ``device``'s GPU at this dtype and
+    head dim (below sm_80, or no tile fits its shared memory); nothing for the interpreter. For callers that
+    want the refusal before a forward launches anything (the launcher itself raises before its own launch)."""
+    target = target_for(device)
+    if target is not None:
+        cuda_config(1, 1, 1, 1, head_dim, dtype, target)
+
+
 def pick_config(q: Tensor, k: Tensor) -> AttentionConfig:
     """Launch parameters for ``attention(q, k, v)`` from shapes and the target only, so CUDA graphs stay valid.
 
