@@ -72,6 +72,13 @@ def test_lookup_by_key_arch_and_name():
         lookup("sm_75")
 
 
+def test_command_line_choices_match_the_model():
+    """bench's --static choices are plain tuples (the command line is checked before torch is imported)."""
+    from dinfill.bench import cli
+
+    assert cli.STATIC_MODES == S.MODES and set(cli.STATIC_STEP_PRESETS) == set(S.STEP_PRESETS)
+
+
 def test_target_for_devices():
     """CPU: the interpreter (no target); meta: a GPU only inside static_target, restored after."""
     assert target_for("cpu") is None and target_for("meta") is None and not compiled_target("meta")

@@ -47,6 +47,28 @@ def _add_common(p: argparse.ArgumentParser, *, axes: tuple[str, ...], exclude: t
     add_sampler_arguments(p, axes=axes, exclude=exclude, help_overrides={"steps": steps})
 
 
+# the static GPU model's choices (dinfill.bench.static.MODES / STEP_PRESETS / TARGETS, which import torch: the
+# command line is parsed and checked before torch is; tests/test_static.py checks the lists agree)
+STATIC_MODES = ("full", "window", "prefill", "decode", "decode-gemv", "step", "forward", "forward-decode")
+STATIC_STEP_PRESETS = ("greedy", "published", "fast", "maskgit", "origin", "entropy-topk", "margin-topk")
+
+
+def _add_static_arguments(p: argparse.ArgumentParser) -> None:
+    """The ``--static`` options of ``dinfill bench`` (:mod:`dinfill.bench.static`; no GPU needed)."""
+    g = p.add_argument_group("static GPU model (dinfill bench --static; no GPU needed)")
+    g.add_argument("--static", action="store_true", help="compile every launch for the target GPUs and report "
+                   "shared memory, registers, spills, waves, instructions per element and predicted times")
+    g.add_argument("--arch", nargs="+", help="targets: a100 a10 l4 h100 h200, or sm_80 sm_86 sm_89 sm_90 "
+                   "(default: the four architectures)")
+    g.add_argument("--kernel", nargs="+", help="only report these kernels (substring match)")
+    g.add_argument("--mode", nargs="+", choices=STATIC_MODES, help="only these workload modes")
+    g.add_argument("--step-preset", nargs="+", choices=STATIC_STEP_PRESETS,
+                   help="only these fused_step settings in --mode step (default: all)")
+    g.add_argument("--json", metavar="FILE", help="also write every result as JSON ('-' for stdout)")
+    g.add_argument("--check", action="store_true", help="print only what breaks a fit or budget rule; exit 1 if any")
+    g.add_argument("--full", action="store_true", help="with --check: the whole matrix (default: a CI-sized subset)")
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
     """Add ``bench`` and ``sweep`` to the ``dinfill`` command (called by :mod:`dinfill.cli`)."""
     p = subparsers.add_parser(
@@ -70,9 +92,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--no-ceilings", action="store_true", help="skip measuring the copy / matmul ceilings")
     p.add_argument("--nvtx", action="store_true", help="NVTX ranges for Nsight Systems")
     p.add_argument("--profile", metavar="DIR", help="write a torch.profiler trace per configuration into DIR")
-    from dinfill.bench.static import add_arguments as add_static_arguments
-
-    add_static_arguments(p)
+    _add_static_arguments(p)
     for action in p._actions:  # --static needs no model (it runs every seed shape); a timed run checks below
         if action.dest == "model":
             action.required = False

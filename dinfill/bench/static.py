@@ -54,7 +54,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from dinfill.target import TARGETS, Target, lookup, static_target
+from dinfill.target import Target, lookup, static_target
 
 __all__ = [
     "ARCHS",
@@ -70,6 +70,7 @@ __all__ = [
     "evaluate",
     "check_rules",
     "main",
+    "MODES",
 ]
 
 ARCHS = ("sm_80", "sm_86", "sm_89", "sm_90")  # the targets of the fit rules (A100, A10, L4, H100)
@@ -83,6 +84,7 @@ BUDGET_GREEDY = 10.0  # fused_step greedy pass 1
 FLOOR_RATIO = 1.5  # predicted batch-1 forward of the 0.5B shape / its weight-read floor
 DECODE_BW_FRACTION = 0.5  # batch-1 decode attention at DECODE_KEYS keys: predicted fraction of the bandwidth
 DECODE_KEYS = 1152
+MIN_SPLIT_KEYS = 16  # the smallest key split worth a program: one 16-wide tl.dot tile
 
 SEED_MODELS = ("open-dcoder-0.5b", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "deepseek-coder-1.3b", "starcoder2-3b")
 BATCHES = (1, 8, 32)
@@ -97,6 +99,7 @@ STEP_PRESETS = {  # fused_step settings per name: every alg / preset a diffusion
     "entropy-topk": dict(select="topk", temperature=0.6, top_k=50, confidence="neg_entropy"),
     "margin-topk": dict(select="topk", temperature=0.6, top_k=50, confidence="margin"),
 }
+MODES = ("full", "window", "prefill", "decode", "decode-gemv", "step", "forward", "forward-decode")
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[0-7T]\s+)?([A-Z0-9_.]+)([^;]*);")
 _FILE_LINE = re.compile(r'File "([^"]+)", line (\d+)')
 _TAG = re.compile(r"#\s*static:\s*([\w-]+)")
@@ -996,9 +999,11 @@ def _budget_rules(r: Result) -> list[str]:
                 continue
             keys = w.length
             wave = launch.info.resident * t.sms
-            if keys >= 256 and launch.programs < t.sms:
+            # a full wave, or as many programs as splits of MIN_SPLIT_KEYS keys (one tensor-core tile) can make
+            reachable = launch.grid[0] * launch.grid[1] * -(-keys // MIN_SPLIT_KEYS)
+            if keys >= 256 and launch.programs < min(t.sms, reachable):
                 bad.append(f"{t.name}: {w.name}: attention launches {launch.programs} programs on {t.sms} SMs "
-                           f"({keys} keys; a full wave is {t.sms})")
+                           f"({keys} keys; a full wave is {t.sms}, {MIN_SPLIT_KEYS}-key splits reach {reachable})")
                 break
             if w.mode == "decode" and keys >= DECODE_KEYS and p["t_mem"] > 0:
                 frac = launch.bytes / (p["seconds"] - LAUNCH_S) / t.stream_bandwidth
@@ -1128,24 +1133,6 @@ def select(items: list[Workload], model: list[str] | None, mode: list[str] | Non
 CHECK_SUBSET = dict(models=("open-dcoder-0.5b", "qwen2.5-coder-0.5b", "starcoder2-3b"), batches=(1, 32),
                     lengths=(276,), dtypes=("bf16",))  # fmt: skip
 _DTYPE_NAMES = {"bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16", "float16": "fp16"}
-
-
-def add_arguments(p) -> None:
-    """The ``--static`` options of ``dinfill bench``."""
-    g = p.add_argument_group("static GPU model (dinfill bench --static; no GPU needed)")
-    g.add_argument("--static", action="store_true", help="compile every launch for the target GPUs and report "
-                   "shared memory, registers, spills, waves, instructions per element and predicted times")
-    g.add_argument("--arch", nargs="+", help=f"targets: {', '.join(TARGETS)} or sm_80 sm_86 sm_89 sm_90 "
-                   "(default: all four architectures)")
-    g.add_argument("--kernel", nargs="+", help="only report these kernels (substring match)")
-    g.add_argument("--mode", nargs="+",
-                   choices=("full", "window", "prefill", "decode", "decode-gemv", "step", "forward", "forward-decode"),
-                   help="only these workload modes")
-    g.add_argument("--step-preset", nargs="+", choices=tuple(STEP_PRESETS),
-                   help="only these fused_step settings in --mode step (default: all)")
-    g.add_argument("--json", metavar="FILE", help="also write every result as JSON ('-' for stdout)")
-    g.add_argument("--check", action="store_true", help="print only what breaks a fit or budget rule; exit 1 if any")
-    g.add_argument("--full", action="store_true", help="with --check: the whole matrix (default: a CI-sized subset)")
 
 
 def main(args) -> int:
