@@ -23,6 +23,10 @@ setup(
         "tqdm>=4.60",
         "numpy>=1.24",
         "pyarrow>=14",
+        # the execution sandbox: libseccomp's filter compiler (ctypes; libseccomp2 ships with Debian and Ubuntu)
+        # and Landlock for the weaker isolation; both pure Python
+        "pyseccomp>=0.1.2; platform_system == 'Linux'",
+        "landlockpy>=0.2; platform_system == 'Linux'",
     ],
     extras_require={
         "dev": ["pytest>=8", "pytest-benchmark>=4", "ruff>=0.6", "matplotlib>=3.7", "nvtx>=0.2"],

