@@ -759,9 +759,10 @@ def test_root_without_cap_sys_admin_gets_full_isolation_through_user_namespaces(
     script = textwrap.dedent(
         """
         from dinfill.eval.execution import Sandbox, SandboxConfig
+        probe = "import os\\nprint(os.getuid(), sum(p.isdigit() for p in os.listdir('/proc')))\\n"
         with Sandbox(SandboxConfig(cpu_seconds=1), jobs=1) as box:
             box.self_check()
-            (result,) = box.run_many(["import os\\nprint(os.getuid(), sum(p.isdigit() for p in os.listdir('/proc')))\\n"])
+            (result,) = box.run_many([probe])
             print(box.privileges, box._servers[0].uid, result.status, result.sandbox, result.stdout.strip())
         """
     )
@@ -778,6 +779,11 @@ def test_root_without_cap_sys_admin_gets_full_isolation_through_user_namespaces(
     low, high = SandboxConfig().uid_range
     assert low <= int(claimed) < high and uid == "1"  # the claimed uid, mapped as uid 1 of the slot's namespace
     assert int(procs) < 10  # a /proc of its own pid namespace
+    # The uid's holder went with its slot (a launcher in a user namespace cannot signal it: it watches a pipe).
+    deadline = time.monotonic() + 5
+    while _uid_has_live_processes(int(claimed)):
+        assert time.monotonic() < deadline, f"a process of uid {claimed} outlived its sandbox"
+        time.sleep(0.05)
 
 
 def test_self_check_and_config_validation():

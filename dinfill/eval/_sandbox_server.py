@@ -70,12 +70,15 @@ import traceback
 _CLONE_NEWNS, _CLONE_NEWCGROUP, _CLONE_NEWUTS, _CLONE_NEWIPC = 0x00020000, 0x02000000, 0x04000000, 0x08000000
 _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET, _CLONE_NEWTIME = 0x10000000, 0x20000000, 0x40000000, 0x00000080
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
-_MS_BIND, _MS_MOVE, _MS_REC, _MS_PRIVATE = 4096, 8192, 16384, 1 << 18
+_MS_REC, _MS_PRIVATE = 16384, 1 << 18
 _PR_SET_PDEATHSIG, _PR_CAPBSET_DROP, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 1, 24, 36, 38
 _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 47, 4, 22, 2
 _CAPABILITY_VERSION_3 = 0x20080522
-# mount_setattr(2), Linux 5.12: the same number on every architecture but alpha (new syscalls share one table).
-_SYS_MOUNT_SETATTR, _AT_FDCWD, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY = 442, -100, 0x8000, 0x1
+# open_tree(2), move_mount(2) (Linux 5.2) and mount_setattr(2) (5.12): the same numbers on every architecture but
+# alpha (new system calls share one table).
+_SYS_OPEN_TREE, _SYS_MOVE_MOUNT, _SYS_MOUNT_SETATTR = 428, 429, 442
+_AT_FDCWD, _AT_RECURSIVE, _MOUNT_ATTR_RDONLY = -100, 0x8000, 0x1
+_OPEN_TREE_CLONE, _MOVE_MOUNT_F_EMPTY_PATH = 1, 0x4
 # The places a program may write: each gets its own tmpfs, gone with the program's mount namespace.
 TMP_MOUNTS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 WORKDIR = "/tmp/work"
@@ -321,15 +324,17 @@ def _claim_uid(candidates: list) -> tuple:
     Free means that no process on this kernel runs as it, whatever pid namespace, container or
     TMPDIR it lives in: the holder lowers its RLIMIT_NPROC to 2 and forks once, which the kernel
     refuses (EAGAIN) when a third process of that uid exists. Two holders racing for one uid both
-    fail and move on; a holder that succeeded stays until the launcher dies, so nobody else can
-    claim the uid while this slot's programs use it.
+    fail and move on. A holder that succeeded stays until the launcher and the server are gone: it
+    reads a pipe whose write end only they hold (not PR_SET_PDEATHSIG: once the launcher is in a user
+    namespace, the kernel may no longer deliver its death signal to another uid).
     """
-    launcher = os.getpid()
+    alive, held = os.pipe()  # `held` stays with the launcher and the server it forks: EOF when both are gone
     for uid in candidates:
         read, write = os.pipe()
         pid = os.fork()
         if pid == 0:
             os.close(read)
+            os.close(held)
             try:
                 os.setgroups([])
                 os.setgid(uid)
@@ -339,20 +344,26 @@ def _claim_uid(candidates: list) -> tuple:
                 if probe == 0:
                     os._exit(0)
                 os.waitpid(probe, 0)
-                _die_with_parent(launcher)  # after the uid change, which clears the setting
             except OSError:
                 os.write(write, b"0")
                 os._exit(0)
             os.write(write, b"1")
             os.close(write)
-            while True:  # hold the uid until the launcher dies (then the kernel kills us)
-                signal.pause()
+            while True:  # hold the uid until EOF
+                try:
+                    if not os.read(alive, 1):
+                        os._exit(0)
+                except InterruptedError:
+                    continue
         os.close(write)
         with os.fdopen(read, "rb") as handle:
             answer = handle.read(1)
         if answer == b"1":
+            os.close(alive)
             return uid, pid
         os.waitpid(pid, 0)
+    os.close(alive)
+    os.close(held)
     return None, None
 
 
@@ -372,7 +383,7 @@ def _blocked_ancestor(path: str) -> str | None:
     return None
 
 
-def _expose_interpreter(stage_dir: str, also: list) -> str:
+def _expose_interpreter(also: list) -> str:
     """Keep this interpreter's files readable after the uid drop; returns an error text or "".
 
     A Python installed under a private home (pyenv in a 0700 /root) would otherwise fail every
@@ -404,17 +415,18 @@ def _expose_interpreter(stage_dir: str, also: list) -> str:
         )
     try:
         for ancestor, paths in blocked.items():
-            staged = []
-            for index, path in enumerate(paths):
-                stage = os.path.join(stage_dir, f"mount-{len(staged)}-{index}")
-                os.mkdir(stage, 0o700)
-                _mount(path, stage, None, _MS_BIND | _MS_REC)
-                staged.append((path, stage))
+            # Detached copies of the folders to keep (open_tree), so nothing is staged below what gets covered.
+            copies = []
+            for path in paths:
+                fd = _LIBC.syscall(_SYS_OPEN_TREE, _AT_FDCWD, path.encode(), _OPEN_TREE_CLONE | _AT_RECURSIVE)
+                _check(0 if fd >= 0 else -1, f"open_tree({path})")
+                copies.append((path, fd))
             _mount("tmpfs", ancestor, "tmpfs", _MS_NOSUID | _MS_NODEV, "mode=0755,size=1m")
-            for path, stage in staged:
+            for path, fd in copies:
                 os.makedirs(path, exist_ok=True)
-                _mount(stage, path, None, _MS_MOVE)
-                os.rmdir(stage)
+                result = _LIBC.syscall(_SYS_MOVE_MOUNT, fd, b"", _AT_FDCWD, path.encode(), _MOVE_MOUNT_F_EMPTY_PATH)
+                os.close(fd)
+                _check(result, f"move_mount to {path}")
     except OSError as exc:
         return f"exposing the interpreter's files failed: {exc}"
     return ""
@@ -524,13 +536,21 @@ def _enter_slot(sock: socket.socket, setup: dict, state: dict) -> None:
         if uid is None:
             errors["drop_privileges"] = f"none of {len(setup['uid_candidates'])} candidate uids was free on this kernel"
     if setup["user_namespace"]:
+        uid, gid = os.geteuid(), os.getegid()
         try:
             _unshare(_CLONE_NEWUSER, "unshare(CLONE_NEWUSER)")
-            # The evaluator, in the parent namespace, writes our uid and gid maps (only it may map several ids).
-            send_message(sock, ("map", os.getpid(), state["claimed_uid"]))
-            (_, problem), _ = recv_message(sock)
-            if problem:
-                raise OSError(errno.EPERM, problem)
+            if state["claimed_uid"] is None:
+                # Our own ids onto themselves (any user may map those, and only those); programs see their real
+                # uid. setgroups must be refused before an unprivileged gid map.
+                _write_file("/proc/self/setgroups", b"deny")
+                _write_file("/proc/self/uid_map", f"{uid} {uid} 1\n".encode())
+                _write_file("/proc/self/gid_map", f"{gid} {gid} 1\n".encode())
+            else:
+                # A second id (the claimed uid) needs CAP_SETUID in the parent namespace: the evaluator maps it.
+                send_message(sock, ("map", os.getpid(), state["claimed_uid"]))
+                (_, problem), _ = recv_message(sock)
+                if problem:
+                    raise OSError(errno.EPERM, problem)
         except OSError as exc:
             errors["user_namespace"] = exc.strerror or str(exc)
             for name in ("user_namespace", "pid_namespace", "ipc_namespace", "private_filesystem", "isolate_network"):
@@ -606,7 +626,10 @@ def _prepare(sock: socket.socket, setup: dict) -> dict:
         state["error"] = str(exc)
         return state
     if setup["uid"] is not None:
-        state["error"] = _expose_interpreter(os.getcwd(), setup["keep_paths"])
+        problem = _expose_interpreter(setup["keep_paths"])
+        if problem:  # programs cannot run as that uid: they keep ours, without capabilities (refused unless allowed)
+            errors["drop_privileges"] = problem
+            setup["uid"] = None
     if setup["seccomp"]:
         try:
             state["seccomp"] = _seccomp_program()

@@ -646,20 +646,15 @@ def _rmdir_quietly(path: str) -> None:
 
 
 # -- user namespaces ---------------------------------------------------------------------------
-def _write_id_maps(pid: int, privileges: str, claimed: int | None) -> str:
-    """Map the launcher's new user namespace (we are in its parent); returns an error text or ""."""
+def _write_id_maps(pid: int, claimed: int) -> str:
+    """Map the launcher's new user namespace: uid 0 stays ours (root), uid 1 is the slot's claimed uid. Only a
+    process with CAP_SETUID in the parent namespace (this one) may map a second id. Returns an error text or ""."""
+    if _read("/proc/self/stat").split(" ", 1)[0] != str(os.getpid()):
+        return "this process sees a /proc of another pid namespace, so it cannot name the launcher there"
     try:
-        if privileges == "setuid":
-            # Root of the machine without CAP_SYS_ADMIN: uid 0 stays ours, uid 1 is the slot's claimed uid.
-            ids = "0 0 1\n" + (f"1 {claimed} 1\n" if claimed is not None else "")
-            _write(f"/proc/{pid}/uid_map", ids)
-            _write(f"/proc/{pid}/gid_map", ids)
-        else:
-            # Any user may map its own ids (and only those), onto themselves: programs see their real uid. setgroups
-            # must be refused first for the gid map.
-            _write(f"/proc/{pid}/setgroups", "deny")
-            _write(f"/proc/{pid}/uid_map", f"{os.geteuid()} {os.geteuid()} 1\n")
-            _write(f"/proc/{pid}/gid_map", f"{os.getegid()} {os.getegid()} 1\n")
+        ids = f"0 0 1\n1 {claimed} 1\n"
+        _write(f"/proc/{pid}/uid_map", ids)
+        _write(f"/proc/{pid}/gid_map", ids)
     except OSError as exc:
         return f"writing the user namespace's id maps: {exc}"
     return ""
@@ -764,18 +759,19 @@ class _Server:
             _wire.send_message(ours, self.setup_message(candidates))
             reply, _ = _wire.recv_message(ours)
             while reply[0] == "map":  # the launcher made its user namespace and waits for its id maps
-                problem = _write_id_maps(reply[1], box.privileges, reply[2])
+                problem = _write_id_maps(reply[1], reply[2])
                 _wire.send_message(ours, ("mapped", problem))
                 reply, _ = _wire.recv_message(ours)
         except (OSError, EOFError) as exc:
             with open(log, "rb") as handle:
                 tail = handle.read()[-2000:].decode("utf-8", "replace").strip()
             self.stop()
-            raise RuntimeError(f"the sandbox server exited during set-up ({exc!r}): {tail or 'no output'}") from exc
+            why = f"the sandbox server exited during set-up ({exc!r}): {tail or 'no output'}"
+            raise SandboxUnavailable(why) from exc
         state = reply[1]
         if state["error"]:
             self.stop()
-            raise RuntimeError(f"sandbox set-up failed: {state['error']}")
+            raise SandboxUnavailable(f"sandbox set-up failed: {state['error']}")
         self._settle(state, why_not)
 
     def _settle(self, state: dict, why_not: list[str]) -> None:
