@@ -19,6 +19,8 @@ from dinfill.eval.records import (
     RunLock,
     check_run_file,
     load_records,
+    mix_labels,
+    note_sandbox,
     read_completions,
     read_jsonl,
     read_run_identity,
@@ -132,6 +134,18 @@ def test_integer_row_index_task_ids(tmp_path):
             r":1: ground_truth_middle differs",
         ),
         ((b"\n",), r"no completions"),
+        (
+            (
+                b'{"task_id": "T/0", "completion": "a", "sample": 0}\n',
+                b'{"task_id": "T/2", "completion": "c"}\n',
+                b'{"task_id": "T/0", "completion": "b", "sample": 0}\n',
+            ),
+            r"1 duplicate \(task_id, seed, sample\) key\(s\): 'T/0' seed 0 sample 0 on lines 1 and 3",
+        ),
+        ((b'{"task_id": "T/0", "completion": "a", "seed": 1e400}\n',), r":1: seed must be an integer .* got 'inf'"),
+        ((b'{"task_id": "T/0", "completion": "a", "seed": "7"}\n',), r":1: seed must be an integer"),
+        ((b'{"task_id": "T/0", "completion": "a", "seed": 36893488147419103232}\n',), r":1: seed must be an integer"),
+        ((b'{"task_id": "T/0", "completion": "a", "sample": -1}\n',), r":1: sample must be an integer"),
     ],
     ids=[
         "bad-json",
@@ -143,6 +157,11 @@ def test_integer_row_index_task_ids(tmp_path):
         "not-object",
         "order",
         "empty",
+        "duplicate-key",
+        "huge-float-seed",
+        "string-seed",
+        "seed-over-64-bits",
+        "negative-sample",
     ],
 )
 def test_malformed_completion_files_name_the_line(tmp_path, lines, message):
@@ -224,3 +243,17 @@ def test_a_folder_without_records_is_not_a_run(tmp_path):
         check_run_file(tmp_path, {"model": "c"})
     check_run_file(tmp_path, {"model": "c"}, overwrite=True)
     assert read_run_identity(tmp_path) == {"model": "c"}
+
+
+def test_run_json_says_how_isolated_the_programs_were(tmp_path):
+    check_run_file(tmp_path, {"model": "a"})
+    note_sandbox(tmp_path, "full")
+    note_sandbox(tmp_path, "full")
+    assert json.loads((tmp_path / "run.json").read_text())["sandbox"] == "full"
+    # A resume under weaker isolation: both are named, first seen first, and the identity is untouched.
+    note_sandbox(tmp_path, "weak (no user namespaces)")
+    note_sandbox(tmp_path, "full")
+    info = json.loads((tmp_path / "run.json").read_text())
+    assert info["sandbox"] == "mixed: full + weak (no user namespaces)"
+    assert read_run_identity(tmp_path) == {"model": "a"}
+    assert mix_labels(["weak (x)", "weak (x)"]) == "weak (x)"

@@ -38,6 +38,9 @@ LOCK_FILE = "run.lock"
 RECORD_FIELDS = ("task", "task_id", "seed", "sample", "completion", "outcome")
 # Field names accepted for the generated middle, in order of preference.
 COMPLETION_FIELDS = ("completion", "generated_code")
+# Seeds are labels here, but generators feed them to torch.Generator.manual_seed (a signed 64-bit integer).
+_SEED_RANGE = (-(2**63), 2**64)
+_SAMPLE_RANGE = (0, 2**31)
 
 
 class RecordsError(ValueError):
@@ -346,6 +349,28 @@ def check_run_file(
     os.replace(tmp, path)
 
 
+def mix_labels(labels: Iterable[str]) -> str:
+    """One text for the sandbox labels of several records: the label itself, or ``mixed: A + B`` (first seen first)."""
+    distinct = list(dict.fromkeys(labels))
+    return distinct[0] if len(distinct) == 1 else "mixed: " + " + ".join(distinct)
+
+
+def note_sandbox(out_dir: str | os.PathLike, label: str) -> None:
+    """Record in ``run.json`` how isolated this run's programs are (``full``, ``weak (...)``, or a mix after a resume).
+
+    Call with the folder's :class:`RunLock` held, after :func:`check_run_file`.
+    """
+    path = Path(out_dir) / RUN_FILE
+    info = json.loads(path.read_text(encoding="utf-8"))
+    before = info.get("sandbox")
+    labels = [label] if before is None else [*before.removeprefix("mixed: ").split(" + "), label]
+    info["sandbox"] = mix_labels(labels)
+    if info["sandbox"] != before:
+        tmp = path.with_name(RUN_FILE + ".tmp")
+        tmp.write_text(json.dumps(info, indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+
+
 def read_run_identity(out_dir: str | os.PathLike) -> dict | None:
     """The identity recorded in a folder's ``run.json`` (None when there is none)."""
     path = Path(out_dir) / RUN_FILE
@@ -455,13 +480,44 @@ def read_completions(
                     f"{where}: {name} differs from the dataset's canonical middle of task {task_id!r}; the file "
                     f"was made for another subset, language or row order than {label}"
                 )
-        seed = int(row.get("seed", 0))
+        seed = _integer(row, "seed", 0, _SEED_RANGE, where)
         # Several lines for one task (pass@k) are numbered in file order unless they say otherwise.
         sample = counters.get((index, seed), 0)
         counters[(index, seed)] = sample + 1
         if "sample" in row:
-            sample = int(row["sample"])
+            sample = _integer(row, "sample", 0, _SAMPLE_RANGE, where)
         entries.append(CompletionEntry(number, index, seed, sample, completion))
     if not entries:
         raise RecordsError(f"{path}: no completions in the file")
+    _refuse_duplicates(path, entries, task_ids)
     return entries
+
+
+def _integer(row: dict, name: str, default: int, bounds: tuple[int, int], where: str) -> int:
+    """``row[name]`` as an int in ``[low, high)``: a JSON integer, not a float, a bool or a string."""
+    value = row.get(name, default)
+    low, high = bounds
+    # bool is an int in Python; 1e400 is an (infinite) float; neither is a seed.
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value < high:
+        raise RecordsError(f"{where}: {name} must be an integer in [{low}, {high}), got {str(value)[:40]!r}")
+    return value
+
+
+def _refuse_duplicates(path: Path, entries: list[CompletionEntry], task_ids: Sequence[str]) -> None:
+    """Every (task_id, seed, sample) once: a repeated key would be scored twice and counted once (or refused later
+    by the run folder), so it is an error before anything is scored, naming the lines."""
+    first: dict[tuple[int, int, int], int] = {}
+    clashes = []
+    for entry in entries:
+        key = (entry.index, entry.seed, entry.sample)
+        if key in first:
+            clashes.append(f"{task_ids[entry.index]!r} seed {entry.seed} sample {entry.sample} on lines {first[key]} "
+                           f"and {entry.line}")  # fmt: skip
+        else:
+            first[key] = entry.line
+    if clashes:
+        more = f" (and {len(clashes) - 5} more)" if len(clashes) > 5 else ""
+        raise RecordsError(
+            f"{path}: {len(clashes)} duplicate (task_id, seed, sample) key(s): {'; '.join(clashes[:5])}{more}; "
+            "give each repeated sample its own 'sample' number (or leave 'sample' out to number them in file order)"
+        )
