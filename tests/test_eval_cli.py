@@ -240,3 +240,45 @@ def test_score_out_refuses_another_run_unless_overwrite(tmp_path, toy_santacoder
     assert [json.loads(line)["model"] for line in records] == ["b"]
     assert cli.main(["score", "--task", "santacoder-fim", str(tmp_path / "b.jsonl"), "--overwrite"]) == 2
     assert "needs --out" in capsys.readouterr().err
+
+
+def _executed_run(folder: Path, model: str, sandboxes: list[str]) -> None:
+    from dinfill.eval.records import write_records_atomically
+
+    folder.mkdir(parents=True)
+    records = [
+        {
+            "task": "humaneval-infill",
+            "subset": "single-line",
+            "task_id": f"T/{i}",
+            "index": i,
+            "seed": 0,
+            "sample": 0,
+            "model": model,
+            "kind": None,
+            "sampler": None,
+            "postprocess": {"rule": "none"},
+            "completion": "x",
+            "processed": "x",
+            "outcome": {"passed": True, "status": "passed", "detail": "", "sandbox": sandbox},
+            "task_size": len(sandboxes),
+        }
+        for i, sandbox in enumerate(sandboxes)
+    ]
+    write_records_atomically(folder / "records.jsonl", records)
+
+
+def test_report_says_how_isolated_each_run_was(tmp_path, capsys):
+    weak = "weak (no user namespaces, so no pid, mount, IPC or network namespaces)"
+    _executed_run(tmp_path / "a", "full-model", ["full", "full"])
+    assert cli.main(["report", str(tmp_path / "a")]) == 0
+    assert "Sandbox: full for every run that executed programs." in capsys.readouterr().out
+    _executed_run(tmp_path / "b", "weak-model", [weak, weak])
+    _executed_run(tmp_path / "c", "resumed-model", ["full", weak])
+    assert cli.main(["report", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"Note: sandbox: {weak} in {tmp_path / 'b'}." in out
+    assert f"Note: sandbox: mixed: full + {weak} in {tmp_path / 'c'}." in out
+    assert "different sandbox isolation (full and weak)" in out
+    assert cli.main(["report", str(tmp_path / "b"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)[0]["sandbox"] == weak

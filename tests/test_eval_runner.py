@@ -345,3 +345,29 @@ def test_two_evals_on_one_folder_then_sigkill_and_resume(toy_data, shared_dir, t
     assert done.returncode == 0, done.stderr
     keys = [(r["task_id"], r["seed"], r["sample"]) for r in map(json.loads, records.read_text().splitlines())]
     assert sorted(keys) == [(f"Toy/{i}/L0", 0, 0) for i in range(3)]  # every key once, on disk too
+
+
+def test_ctrl_c_while_scoring_keeps_what_finished(toy_data, tmp_path, monkeypatch):
+    # Ctrl-C during the first batch's programs: the sandbox kills those in flight and says which finished; the
+    # runner records those (a resumed run does not redo them) and stops.
+    from dinfill.eval.execution import Sandbox, SandboxInterrupted
+
+    real = Sandbox.run_many
+
+    def interrupted(self, programs, progress=False, desc=""):
+        done = real(self, programs, progress, desc)
+        if len(programs) < 4:  # the self-check
+            return done
+        raise SandboxInterrupted([done[0], None, done[2], None])
+
+    spec = spec_for(toy_data, fakes.canonical, seeds=(0,))
+    monkeypatch.setattr(Sandbox, "run_many", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_eval(spec, fakes.canonical, tmp_path, progress=False)
+    assert [r["task_id"] for r in load_records(tmp_path)] == ["Toy/0/L0", "Toy/2/L0"]
+    monkeypatch.setattr(Sandbox, "run_many", real)
+    summary = run_eval(spec, fakes.canonical, tmp_path, progress=False)
+    assert summary["complete"] and summary["counts"] == {"passed": N_PROBLEMS}
+    lines = (tmp_path / "records.jsonl").read_text().splitlines()
+    assert len(lines) == N_PROBLEMS and [json.loads(line)["task_id"] for line in lines[:2]] == ["Toy/0/L0", "Toy/2/L0"]
+    assert json.loads((tmp_path / "run.json").read_text())["sandbox"] == summary["sandbox"]

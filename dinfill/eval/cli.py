@@ -85,8 +85,14 @@ def _add_scoring_options(parser: argparse.ArgumentParser, stop: bool = True) -> 
     group.add_argument(
         "--allow-weak-sandbox",
         action="store_true",
-        help="run programs even where the machine cannot isolate them fully (not root, no namespaces); "
-        "see dinfill.eval.execution for what is then not covered",
+        help="run programs even where the machine cannot isolate them fully (user namespaces off, no seccomp); "
+        "every record then says 'sandbox: weak (...)'; see docs/eval-protocol.md for what is then covered",
+    )
+    group.add_argument(
+        "--python",
+        default=None,
+        help="interpreter the programs run with (default: the one running dinfill); it needs only the standard "
+        "library",
     )
     group.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -204,8 +210,10 @@ def _sandbox_config(args: argparse.Namespace):
 
     # Other limits keep their defaults (see SandboxConfig); these two are the ones people tune. Without the
     # flag, SandboxConfig reads DINFILL_ALLOW_WEAK_SANDBOX.
-    weak = {"allow_weaker_isolation": True} if args.allow_weak_sandbox else {}
-    return SandboxConfig(cpu_seconds=args.cpu_seconds, memory_bytes=args.memory_mb * 1024**2, **weak)
+    options = {"allow_weaker_isolation": True} if args.allow_weak_sandbox else {}
+    if args.python is not None:
+        options["python"] = args.python
+    return SandboxConfig(cpu_seconds=args.cpu_seconds, memory_bytes=args.memory_mb * 1024**2, **options)
 
 
 def _fail(message: object) -> int:
@@ -397,6 +405,11 @@ def cmd_eval(args: argparse.Namespace) -> int:
                 print(f"{task.name}: records in {out}", file=sys.stderr)
     except (*_USER_ERRORS, SandboxUnavailable) as exc:
         return _fail(exc)
+    except KeyboardInterrupt:
+        # Every record written so far is on disk (and the batch in flight kept what it finished).
+        print(f"interrupted: the records written so far stay in {args.out}; run the same command again to resume",
+              file=sys.stderr)  # fmt: skip
+        return 130
     finally:
         locks.close()
         ctx.close()
@@ -417,13 +430,14 @@ def cmd_score(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from dinfill.eval.datasets import sha256_of
-    from dinfill.eval.execution import Sandbox, SandboxUnavailable, available_cores
+    from dinfill.eval.execution import Sandbox, SandboxInterrupted, SandboxUnavailable, available_cores
     from dinfill.eval.records import (
         RECORDS,
         RecordWriter,
         RunLock,
         check_run_file,
         load_records,
+        note_sandbox,
         read_completions,
         record_key,
     )
@@ -431,6 +445,7 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     if args.overwrite and not args.out:
         return _fail("--overwrite replaces what a run folder holds: it needs --out")
+    kept, todo, out, records = 0, [], None, []
     try:
         task = _task(args, args.task)
         problems = task.problems()
@@ -472,6 +487,8 @@ def cmd_score(args: argparse.Namespace) -> int:
                 # memo: a program that occurs twice in the file runs once, whichever chunk it is in.
                 sandbox = stack.enter_context(Sandbox(_sandbox_config(args), jobs=args.jobs, memo=True))
                 sandbox.self_check()
+                if out is not None:
+                    note_sandbox(out, sandbox.label)
             writer = stack.enter_context(RecordWriter(out / RECORDS)) if out is not None else None
             records = []
             # Chunks, each appended as soon as it is scored: a killed re-scoring loses at most one chunk.
@@ -480,7 +497,13 @@ def cmd_score(args: argparse.Namespace) -> int:
                 for start in range(0, len(todo), size):
                     part = todo[start : start + size]
                     chosen = [problems[e.index] for e in part]
-                    scored = task.score(chosen, [e.completion for e in part], postprocess, sandbox)
+                    try:
+                        scored, stop = task.score(chosen, [e.completion for e in part], postprocess, sandbox), None
+                    except SandboxInterrupted as interrupt:
+                        # Ctrl-C: the programs that finished are recorded (a resumed run does not redo them).
+                        stop, keep = interrupt, interrupt.finished()
+                        part, chosen = [part[i] for i in keep], [chosen[i] for i in keep]
+                        scored = task.score(chosen, [e.completion for e in part], postprocess, interrupt.replay())
                     for entry, problem, (processed, outcome) in zip(part, chosen, scored, strict=True):
                         record = {
                             "task": task.name,
@@ -503,7 +526,10 @@ def cmd_score(args: argparse.Namespace) -> int:
                         records.append(record)
                         if writer is not None:
                             writer.append(record)
+                            kept += 1
                     bar.update(len(part))
+                    if stop is not None:
+                        raise stop
             if out is not None:
                 # The whole run, resumed parts included, from the records alone.
                 summary = summarize_run(load_records(out))
@@ -512,6 +538,14 @@ def cmd_score(args: argparse.Namespace) -> int:
                 summary = summarize_run(records)
     except (*_USER_ERRORS, SandboxUnavailable) as exc:
         return _fail(exc)
+    except KeyboardInterrupt:
+        if out is not None:
+            print(f"interrupted: {kept} new record(s) kept in {out}; run the same command again to resume",
+                  file=sys.stderr)  # fmt: skip
+        else:
+            print(f"interrupted after {len(records)} of {len(todo)} completions; nothing is kept without --out",
+                  file=sys.stderr)  # fmt: skip
+        return 130
     if args.json:
         print(json.dumps(summary, indent=2))
     else:
@@ -531,6 +565,8 @@ def _score_text(summary: dict, path: str, n_problems: int) -> str:
         for name, value in summary.get("pass@k", {}).items():
             lines.append(f"{name} {100 * value['mean']:.2f}%")
         lines.append("statuses: " + ", ".join(f"{k} {v}" for k, v in summary.get("statuses", {}).items()))
+    if summary.get("sandbox"):
+        lines.append(f"sandbox: {summary['sandbox']}")
     for key, label in (("exact_match_first_line", "first_line"), ("exact_match_whole", "whole")):
         if key in counts:
             lines.append(f"exact_match {label} {counts[key]}/{total} ({100 * counts[key] / total:.2f}%)")

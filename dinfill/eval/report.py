@@ -24,7 +24,7 @@ from pathlib import Path
 
 from dinfill.eval.metrics import summarize_records
 from dinfill.eval.postprocess import PostProcess
-from dinfill.eval.records import RUN_FILE, load_records
+from dinfill.eval.records import RUN_FILE, load_records, mix_labels
 
 _META = ("task", "subset", "model", "kind", "sampler", "postprocess")
 
@@ -60,6 +60,10 @@ def summarize_run(records: Sequence[dict]) -> dict:
     # the environments the records were generated in (one, unless a run was resumed elsewhere)
     envs = {json.dumps(r["env"], sort_keys=True) for r in records if r.get("env")}
     summary["env"] = [json.loads(e) for e in sorted(envs)]
+    # How isolated the executed programs were: full, weak (what was missing), or a mix after a resume.
+    executed = [r["outcome"] for r in records if "status" in (r.get("outcome") or {})]
+    if executed:
+        summary["sandbox"] = mix_labels(o.get("sandbox", "not recorded (scored by an older dinfill)") for o in executed)
     # Complete means every problem for every seed and sample; a resumed run may still be short.
     sizes = {r["task_size"] for r in records if "task_size" in r}
     if sizes:
@@ -177,7 +181,8 @@ def write_summary(out_dir: str | os.PathLike, summary: dict) -> None:
     """Write ``summary.json`` and ``summary.md`` next to the records."""
     out = Path(out_dir)
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
-    (out / "summary.md").write_text(markdown_table([summary]), encoding="utf-8")
+    sandbox = f"\nsandbox: {summary['sandbox']}\n" if summary.get("sandbox") else ""
+    (out / "summary.md").write_text(markdown_table([summary]) + sandbox, encoding="utf-8")
 
 
 def find_runs(paths: Sequence[str | os.PathLike]) -> list[Path]:
@@ -195,6 +200,19 @@ def find_runs(paths: Sequence[str | os.PathLike]) -> list[Path]:
             raise FileNotFoundError(f"{path}: no records*.jsonl at or below it; pass the --out folder of a run")
         found += [c for c in candidates if c not in found]
     return found
+
+
+def _sandbox_notes(summaries: Sequence[dict]) -> list[str]:
+    """How isolated each run's programs were: one line when all were fully isolated, else one per other run."""
+    executed = [s for s in summaries if s.get("sandbox")]
+    if not executed:
+        return []
+    if all(s["sandbox"] == "full" for s in executed):
+        return ["Sandbox: full for every run that executed programs."]
+    notes = [f"Note: sandbox: {s['sandbox']} in {s['run']}." for s in executed if s["sandbox"] != "full"]
+    if len({s["sandbox"] for s in executed}) > 1:
+        notes.append("Note: these runs were executed with different sandbox isolation (full and weak); see above.")
+    return notes
 
 
 def report(paths: Sequence[str | os.PathLike], plot: str | os.PathLike | None = None) -> tuple[str, list[dict]]:
@@ -228,6 +246,7 @@ def report(paths: Sequence[str | os.PathLike], plot: str | os.PathLike | None = 
         notes.append(
             "Note: oracle middle length gives the diffusion model the true middle length, which AR models do not get."
         )
+    notes += _sandbox_notes(summaries)
     if empty:
         notes.append(f"Note: skipped {len(empty)} run folder(s) without records yet: {', '.join(empty)}.")
     if plot is not None:

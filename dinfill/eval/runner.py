@@ -31,7 +31,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, runtime_checkable
 
-from dinfill.eval.execution import Sandbox, SandboxConfig, available_cores
+from dinfill.eval.execution import Sandbox, SandboxConfig, SandboxInterrupted, available_cores
 from dinfill.eval.postprocess import PostProcess
 from dinfill.eval.records import (
     RECORDS,
@@ -40,6 +40,7 @@ from dinfill.eval.records import (
     RunLock,
     check_run_file,
     load_records,
+    note_sandbox,
     read_run_identity,
     record_key,
     write_records_atomically,
@@ -375,6 +376,8 @@ def _run_locked(
         if sandbox is not None:
             # Fail closed before hours of generation: a broken sandbox must not score everything as failed.
             sandbox.self_check()
+            if ctx.rank == 0:
+                note_sandbox(out, sandbox.label)
         with RecordWriter(out / name) as writer:
             desc = f"{task.name} rank {ctx.rank}"
             for batch in tqdm(batches, desc=desc, disable=not progress, unit="batch", position=ctx.local_rank):
@@ -427,7 +430,14 @@ def _run_batch(
     # Only the missing problems are scored and written; the rest of the batch is already on disk.
     by_index = dict(zip(batch.indices, middles, strict=True))
     start = time.perf_counter()
-    scored = task.score([problems[i] for i in todo], [by_index[i] for i in todo], spec.postprocess, sandbox)
+    stop = None
+    try:
+        scored = task.score([problems[i] for i in todo], [by_index[i] for i in todo], spec.postprocess, sandbox)
+    except SandboxInterrupted as interrupt:
+        # Ctrl-C while scoring: record what finished (a resumed run does not redo it), then stop.
+        stop, todo = interrupt, [todo[i] for i in interrupt.finished()]
+        replay = interrupt.replay()
+        scored = task.score([problems[i] for i in todo], [by_index[i] for i in todo], spec.postprocess, replay)
     score_s = time.perf_counter() - start
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     for i, (processed, outcome) in zip(todo, scored, strict=True):
@@ -462,3 +472,5 @@ def _run_batch(
                 **({"env": env} if env is not None else {}),
             }
         )
+    if stop is not None:
+        raise stop
