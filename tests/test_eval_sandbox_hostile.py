@@ -524,10 +524,10 @@ def test_sandbox_tests_pass_as_a_non_root_user_with_full_isolation(tmp_path):
         pwd.getpwnam(CI_USER)
     except KeyError:
         subprocess.run(["useradd", "--system", "--no-create-home", CI_USER], check=True, capture_output=True)
+    script = ["set -e", "mount --make-rprivate /"]
     # The interpreter may live under a 0700 home (pyenv in /root): in a private mount namespace that home is covered
     # with an empty tmpfs and the interpreter's folders are bound back, as the sandbox itself does for its programs.
     folders = sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix) if _blocked(p)})
-    script = ["set -e", "mount --make-rprivate /"]
     for blocked in sorted({_blocked(p) for p in folders}):
         inside = [p for p in folders if p.startswith(blocked + "/")]
         stages = [tmp_path / f"stage{i}" for i in range(len(inside))]
@@ -536,6 +536,15 @@ def test_sandbox_tests_pass_as_a_non_root_user_with_full_isolation(tmp_path):
         script.append(f"mount -t tmpfs -o mode=0755,size=1m tmpfs {blocked}")
         for folder, stage in zip(inside, stages, strict=True):
             script += [f"mkdir -p {folder}", f"mount --move {stage} {folder}"]
+    # cgroup v1 hierarchies delegated to that user (a folder it owns, its shell moved in), as an administrator
+    # delegates one: the memory cap then covers each program as a whole without root, as the docs say.
+    user = pwd.getpwnam(CI_USER)
+    delegated = [Path(parent, f"dinfill-ci-{secrets.token_hex(4)}") for key, parent in _cgroup_parents() if key != "v2"]
+    for folder in delegated:
+        folder.mkdir()
+        for path in (folder, folder / "cgroup.procs", folder / "tasks"):
+            os.chown(path, user.pw_uid, user.pw_gid)
+        script.append(f"echo $$ > {folder}/cgroup.procs")
     tests = [str(REPO / "tests" / name) for name in ("test_eval_execution.py", "test_eval_sandbox_hostile.py")]
     # The user's temporary folder: pytest's own (tmp_path) sits below a 0700 folder of root.
     user_tmp = Path(tempfile.mkdtemp(prefix="dinfill-ci-"))
@@ -554,5 +563,9 @@ def test_sandbox_tests_pass_as_a_non_root_user_with_full_isolation(tmp_path):
         )
     finally:
         shutil.rmtree(user_tmp, ignore_errors=True)
+        for folder in delegated:
+            for child in folder.glob("dinfill-*"):
+                child.rmdir()
+            folder.rmdir()
     print(done.stdout[-3000:])
     assert done.returncode == 0, done.stdout[-6000:] + done.stderr[-2000:]

@@ -4,34 +4,35 @@ Why a fork server: starting a Python interpreter costs 30-60 ms, several times w
 program needs, and a full re-scoring runs thousands of them. This server starts once per slot
 (``python -I -B -u``, as the evaluator's user), builds what every program of the slot shares, checks
 once that the per-program isolation works on this machine, and then forks a fresh process per
-program. It never runs untrusted code itself and imports only the standard library plus the two
-small ctypes bindings the evaluator points it to (``pyseccomp`` for libseccomp, ``landlockpy`` for
-Landlock); never ``random`` (a forked module would hand every program the same random state) and
-never the dinfill package.
+program. It never runs untrusted code itself and imports little: the standard library it needs
+(a fork costs in proportion to the memory it copies, twice per program), ``landlockpy`` where the
+evaluator points it to (weaker isolation only), never ``random`` (a forked module would hand every
+program the same random state) and never the dinfill package. The seccomp filter arrives compiled.
 
 Processes of one slot (full isolation)::
 
     launcher    the process the evaluator started; as root it first claims the slot's uid (holder)
       holder    root only: a process running as the slot's uid, so that no other evaluator on this
                 kernel (whatever its TMPDIR or container) can claim that uid while it lives
-      server    pid 1 of the slot's pid namespace (and, when the evaluator is not root, of the
-                slot's user namespace): it forks the programs and dies with the launcher
+      server    pid 1 of the slot's pid namespace (and, when the evaluator is not root, in the
+                slot's user namespace), in the slot's cgroups: it forks the programs, which
+                inherit the cgroups (no cgroup move per program), and dies with the launcher
         R       pid 1 of one program's pid namespace, the reaper (mount and IPC namespaces,
-                read-only view, private tmpfs, fresh read-only /proc, the slot's cgroups)
+                read-only view, private tmpfs, fresh read-only /proc)
           P     pid 2: limits, uid drop or capability drop, no_new_privs, the seccomp filter; runs
                 the program in a fresh global namespace and writes its report
 
-The launcher makes the slot's namespaces with one ``unshare`` and forks the server into them; it
-then only waits. The server dies with the launcher (``PR_SET_PDEATHSIG``), and everything in the
-slot's pid namespace, every program and every reaper, dies with the server: killing the evaluator's
-slot processes never leaves a program running. The server is also a subreaper (or pid 1), so
-whatever a program leaves running comes back to it to be killed.
+The launcher makes the slot's namespaces and forks the server into them; it then only waits. The
+server dies with the launcher (``PR_SET_PDEATHSIG``), and everything in the slot's pid namespace,
+every program and every reaper, dies with the server: killing the evaluator's slot processes never
+leaves a program running. The server is also a subreaper (or pid 1), so whatever a program leaves
+running comes back to it to be killed.
 
 Per program (messages on a unix socket; pipes for stdout, stderr, the report and the harness come
 with the job and land on fds 1, 2, 3 and 4): ``unshare(CLONE_NEWPID)`` (applies to the next child
-only), fork R, ``setns`` back. R joins the slot's cgroups, makes its mount and IPC namespaces, forks
-P, waits for it, writes how P ended on fd 4 and exits: the kernel then kills everything left in
-the pid namespace, and the mount and IPC namespaces go with the last process. The reply to "run"
+only), fork R, ``setns`` back. R makes its mount and IPC namespaces, forks P, waits for it, kills
+and reaps whatever P left (so that their CPU time counts), writes how P ended on fd 4 and exits;
+the mount and IPC namespaces go with the last process. The reply to "run"
 carries a pidfd of R, so the evaluator can watch and kill it whatever pid namespace the server is in.
 
 CPU time is accounted for the program's whole process tree: while a program runs, the server
@@ -58,11 +59,9 @@ import marshal
 import os
 import resource
 import select
-import shutil
 import signal
 import socket
 import struct
-import subprocess
 import sys
 import traceback
 
@@ -84,26 +83,6 @@ TMP_MOUNTS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 WORKDIR = "/tmp/work"
 # Seconds between two looks at a running program's CPU time (all its processes together).
 POLL = 0.05
-# What the seccomp filter refuses (EPERM; clone3 gets ENOSYS so that libc falls back to clone, whose
-# flags a filter can see). Documented in dinfill.eval.execution; names this libseccomp does not know
-# on this architecture are skipped.
-DENIED_SYSCALLS = {
-    "namespaces and mounts": (
-        "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "mount_setattr", "move_mount",
-        "open_tree", "fsopen", "fsconfig", "fsmount", "fspick",
-    ),
-    "other processes": ("ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "kcmp"),
-    "kernel keyrings": ("add_key", "request_key", "keyctl"),
-    "wide kernel interfaces": (
-        "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register",
-        "open_by_handle_at", "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
-    ),
-}  # fmt: skip
-# clone() flags that would make a namespace: refused whatever else is asked for.
-_NAMESPACE_FLAGS = (
-    _CLONE_NEWNS, _CLONE_NEWCGROUP, _CLONE_NEWUTS, _CLONE_NEWIPC, _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET,
-    _CLONE_NEWTIME,
-)  # fmt: skip
 # Error texts are capped so that one write() to a pipe stays atomic (PIPE_BUF 4096).
 _DETAIL_CHARS = 1500
 _RESULT_FD, _HARNESS_FD = 3, 4
@@ -156,8 +135,11 @@ def remove_tree(path: str, timeout: float = 30.0) -> bool:
 
     ``shutil.rmtree`` recurses once per level before Python 3.12.4 (a 5000-deep tree raises
     RecursionError, which ``ignore_errors`` does not cover); ``rm -rf`` walks iteratively and is
-    killed at the deadline.
+    killed at the deadline. (Imported here: the fork server needs them only when it exits.)
     """
+    import shutil
+    import subprocess
+
     try:
         shutil.rmtree(path)
     except FileNotFoundError:
@@ -211,6 +193,15 @@ def _make_read_only(path: str) -> None:
     _check(result, f"read-only remount of {path} (mount_setattr, Linux >= 5.12)")
 
 
+def _set_oom_score(value: bytes) -> None:
+    """Best effort: lowering needs CAP_SYS_RESOURCE of the machine (without it the server stays killable, and the
+    evaluator still sees an OOM kill in the cgroup's counter)."""
+    try:
+        _write_file("/proc/self/oom_score_adj", value)
+    except OSError:
+        pass
+
+
 def _die_with_parent(parent: int | None) -> None:
     """SIGKILL when the parent dies (``PR_SET_PDEATHSIG``; cleared by a uid change, so set after one).
 
@@ -245,34 +236,6 @@ def _drop_capabilities() -> None:
 
 
 # -- the seccomp filter ---------------------------------------------------------------------
-def _seccomp_program() -> bytes:
-    """The filter's BPF program, compiled once per slot by libseccomp (pyseccomp): loading it per program is cheap."""
-    import pyseccomp
-
-    rules = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
-    for names in DENIED_SYSCALLS.values():
-        for name in names:
-            try:
-                rules.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
-            except (OSError, ValueError):
-                continue  # not a system call of this architecture
-    for flag in _NAMESPACE_FLAGS:
-        rules.add_rule(pyseccomp.ERRNO(errno.EPERM), "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag))
-    rules.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")  # its flags live in memory a filter cannot read
-    read, write = os.pipe()
-    try:
-        with os.fdopen(write, "wb") as sink:
-            rules.export_bpf(sink)
-        with os.fdopen(read, "rb") as source:
-            return source.read()
-    finally:
-        for fd in (read, write):
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
 def _load_seccomp(program: bytes) -> None:
     """Install the filter on this process and everything it starts (needs no_new_privs, set before)."""
     # struct sock_fprog: the number of 8-byte instructions, then a pointer to them.
@@ -435,14 +398,10 @@ def _expose_interpreter(also: list) -> str:
 def _isolate(setup: dict, new_pid_ns: bool) -> str | None:
     """Per-program isolation, in the process that becomes R (still privileged); returns the private workdir or None.
 
-    Order matters: the cgroups are joined while /sys is writable; mounts are made private before
-    anything is mounted (nothing may reach the host's mount table); everything is made read-only
-    before the tmpfs mounts, which stay writable; /proc is mounted (read-only) from inside the new
-    pid namespace.
+    Order matters: mounts are made private before anything is mounted (nothing may reach the host's
+    mount table); everything is made read-only before the tmpfs mounts, which stay writable; /proc is
+    mounted (read-only) from inside the new pid namespace.
     """
-    for procs in setup["cgroup_procs"]:
-        # "0" is the writing process itself, whatever pid namespace it is in; P inherits the cgroups.
-        _write_file(procs, b"0")
     flags = (_CLONE_NEWIPC if setup["ipc_namespace"] else 0) | (_CLONE_NEWNS if setup["private_filesystem"] else 0)
     if not flags:
         return None
@@ -507,12 +466,12 @@ def _probe(setup: dict, state: dict) -> dict:
     Returns ``{feature: error}`` for the features this machine cannot provide; the evaluator
     refuses to run unless weaker isolation was allowed, and then programs run without them.
     """
-    features = ("cgroup_procs", "ipc_namespace", "private_filesystem")
+    features = ("ipc_namespace", "private_filesystem")
     wanted = [name for name in features if setup[name]]
     if not wanted or not _try_isolation(setup, state):
         return {}
     # Something failed: find out what, one feature at a time, keeping those that work.
-    errors, kept = {}, {"cgroup_procs": [], "ipc_namespace": False, "private_filesystem": False}
+    errors, kept = {}, {"ipc_namespace": False, "private_filesystem": False}
     for name in wanted:
         error = _try_isolation({**setup, **kept, name: setup[name]}, state)
         if error:
@@ -615,6 +574,17 @@ def _prepare(sock: socket.socket, setup: dict) -> dict:
     }
     _enter_slot(sock, setup, state)
     errors = state["isolation_errors"]
+    if setup["cgroup_procs"]:
+        # The server joins the slot's cgroups once and every program it forks inherits them: no cgroup move per
+        # program (a cgroup v1 move costs milliseconds). The OOM killer is told to spare the server (root only;
+        # each reaper raises its score back to 0 for its program).
+        _set_oom_score(b"-1000")
+        try:
+            for procs in setup["cgroup_procs"]:
+                _write_file(procs, b"0")  # "0": the writing process itself, whatever pid namespace it is in
+        except OSError as exc:
+            errors["cgroup_procs"] = f"joining {procs}: {exc.strerror or exc}"
+            setup["cgroup_procs"] = []
     if setup["uid_candidates"] and state["claimed_uid"] is not None and setup["user_namespace"]:
         setup["uid"] = 1  # the claimed uid is mapped as uid 1 of the slot's user namespace
     elif setup["uid_candidates"]:
@@ -630,11 +600,7 @@ def _prepare(sock: socket.socket, setup: dict) -> dict:
         if problem:  # programs cannot run as that uid: they keep ours, without capabilities (refused unless allowed)
             errors["drop_privileges"] = problem
             setup["uid"] = None
-    if setup["seccomp"]:
-        try:
-            state["seccomp"] = _seccomp_program()
-        except Exception as exc:  # noqa: BLE001 - ImportError, a missing libseccomp: the feature is missing
-            errors["seccomp"] = f"{type(exc).__name__}: {exc}"
+    state["seccomp"] = setup["seccomp"]  # compiled by the evaluator (libseccomp is not imported here)
     _share_nproc(setup, state)
     if setup["pid_namespace"]:
         try:
@@ -827,10 +793,16 @@ def _reap(setup: dict, state: dict, job: dict) -> None:
     # Kill and reap what the program left ourselves: the kernel would too once we exit, but it would not count
     # their CPU time towards ours (the server reports the whole tree's from our rusage).
     try:
-        os.kill(-1, signal.SIGKILL)  # everything in this pid namespace but us
-    except ProcessLookupError:
-        pass
-    while True:
+        os.waitpid(-1, os.WNOHANG)
+        leftovers = True
+    except ChildProcessError:  # the usual case: nothing left, and kill(-1) would walk every process of the machine
+        leftovers = False
+    if leftovers:
+        try:
+            os.kill(-1, signal.SIGKILL)  # everything in this pid namespace but us
+        except ProcessLookupError:
+            pass
+    while leftovers:
         try:
             os.wait4(-1, 0)
         except ChildProcessError:
@@ -860,6 +832,8 @@ def _start(setup: dict, state: dict, job: dict, fds: list) -> tuple[int, bool]:
             os.dup2(fd, target)
         # The socket and every other inherited descriptor (close_range(2): cheap even for a high limit).
         os.closerange(_HARNESS_FD + 1, max(1 << 16, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
+        if setup["cgroup_procs"]:
+            _set_oom_score(b"0")  # the program must be killable again (raising the score needs no privilege)
         workdir = _isolate(setup, in_namespace)
         os.chdir(workdir or job["cwd"])
         # Only the scrubbed environment the evaluator chose for this program.
@@ -1001,10 +975,10 @@ def _serve(sock: socket.socket, setup: dict, state: dict) -> None:
             try:
                 pidfd = os.pidfd_open(pid)
             except OSError:  # a kernel before 5.3: the evaluator falls back to our pid and /proc
-                send_message(sock, ("started", pid))
+                send_message(sock, ("started", pid, in_namespace))
                 continue
             try:
-                send_message(sock, ("started", pid), fds=(pidfd,))
+                send_message(sock, ("started", pid, in_namespace), fds=(pidfd,))
             finally:
                 os.close(pidfd)
         elif kind == "reap":

@@ -99,7 +99,7 @@ Covered (full isolation)
   calls that read or compare other processes (``process_vm_*``, ``pidfd_getfd``, ``kcmp``), the
   kernel keyrings (``add_key``, ``request_key``, ``keyctl``), and ``bpf``, ``perf_event_open``,
   ``userfaultfd``, ``io_uring_*``, ``open_by_handle_at``, module and kexec loading
-  (:data:`dinfill.eval._sandbox_server.DENIED_SYSCALLS`);
+  (:data:`DENIED_SYSCALLS`);
 - the evaluator's end: the fork servers die with their launcher and everything a slot runs dies
   with its server; a server whose evaluator went away kills what it runs. Cgroups and folders that
   a killed evaluator left behind are removed by the next sandbox that starts (their names carry
@@ -143,6 +143,8 @@ threads): all privileged set-up happens in the fork server, a single-threaded pr
 from __future__ import annotations
 
 import dataclasses
+import errno
+import functools
 import hmac
 import logging
 import os
@@ -506,6 +508,9 @@ def _cgroup_parents() -> list[tuple[str, str]]:
             # A mount of a sub-tree (containers) shows the cgroup paths below its root.
             if root != "/" and (path == root or path.startswith(root + "/")):
                 path = path[len(root) :]
+            # Our own leaf (see _enable): the slots belong beside it.
+            if key == "v2" and os.path.basename(path).startswith("dinfill-sandbox-") and path.endswith("-evaluator"):
+                path = os.path.dirname(path)
             found.append((key, os.path.join(mountpoint, path.lstrip("/"))))
     return found
 
@@ -562,8 +567,7 @@ class _SlotCgroups:
         for controller in wanted:
             try:
                 if not os.path.exists(os.path.join(path, f"{controller}.max")):
-                    # Fails (EBUSY) when the parent holds processes itself: v2's no-internal-process rule.
-                    _write(os.path.join(parent, "cgroup.subtree_control"), f"+{controller}")
+                    _enable(parent, controller, name.rsplit("-", 1)[0] + "-evaluator")
                 if controller == "memory":
                     _write(os.path.join(path, "memory.max"), str(limit))
                     _write(os.path.join(path, "memory.swap.max"), "0", optional=True)
@@ -624,6 +628,34 @@ class _SlotCgroups:
                 except OSError:
                     time.sleep(0.02)
         self.paths, self.memory, self.cpu = [], None, False
+
+
+def _enable(parent: str, controller: str, leaf: str) -> None:
+    """Enable a cgroup v2 controller for the children of ``parent`` (our own cgroup).
+
+    v2 refuses (EBUSY) while ``parent`` holds processes itself (the no-internal-process rule). In a
+    cgroup delegated to us (``systemd-run --user --scope -p Delegate=yes``, a container's cgroup) the
+    only such process is this evaluator: it moves into a leaf of its own (``leaf``) and tries again,
+    as rootless container runtimes do.
+    """
+    control = os.path.join(parent, "cgroup.subtree_control")
+    try:
+        _write(control, f"+{controller}")
+        return
+    except OSError as exc:
+        if exc.errno != errno.EBUSY:
+            raise
+        others = set(_read(os.path.join(parent, "cgroup.procs")).split()) - {str(os.getpid())}
+        if others:
+            raise OSError(
+                errno.EBUSY,
+                f"{parent} also holds {len(others)} other process(es), so it cannot have children with the "
+                f"{controller} controller; give dinfill a cgroup of its own (systemd-run --user --scope -p "
+                "Delegate=yes ...)",
+            ) from exc
+    os.makedirs(os.path.join(parent, leaf), exist_ok=True)
+    _write(os.path.join(parent, leaf, "cgroup.procs"), str(os.getpid()))
+    _write(control, f"+{controller}")
 
 
 def _write(path: str, text: str, optional: bool = False) -> None:
@@ -710,7 +742,7 @@ class _Server:
             "pid_namespace": cfg.pid_namespace,
             "ipc_namespace": cfg.ipc_namespace,
             "private_filesystem": cfg.private_filesystem,
-            "seccomp": cfg.seccomp,
+            "seccomp": self.sandbox.seccomp_program,
             "landlock": cfg.allow_weaker_isolation,
             "cgroup_procs": self.cgroups.procs if self.cgroups else [],
             "cpu_limit": cfg.cpu_limit,  # whole seconds, rounded up once (SandboxConfig.cpu_limit)
@@ -780,6 +812,8 @@ class _Server:
         self.network_isolated = bool(state["network_isolated"])
         self.uid = state["claimed_uid"]
         errors = dict(state["isolation_errors"])
+        if box._seccomp_error:
+            errors["seccomp"] = box._seccomp_error
         landlock_error = errors.pop("landlock", "")
         if "cgroup_procs" in errors:  # the caps fall back to the per-process limit (see the module docstring)
             why_not.append(errors.pop("cgroup_procs"))
@@ -833,17 +867,56 @@ class _Server:
 
 
 def _module_paths() -> list[str]:
-    """Folders holding the sandbox's two libraries, for a fork server whose interpreter (--python) may lack them."""
+    """The folder holding landlockpy, for a fork server whose interpreter (--python) may lack it."""
     import importlib.util
 
-    found = []
-    for name in ("pyseccomp", "landlockpy"):
-        spec = importlib.util.find_spec(name)
-        if spec is not None and spec.origin:
-            # A package's folder sits in its parent; a single module's file in its own folder.
-            folder = os.path.dirname(spec.origin)
-            found.append(os.path.dirname(folder) if spec.submodule_search_locations else folder)
-    return list(dict.fromkeys(found))
+    spec = importlib.util.find_spec("landlockpy")
+    if spec is None or not spec.origin:
+        return []
+    return [os.path.dirname(os.path.dirname(spec.origin))]  # the package's folder sits in its parent
+
+
+# What the seccomp filter refuses (EPERM; clone3 gets ENOSYS so that libc falls back to clone, whose flags a filter
+# can see); names this libseccomp does not know on this architecture are skipped.
+DENIED_SYSCALLS = {
+    "namespaces and mounts": (
+        "unshare", "setns", "mount", "umount2", "pivot_root", "chroot", "mount_setattr", "move_mount",
+        "open_tree", "fsopen", "fsconfig", "fsmount", "fspick",
+    ),
+    "other processes": ("ptrace", "process_vm_readv", "process_vm_writev", "pidfd_getfd", "kcmp"),
+    "kernel keyrings": ("add_key", "request_key", "keyctl"),
+    "wide kernel interfaces": (
+        "bpf", "perf_event_open", "userfaultfd", "io_uring_setup", "io_uring_enter", "io_uring_register",
+        "open_by_handle_at", "kexec_load", "kexec_file_load", "init_module", "finit_module", "delete_module",
+    ),
+}  # fmt: skip
+# clone() flags that make a namespace (sched.h): refused whatever else is asked for.
+_NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000, 0x80)
+
+
+@functools.lru_cache(maxsize=1)
+def _seccomp_program() -> bytes:
+    """The filter as a BPF program for this architecture, compiled once by libseccomp (through pyseccomp).
+
+    Compiled here rather than in the fork servers, which then need not import it (each program's two
+    forks copy the server's memory) and load it per program with one ``prctl``.
+    """
+    import pyseccomp
+
+    rules = pyseccomp.SyscallFilter(pyseccomp.ALLOW)
+    for names in DENIED_SYSCALLS.values():
+        for name in names:
+            try:
+                rules.add_rule(pyseccomp.ERRNO(errno.EPERM), name)
+            except (OSError, ValueError):
+                continue  # not a system call of this architecture
+    for flag in _NAMESPACE_FLAGS:
+        rules.add_rule(pyseccomp.ERRNO(errno.EPERM), "clone", pyseccomp.Arg(0, pyseccomp.MASKED_EQ, flag, flag))
+    rules.add_rule(pyseccomp.ERRNO(errno.ENOSYS), "clone3")  # its flags live in memory a filter cannot read
+    with tempfile.TemporaryFile() as sink:
+        rules.export_bpf(sink)
+        sink.seek(0)
+        return sink.read()
 
 
 def _consequences(errors: dict[str, str]) -> dict[str, str]:
@@ -947,6 +1020,14 @@ class Sandbox:
         self._watches: set[_Watch] = set()
         self._stopping = False
         self._said: set[str] = set()
+        #: The compiled seccomp filter the fork servers load into every program (None when switched off or missing).
+        self.seccomp_program: bytes | None = None
+        self._seccomp_error = ""
+        if self.config.seccomp:
+            try:
+                self.seccomp_program = _seccomp_program()
+            except Exception as exc:  # noqa: BLE001 - pyseccomp or libseccomp missing: the feature is missing
+                self._seccomp_error = f"{type(exc).__name__}: {exc} (install libseccomp2 and pyseccomp)"
         if self.privileges == "user":
             # Without a user namespace (weaker isolation) RLIMIT_NPROC counts every process of this user.
             mine = [pid for pid in _pids() if (_proc_status(pid) or (-1, ""))[0] == os.getuid()]
@@ -965,14 +1046,18 @@ class Sandbox:
         low, high = self.config.uid_range
         in_use = _uids_in_use() | {s.uid for s in self._servers if s.uid is not None}
         free = []
-        for uid in range(low, high):
+        # A random order of the whole range, looked up lazily: a passwd lookup per uid of a 4000-uid range would
+        # cost a noticeable part of a second per slot.
+        for uid in secrets.SystemRandom().sample(range(low, high), high - low):
+            if len(free) == _UID_CANDIDATES:
+                break
             if uid in in_use:
                 continue
             try:
                 pwd.getpwuid(uid)  # a real account: its files must stay out of the programs' reach
             except KeyError:
                 free.append(uid)
-        return secrets.SystemRandom().sample(free, min(_UID_CANDIDATES, len(free)))
+        return free
 
     def note_slot(self, server: _Server, cgroup_reasons: list[str]) -> None:
         """Record what a started slot could not provide, and say each thing once (before any program runs)."""
@@ -1175,7 +1260,7 @@ class Sandbox:
             # A server that died (killed from outside) must not take the batch down with it.
             server.stop()  # Sandbox.run starts it again for the next program
             return ExecResult("crashed", f"sandbox server failed: {exc!r}", sandbox=server.label)
-        watch = _Watch(reply[1], fds[0] if fds else None, [r for r, _ in pipes], cfg.max_output_bytes)
+        watch = _Watch(reply[1], reply[2], fds[0] if fds else None, [r for r, _ in pipes], cfg.max_output_bytes)
         with self._lock:
             self._watches.add(watch)
             if self._stopping:
@@ -1307,13 +1392,20 @@ class _Watch:
     """Drains a program's stdout, stderr, report and harness pipes until it exits or its time is up.
 
     ``server_pid`` is the program's pid as its fork server numbers it (in the slot's pid namespace);
-    ``pidfd`` (sent by the server) names the same process here, and gives its pid in our numbering.
+    ``pidfd`` (sent by the server) names the same process here. A program in a pid namespace of its own
+    (``own_namespace``) is killed through the pidfd alone (its reaper takes the namespace along);
+    otherwise its process group is killed too, by its pid in our numbering.
     """
 
-    def __init__(self, server_pid: int, pidfd: int | None, read_fds: list[int], cap: int) -> None:
+    def __init__(
+        self, server_pid: int, own_namespace: bool, pidfd: int | None, read_fds: list[int], cap: int
+    ) -> None:
         self.server_pid = server_pid
         self.pidfd = pidfd
-        self.pid = _pid_of(pidfd) if pidfd is not None else server_pid
+        if own_namespace and pidfd is not None:
+            self.pid: int | None = None
+        else:
+            self.pid = _pid_of(pidfd) if pidfd is not None else server_pid
         self.interrupted = False
         self.fds = read_fds
         self.buffers = [bytearray() for _ in read_fds]
