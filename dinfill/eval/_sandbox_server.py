@@ -19,7 +19,7 @@ Processes of one slot (full isolation)::
                 inherit the cgroups (no cgroup move per program), and dies with the launcher
         R       pid 1 of one program's pid namespace, the reaper (mount and IPC namespaces,
                 read-only view, private tmpfs, fresh read-only /proc)
-          P     pid 2: limits, uid drop or capability drop, no_new_privs, the seccomp filter; runs
+          P     pid 2: limits, no_new_privs, uid drop, no capabilities, the seccomp filter; runs
                 the program in a fresh global namespace and writes its report
 
 The launcher makes the slot's namespaces and forks the server into them; it then only waits. The
@@ -213,26 +213,41 @@ def _die_with_parent(parent: int | None) -> None:
         os._exit(1)
 
 
-def _drop_capabilities() -> None:
-    """No capabilities, now or after an ``execve`` (bounding and ambient sets emptied, then capset(0)).
+def _limit_capabilities() -> None:
+    """Empty the bounding and ambient sets: nothing this process or its children execute can gain a capability.
 
-    Needed where the program keeps uid 0 of its slot's user namespace (no second uid could be
-    mapped): uid 0 there would otherwise hold every capability over the slot's own namespaces.
+    Called while still privileged (dropping from the bounding set needs CAP_SETPCAP); :func:`_no_capabilities`
+    then empties the rest after the uid change.
     """
-    try:
-        with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as handle:
-            last = int(handle.read())
-    except (OSError, ValueError):
-        last = 63
     if _LIBC.prctl(_PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, 0, 0, 0) != 0 and ctypes.get_errno() != errno.EINVAL:
         _check(-1, "clearing the ambient capabilities")
-    for cap in range(last + 1):
-        # EINVAL: a capability this kernel does not know; EPERM: the bounding set is already locked for us.
+    for cap in range(_LAST_CAP + 1):
+        # EINVAL: a capability this kernel does not know; EPERM: no CAP_SETPCAP (then there is nothing to drop).
         if _LIBC.prctl(_PR_CAPBSET_DROP, cap, 0, 0, 0) != 0 and ctypes.get_errno() not in (errno.EINVAL, errno.EPERM):
             _check(-1, f"dropping capability {cap} from the bounding set")
+
+
+def _no_capabilities() -> None:
+    """capset(0): no effective, permitted or inheritable capability, whatever the uid.
+
+    A uid change clears them only when it leaves uid 0: a slot whose server keeps the user's uid in
+    its user namespace (and so holds every capability there) hands them to a program that switches
+    to a subordinate uid, or keeps the user's, unless they are dropped here.
+    """
     header = ctypes.create_string_buffer(struct.pack("Ii", _CAPABILITY_VERSION_3, 0), 8)
     data = ctypes.create_string_buffer(24)  # two struct __user_cap_data_struct, all zero
     _check(_LIBC.capset(header, data), "capset (dropping every capability)")
+
+
+def _read_last_cap() -> int:
+    try:
+        with open("/proc/sys/kernel/cap_last_cap", encoding="ascii") as handle:
+            return int(handle.read())
+    except (OSError, ValueError):
+        return 63
+
+
+_LAST_CAP = _read_last_cap()
 
 
 # -- the seccomp filter ---------------------------------------------------------------------
@@ -498,25 +513,29 @@ def _enter_slot(sock: socket.socket, setup: dict, state: dict) -> None:
         uid, gid = os.geteuid(), os.getegid()
         try:
             _unshare(_CLONE_NEWUSER, "unshare(CLONE_NEWUSER)")
-            if state["claimed_uid"] is None:
+            if state["claimed_uid"] is None and not setup["subordinate"]:
                 # Our own ids onto themselves (any user may map those, and only those); programs see their real
                 # uid. setgroups must be refused before an unprivileged gid map.
                 _write_file("/proc/self/setgroups", b"deny")
                 _write_file("/proc/self/uid_map", f"{uid} {uid} 1\n".encode())
                 _write_file("/proc/self/gid_map", f"{gid} {gid} 1\n".encode())
             else:
-                # A second id (the claimed uid) needs CAP_SETUID in the parent namespace: the evaluator maps it.
+                # A second id (the claimed uid as root, or a subordinate uid through newuidmap) needs a privilege in
+                # the parent namespace: the evaluator maps it, and says as which uid the programs run in ours.
                 send_message(sock, ("map", os.getpid(), state["claimed_uid"]))
-                (_, problem), _ = recv_message(sock)
+                (_, problem, inside), _ = recv_message(sock)
                 if problem:
                     raise OSError(errno.EPERM, problem)
+                if setup["subordinate"]:
+                    setup["uid"] = inside
         except OSError as exc:
             errors["user_namespace"] = exc.strerror or str(exc)
             for name in ("user_namespace", "pid_namespace", "ipc_namespace", "private_filesystem", "isolate_network"):
                 setup[name] = False
             setup["cgroup_procs"] = []
     if setup["isolate_network"]:
-        state["network_isolated"] = _LIBC.unshare(_CLONE_NEWNET) == 0
+        # With the network, the host name: a UTS namespace of the slot's own (programs cannot change it anyway).
+        state["network_isolated"] = _LIBC.unshare(_CLONE_NEWNET | _CLONE_NEWUTS) == 0
     if not setup["pid_namespace"]:
         return
     try:
@@ -571,6 +590,7 @@ def _prepare(sock: socket.socket, setup: dict) -> dict:
         "landlock": 0,
         "private_filesystem": False,
         "slot_server": 0,
+        "subordinate_used": False,
     }
     _enter_slot(sock, setup, state)
     errors = state["isolation_errors"]
@@ -613,6 +633,11 @@ def _prepare(sock: socket.socket, setup: dict) -> dict:
             errors["pid_namespace"] = exc.strerror or str(exc)
     if not state["error"]:
         errors.update(_probe(setup, state))
+    if setup["subordinate"] and not setup["private_filesystem"]:
+        # Without a private tmpfs the programs write into a folder of the user's on the host, which the user could
+        # not clean up after a subordinate uid: they keep the user's uid (without capabilities) instead.
+        setup["uid"] = None
+    state["subordinate_used"] = bool(setup["subordinate"] and setup["uid"] is not None)
     if setup["landlock"] and not setup["private_filesystem"]:
         # No read-only view of the machine (weaker isolation, allowed): Landlock keeps the user's files unwritable.
         try:
@@ -665,14 +690,14 @@ def _limit_and_drop(setup: dict, state: dict, parent: int) -> None:
             _set_limit(which, int(setup[key]))
     # Setuid and file-capability binaries run without their privileges from here on (and in every child).
     _check(_LIBC.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+    _limit_capabilities()
     if setup["uid"] is not None:
         os.setgroups([])
         os.setgid(setup["uid"])
         os.setuid(setup["uid"])
         if os.getuid() != setup["uid"] or os.geteuid() != setup["uid"]:
             raise OSError(f"still uid {os.getuid()}/{os.geteuid()} after setuid({setup['uid']})")
-    else:
-        _drop_capabilities()  # a slot without a uid of its own: the program keeps ours, without its capabilities
+    _no_capabilities()
     _die_with_parent(parent)
     os.umask(0o077)
     if state["landlock"]:
@@ -999,7 +1024,10 @@ def main() -> None:
     sys.path[:0] = setup["module_paths"]
     # Namespaces and mounts once per slot; programs only pay for their fork.
     state = _prepare(sock, setup)
-    report = ("network_isolated", "error", "isolation_errors", "claimed_uid", "landlock", "private_filesystem")
+    report = (
+        "network_isolated", "error", "isolation_errors", "claimed_uid", "landlock", "private_filesystem",
+        "subordinate_used",
+    )  # fmt: skip
     send_message(sock, ("ready", {key: state[key] for key in report}))
     try:
         _serve(sock, setup, state)

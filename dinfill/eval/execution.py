@@ -104,7 +104,7 @@ Covered (full isolation)
   with its server; a server whose evaluator went away kills what it runs. Cgroups and folders that
   a killed evaluator left behind are removed by the next sandbox that starts (their names carry
   the owner's pid namespace, pid and start time);
-- network: an empty network namespace; every result says whether it was isolated.
+- network: an empty network namespace (and a UTS namespace) per slot; every result says whether it was isolated.
 
 Where the machine cannot provide a requested feature, the sandbox refuses to start (at the first
 program, i.e. at :meth:`Sandbox.self_check`) and says once per feature what is missing, why, and
@@ -144,6 +144,7 @@ from __future__ import annotations
 
 import dataclasses
 import errno
+import fcntl
 import functools
 import hmac
 import logging
@@ -152,6 +153,7 @@ import pwd
 import queue
 import secrets
 import selectors
+import shutil
 import signal
 import socket
 import subprocess
@@ -178,7 +180,7 @@ _REPORT_CAP = 16384
 _FEATURES = {
     "drop_privileges": "a uid of its own per slot",
     "pid_namespace": "a pid namespace per program",
-    "isolate_network": "an empty network namespace",
+    "isolate_network": "empty network and UTS namespaces",
     "ipc_namespace": "an IPC namespace per program",
     "private_filesystem": "a read-only root with a private /tmp, /var/tmp, /dev/shm, /run/lock and /proc",
     "seccomp": "a seccomp filter (no namespaces, mounts, ptrace or keyrings)",
@@ -225,7 +227,7 @@ class SandboxConfig:
     tmp_bytes : int
         Size of each private tmpfs (``/tmp``, ``/var/tmp``, ``/dev/shm``, ``/run/lock``).
     isolate_network : bool
-        Run programs in an empty network namespace.
+        Run programs in an empty network namespace (with a UTS namespace of their slot's own).
     pid_namespace : bool
         Run each program as pid 2 of a new pid namespace whose pid 1 is a reaper, so that everything
         the program started dies with it; without it the fork server (a subreaper) kills leftovers.
@@ -239,6 +241,10 @@ class SandboxConfig:
     seccomp : bool
         Refuse the system calls listed in the module docstring (namespaces, mounts, ptrace,
         keyrings, wide kernel interfaces).
+    subordinate_ids : bool
+        Without root: run each slot's programs as one of the user's subordinate uids
+        (``/etc/subuid``, mapped with ``newuidmap`` as rootless containers do) where they exist,
+        rather than as the user's own uid without capabilities.
     allow_weaker_isolation : bool
         Run even when the machine cannot provide a feature asked for above (user namespaces off, no
         Landlock...); off by default (unless the environment sets ``DINFILL_ALLOW_WEAK_SANDBOX=1``,
@@ -264,6 +270,7 @@ class SandboxConfig:
     private_filesystem: bool = True
     drop_privileges: bool = True
     seccomp: bool = True
+    subordinate_ids: bool = True
     allow_weaker_isolation: bool = field(default_factory=lambda: os.environ.get("DINFILL_ALLOW_WEAK_SANDBOX") == "1")
     uid_range: tuple[int, int] = (61000, 65000)
     python: str = field(default_factory=lambda: sys.executable)
@@ -692,6 +699,44 @@ def _write_id_maps(pid: int, claimed: int) -> str:
     return ""
 
 
+def _subordinate_ranges() -> tuple[tuple[tuple[int, int], tuple[int, int]] | None, str]:
+    """This user's subordinate uid and gid ranges ((start, count) each) and "", or None and why there are none."""
+    missing = [tool for tool in ("newuidmap", "newgidmap") if shutil.which(tool) is None]
+    if missing:
+        return None, f"{' and '.join(missing)} not installed (Debian/Ubuntu package uidmap)"
+    try:
+        name = pwd.getpwuid(os.getuid()).pw_name
+    except KeyError:
+        return None, f"uid {os.getuid()} has no passwd entry"
+    ranges = []
+    for path in ("/etc/subuid", "/etc/subgid"):
+        for line in _read(path).splitlines():
+            owner, _, rest = line.strip().partition(":")
+            start, _, count = rest.partition(":")
+            if owner in (name, str(os.getuid())) and start.isdigit() and count.isdigit() and int(count) > 0:
+                ranges.append((int(start), int(count)))
+                break
+        else:
+            return None, f"{path} gives {name} no range (usermod --add-subuids / --add-subgids)"
+    return (ranges[0], ranges[1]), ""
+
+
+def _subordinate_lock_folder() -> str | None:
+    """A folder of this user for the subordinate-id locks, the same whatever TMPDIR says (None if none is writable)."""
+    for base in (os.environ.get("XDG_RUNTIME_DIR"), os.path.join(os.path.expanduser("~"), ".cache", "dinfill")):
+        if not base:
+            continue
+        folder = os.path.join(base, "dinfill-subordinate-ids")
+        try:
+            os.makedirs(folder, mode=0o700, exist_ok=True)
+            info = os.lstat(folder)
+        except OSError:
+            continue
+        if info.st_uid == os.geteuid() and not info.st_mode & 0o022:
+            return folder
+    return None
+
+
 def _userns_hint(error: str) -> str:
     """Why user namespaces fail here and how to turn them on (the sysctl or AppArmor setting that is off)."""
     if _read("/proc/sys/user/max_user_namespaces") == "0":
@@ -727,6 +772,8 @@ class _Server:
         self.home: str | None = None
         self.cgroups: _SlotCgroups | None = None
         self.uid: int | None = None
+        self.subordinate: tuple[int, int, int] | None = None  # (offset, uid, gid) of the slot's subordinate ids
+        self._subordinate_lock: int | None = None
         self.network_isolated = False
         self.private_filesystem = False
         self.missing: dict[str, str] = {}
@@ -738,6 +785,7 @@ class _Server:
             "uid": None,
             "uid_candidates": candidates,
             "user_namespace": box.privileges != "root",
+            "subordinate": self.subordinate is not None,
             "isolate_network": cfg.isolate_network,
             "pid_namespace": cfg.pid_namespace,
             "ipc_namespace": cfg.ipc_namespace,
@@ -761,6 +809,8 @@ class _Server:
         """Start the fork server, let it build the slot's namespaces and probe the per-program ones."""
         box, cfg = self.sandbox, self.sandbox.config
         self.cgroups, why_not = _SlotCgroups.create(f"dinfill-sandbox-{box.owner}-{self.index}", cfg.memory_bytes)
+        if box.subordinate_ranges is not None:
+            self._claim_subordinate(box.subordinate_ranges)
         # A unix socket, because the pipes of each program travel to the server as file descriptors.
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.home = tempfile.mkdtemp(prefix=f"dinfill-sandbox-{box.owner}-server{self.index}-")
@@ -791,8 +841,14 @@ class _Server:
             _wire.send_message(ours, self.setup_message(candidates))
             reply, _ = _wire.recv_message(ours)
             while reply[0] == "map":  # the launcher made its user namespace and waits for its id maps
-                problem = _write_id_maps(reply[1], reply[2])
-                _wire.send_message(ours, ("mapped", problem))
+                if reply[2] is not None:
+                    problem, mapped = _write_id_maps(reply[1], reply[2]), 1
+                else:
+                    problem, mapped = "", self._map_subordinate(reply[1])
+                    if mapped is None:  # the slot does not use its subordinate ids after all
+                        os.close(self._subordinate_lock)
+                        self._subordinate_lock, self.subordinate = None, None
+                _wire.send_message(ours, ("mapped", problem, mapped))
                 reply, _ = _wire.recv_message(ours)
         except (OSError, EOFError) as exc:
             with open(log, "rb") as handle:
@@ -810,7 +866,11 @@ class _Server:
         """Take in what the server could provide: refuse, or record what is missing and say it once."""
         box, cfg = self.sandbox, self.sandbox.config
         self.network_isolated = bool(state["network_isolated"])
-        self.uid = state["claimed_uid"]
+        if self.subordinate is not None and not state["subordinate_used"]:
+            os.close(self._subordinate_lock)  # mapped but not used (no private tmpfs): free for others
+            self._subordinate_lock, self.subordinate = None, None
+        # The programs' uid on this machine: a claimed one (root), a subordinate one, or ours (None).
+        self.uid = state["claimed_uid"] if state["claimed_uid"] is not None else (self.subordinate or (0, None))[1]
         errors = dict(state["isolation_errors"])
         if box._seccomp_error:
             errors["seccomp"] = box._seccomp_error
@@ -819,7 +879,7 @@ class _Server:
             why_not.append(errors.pop("cgroup_procs"))
             self.cgroups.remove()
         if cfg.isolate_network and not self.network_isolated and "user_namespace" not in errors:
-            errors.setdefault("isolate_network", "unshare(CLONE_NEWNET) failed")
+            errors.setdefault("isolate_network", "unshare(CLONE_NEWNET | CLONE_NEWUTS) failed")
         missing = _consequences(errors)
         self.private_filesystem = bool(state["private_filesystem"])
         self.missing = missing
@@ -857,6 +917,47 @@ class _Server:
         if self.cgroups is not None:
             self.cgroups.remove()
             self.cgroups = None
+        if self._subordinate_lock is not None:
+            os.close(self._subordinate_lock)  # the slot's subordinate ids are free for another evaluator
+            self._subordinate_lock = None
+            self.subordinate = None
+
+    def _claim_subordinate(self, ranges: tuple[tuple[int, int], tuple[int, int]]) -> None:
+        """Take one of the user's subordinate uid/gid pairs for this slot (a lock file per offset, in a folder of the
+        user that does not depend on TMPDIR, so that two evaluators of the user never share one)."""
+        (uid_start, uid_count), (gid_start, gid_count) = ranges
+        folder = _subordinate_lock_folder()
+        if folder is None:
+            return
+        for offset in secrets.SystemRandom().sample(range(min(uid_count, gid_count)), min(uid_count, gid_count)):
+            fd = os.open(os.path.join(folder, f"{offset}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:  # another slot or evaluator of this user holds it
+                os.close(fd)
+                continue
+            self._subordinate_lock, self.subordinate = fd, (offset, uid_start + offset, gid_start + offset)
+            return
+
+    def _map_subordinate(self, pid: int) -> int | None:
+        """Map our ids onto themselves and one subordinate uid/gid as id 1 (newuidmap, newgidmap); the programs' uid
+        in the slot's namespace, or None (then only our own ids are mapped and programs keep our uid)."""
+        me, group = os.geteuid(), os.getegid()
+        inside = 1 if me != 1 else 2
+        _, sub_uid, sub_gid = self.subordinate
+        try:
+            for tool, own, sub in (("newuidmap", me, sub_uid), ("newgidmap", group, sub_gid)):
+                subprocess.run([tool, str(pid), str(own), str(own), "1", str(inside), str(sub), "1"], check=True,
+                               capture_output=True, text=True, timeout=30)  # fmt: skip
+            return inside
+        except (OSError, subprocess.SubprocessError) as exc:
+            why = getattr(exc, "stderr", "") or str(exc)
+            self.sandbox.note(f"subordinate uids could not be mapped ({why.strip()}); programs keep uid {me}")
+        # newuidmap refused: our own ids only, which any user may map for a namespace it made.
+        _write(f"/proc/{pid}/setgroups", "deny")
+        _write(f"/proc/{pid}/uid_map", f"{me} {me} 1\n")
+        _write(f"/proc/{pid}/gid_map", f"{group} {group} 1\n")
+        return None
 
     def request(self, message: tuple, fds: tuple = (), timeout: float | None = None) -> tuple:
         """One request and its reply (with the descriptors that came along)."""
@@ -1028,6 +1129,17 @@ class Sandbox:
                 self.seccomp_program = _seccomp_program()
             except Exception as exc:  # noqa: BLE001 - pyseccomp or libseccomp missing: the feature is missing
                 self._seccomp_error = f"{type(exc).__name__}: {exc} (install libseccomp2 and pyseccomp)"
+        #: This user's subordinate (uid, gid) ranges when the slots can use them (not root, not in a user namespace).
+        self.subordinate_ranges = None
+        self.subordinate_note = "not used (root)" if self.privileges != "user" else ""
+        if self.privileges == "user":
+            in_init_namespace = _read("/proc/self/uid_map").split() == ["0", "0", "4294967295"]
+            if not self.config.subordinate_ids:
+                self.subordinate_note = "switched off (SandboxConfig.subordinate_ids)"
+            elif not in_init_namespace:
+                self.subordinate_note = "none inside a user namespace (unshare -r, a rootless container)"
+            else:
+                self.subordinate_ranges, self.subordinate_note = _subordinate_ranges()
         if self.privileges == "user":
             # Without a user namespace (weaker isolation) RLIMIT_NPROC counts every process of this user.
             mine = [pid for pid in _pids() if (_proc_status(pid) or (-1, ""))[0] == os.getuid()]
@@ -1059,6 +1171,13 @@ class Sandbox:
                 free.append(uid)
         return free
 
+    def note(self, text: str) -> None:
+        """Log ``text`` once per sandbox (what holds where something optional is missing)."""
+        with self._lock:
+            if text not in self._said:
+                self._said.add(text)
+                _log.warning("sandbox: %s", text)
+
     def note_slot(self, server: _Server, cgroup_reasons: list[str]) -> None:
         """Record what a started slot could not provide, and say each thing once (before any program runs)."""
         cfg = self.config
@@ -1067,6 +1186,15 @@ class Sandbox:
             if server.missing and server.label not in self._said:
                 self._said.add(server.label)
                 _log.warning("sandbox runs with weaker isolation (allowed): %s", server.label)
+            if self.privileges == "user" and server.uid is None and not server.missing:
+                holds = (
+                    f"programs keep uid {os.geteuid()} (without capabilities, in their slot's own user and pid "
+                    f"namespaces, so slots cannot see, signal or starve each other; they can read what this user can "
+                    f"read); subordinate uids: {self.subordinate_note or 'not mapped'}"
+                )
+                if holds not in self._said:
+                    self._said.add(holds)
+                    _log.info("sandbox: %s", holds)
             if self.memory_scope is None:  # decided by the first slot that started
                 memory = server.cgroups.memory if server.cgroups else None
                 self.memory_scope = f"cgroup {memory[1]}" if memory else "per-process"
@@ -1092,7 +1220,12 @@ class Sandbox:
         who = {
             "root": "root: a claimed uid per slot",
             "setuid": "root without CAP_SYS_ADMIN: a user namespace per slot, programs as a claimed uid",
-            "user": f"uid {os.geteuid()}: a user namespace per slot, programs keep this uid without capabilities",
+            "user": f"uid {os.geteuid()}: a user namespace per slot, programs as "
+            + (
+                "a subordinate uid per slot"
+                if any(s.uid is not None for s in self._servers)
+                else f"this uid without capabilities (subordinate uids: {self.subordinate_note or 'none'})"
+            ),
         }[self.privileges]
         return f"sandbox {self.label}; {who}; memory cap {self.memory_scope or 'not known yet'}"
 
