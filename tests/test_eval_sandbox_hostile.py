@@ -529,7 +529,8 @@ def test_sandbox_tests_pass_as_a_non_root_user_with_full_isolation(tmp_path):
     script = ["set -e", "mount --make-rprivate /"]
     # The interpreter may live under a 0700 home (pyenv in /root): in a private mount namespace that home is covered
     # with an empty tmpfs and the interpreter's folders are bound back, as the sandbox itself does for its programs.
-    folders = sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix) if _blocked(p)})
+    # (The checkout and the data too, wherever CI put them.)
+    folders = sorted({os.path.realpath(p) for p in (sys.base_prefix, sys.prefix, REPO, DATA) if _blocked(p)})
     for blocked in sorted({_blocked(p) for p in folders}):
         inside = [p for p in folders if p.startswith(blocked + "/")]
         stages = [tmp_path / f"stage{i}" for i in range(len(inside))]

@@ -28,9 +28,10 @@ root (CAP_SYS_ADMIN)          full: namespaces made directly; each slot runs its
 any other user, a container   full, through a user namespace per slot (Linux's unprivileged user
 without CAP_SYS_ADMIN,        namespaces, on by default in current Debian, Ubuntu, Fedora, RHEL):
 ``unshare -r``                the same namespaces, read-only view, tmpfs, /proc, limits and filter.
-                              Programs keep the user's uid inside their slot's own user namespace,
-                              without any capability (root without CAP_SYS_ADMIN maps a claimed uid
-                              instead); cgroups only where one is delegated to the user
+                              Programs run as one of the user's subordinate uids (/etc/subuid,
+                              newuidmap) where there are some, else keep the user's uid inside
+                              their slot's own user namespace, without any capability (root without
+                              CAP_SYS_ADMIN maps a claimed uid); cgroups only where delegated
 user namespaces unavailable   refused (exit 2, naming what is missing and how to get it), unless
 (sysctl, AppArmor, seccomp)   weaker isolation is accepted (``--allow-weak-sandbox``); then:
 weak mode                     programs run as the user in a temporary folder, writes confined to
@@ -122,10 +123,10 @@ Not covered
   or gVisor for adversarial code;
 - the program's own threads run until ``os._exit``, and its code may run while its error text is
   formatted (an exception's ``__str__``): both can turn its row into ``crashed``, never into a pass;
-- world-readable files (the dataset, ``/etc``) stay readable; without root the programs keep the
-  user's uid (inside their own user namespace), so they can also read what the user can read,
-  though they can write nowhere but their tmpfs; the system calls the filter allows are the
-  kernel's surface (a kernel exploit escapes everything above);
+- world-readable files (the dataset, ``/etc``) stay readable; without root and without subordinate
+  uids the programs keep the user's uid (inside their own user namespace), so they can also read
+  what the user can read, though they can write nowhere but their tmpfs; the system calls the
+  filter allows are the kernel's surface (a kernel exploit escapes everything above);
 - with weaker isolation (only when allowed): no pid namespace (the host's processes are visible,
   leftovers are killed by the server, a subreaper, when the program ends, and the process tree's
   CPU is read from the host's ``/proc``), no mount namespace (the cwd is a temporary folder removed
