@@ -274,7 +274,7 @@ def test_killing_the_evaluator_kills_its_programs_and_the_next_start_cleans_up(t
 def test_ctrl_c_keeps_finished_records_and_a_rerun_resumes(tmp_path):
     marker = f"dfl{secrets.token_hex(5)}"
     quick = [row(f"x = {i}", i) for i in range(6)]
-    slow = [row(named(marker) + "import time\ntime.sleep(3)\n", 6 + i) for i in range(2)]
+    slow = [row(named(marker) + f"import time\ntime.sleep(3)  # slow {i}\n", 6 + i) for i in range(2)]  # two programs
     rows = write_rows(tmp_path / "rows.jsonl", quick + slow)
     out = tmp_path / "out"
     evaluator = subprocess.Popen(
@@ -284,7 +284,8 @@ def test_ctrl_c_keeps_finished_records_and_a_rerun_resumes(tmp_path):
         stderr=subprocess.PIPE,
         text=True,
     )
-    wait_for(lambda: process_named(marker))  # the quick rows ran before the slow ones started
+    # Both slots run a slow row (3 s each): every quick row has finished, none of the slow ones has.
+    wait_for(lambda: len(process_named(marker)) == 2)
     os.kill(evaluator.pid, signal.SIGINT)
     start = time.monotonic()
     _, err = evaluator.communicate(timeout=30)
