@@ -223,17 +223,14 @@ def test_no_user_namespaces_mounts_ptrace_or_keyrings(tmp_path):
 
 
 # -- the evaluator's end ----------------------------------------------------------------------------
-def _descendants(pid: int) -> list[int]:
-    found, queue = [], [pid]
-    while queue:
-        parent = queue.pop()
-        for task in os.listdir(f"/proc/{parent}/task"):
-            try:
-                children = [int(c) for c in Path(f"/proc/{parent}/task/{task}/children").read_text().split()]
-            except OSError:
-                continue
-            found += children
-            queue += children
+def _children(pid: int) -> list[int]:
+    """Children of every thread of ``pid`` (the evaluator starts its fork servers from worker threads)."""
+    found = []
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            found += [int(c) for c in Path(f"/proc/{pid}/task/{task}/children").read_text().split()]
+        except OSError:
+            continue
     return found
 
 
@@ -250,9 +247,12 @@ def test_killing_the_evaluator_kills_its_programs_and_the_next_start_cleans_up(t
         start_new_session=True,
     )
     wait_for(lambda: process_named(marker))
-    # SIGKILL the evaluator and the fork-server processes it started: nothing of theirs may clean up.
-    servers = [int(c) for c in Path(f"/proc/{evaluator.pid}/task/{evaluator.pid}/children").read_text().split()]
-    for pid in [evaluator.pid, *servers]:
+    # SIGKILL the evaluator and the fork-server processes it started, so that nothing of theirs can clean up (the
+    # evaluator is stopped first: its servers must not see it go and tidy up before they are killed).
+    os.kill(evaluator.pid, signal.SIGSTOP)
+    servers = _children(evaluator.pid)
+    assert servers, "the evaluator's fork servers were not found"
+    for pid in [*servers, evaluator.pid]:
         os.kill(pid, signal.SIGKILL)
     evaluator.wait()
     try:
