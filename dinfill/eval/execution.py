@@ -842,7 +842,7 @@ class _Server:
             theirs.close()
         self.sock = ours
         try:
-            candidates = box.uid_candidates() if box.privileges != "user" and cfg.drop_privileges else []
+            candidates = box._uid_candidates() if box.privileges != "user" and cfg.drop_privileges else []
             _wire.send_message(ours, self.setup_message(candidates))
             reply, _ = _wire.recv_message(ours)
             while reply[0] == "map":  # the launcher made its user namespace and waits for its id maps
@@ -902,7 +902,7 @@ class _Server:
         if missing and not cfg.allow_weaker_isolation:
             self.stop()
             raise SandboxUnavailable(_refusal(missing))
-        box.note_slot(self, why_not)
+        box._note_slot(self, why_not)
 
     def stop(self) -> None:
         # Closing the socket is the stop request: the server kills what is left and exits.
@@ -958,7 +958,7 @@ class _Server:
             return inside
         except (OSError, subprocess.SubprocessError) as exc:
             why = getattr(exc, "stderr", "") or str(exc)
-            self.sandbox.note(f"subordinate uids could not be mapped ({why.strip()}); programs keep uid {me}")
+            self.sandbox._note(f"subordinate uids could not be mapped ({why.strip()}); programs keep uid {me}")
         # newuidmap refused: our own ids only, which any user may map for a namespace it made.
         _write(f"/proc/{pid}/setgroups", "deny")
         _write(f"/proc/{pid}/uid_map", f"{me} {me} 1\n")
@@ -1158,7 +1158,7 @@ class Sandbox:
             self._servers.append(server)
             self._free.put(server)
 
-    def uid_candidates(self) -> list[int]:
+    def _uid_candidates(self) -> list[int]:
         """Free-looking uids for one slot's claim: no passwd entry, no process we can see; in random order, so
         that slots and evaluators rarely try the same one (the claim itself settles who gets it)."""
         low, high = self.config.uid_range
@@ -1177,14 +1177,14 @@ class Sandbox:
                 free.append(uid)
         return free
 
-    def note(self, text: str) -> None:
+    def _note(self, text: str) -> None:
         """Log ``text`` once per sandbox (what holds where something optional is missing)."""
         with self._lock:
             if text not in self._said:
                 self._said.add(text)
                 _log.warning("sandbox: %s", text)
 
-    def note_slot(self, server: _Server, cgroup_reasons: list[str]) -> None:
+    def _note_slot(self, server: _Server, cgroup_reasons: list[str]) -> None:
         """Record what a started slot could not provide, and say each thing once (before any program runs)."""
         cfg = self.config
         with self._lock:

@@ -350,7 +350,18 @@ def check_run_file(
 
 
 def mix_labels(labels: Iterable[str]) -> str:
-    """One text for the sandbox labels of several records: the label itself, or ``mixed: A + B`` (first seen first)."""
+    """One text for the sandbox labels of several records.
+
+    Parameters
+    ----------
+    labels : iterable of str
+        ``full`` or ``weak (...)`` per record (see :attr:`dinfill.eval.execution.ExecResult.sandbox`).
+
+    Returns
+    -------
+    str
+        The label itself when all agree, else ``mixed: A + B`` (first seen first).
+    """
     distinct = list(dict.fromkeys(labels))
     return distinct[0] if len(distinct) == 1 else "mixed: " + " + ".join(distinct)
 
@@ -358,7 +369,12 @@ def mix_labels(labels: Iterable[str]) -> str:
 def note_sandbox(out_dir: str | os.PathLike, label: str) -> None:
     """Record in ``run.json`` how isolated this run's programs are (``full``, ``weak (...)``, or a mix after a resume).
 
-    Call with the folder's :class:`RunLock` held, after :func:`check_run_file`.
+    Parameters
+    ----------
+    out_dir : path
+        The run folder; call with its :class:`RunLock` held, after :func:`check_run_file`.
+    label : str
+        The sandbox's label (:attr:`dinfill.eval.execution.Sandbox.label`).
     """
     path = Path(out_dir) / RUN_FILE
     info = json.loads(path.read_text(encoding="utf-8"))
