@@ -401,8 +401,9 @@ _TILES_16BIT_SM90: dict[int, dict[int, _Tile]] = {
 }
 # fp32 runs "ieee" dot products on the FMA units, whose operands and accumulator take far more registers, and ptxas
 # spills a few bytes of most fp32 tiles somewhere (32-row blocks 8-480 B; 16 x 32 with 4 warps 8-16 B): fp32, a
-# reference path rather than a speed one, runs 16 x 16 tiles on 8 warps, clean at head dims 64 and 128 on all four
-# targets with both Tritons (head dim 256 spills 4 B on sm_80 with Triton 3.6 in the split decode).
+# reference path rather than a speed one (not in issue 18's bf16 / fp16 matrix), runs 16 x 16 tiles on 8 warps.
+# Clean with Triton 3.9 at head dims 64 and 128 on all four targets; Triton 3.6's ptxas still spills 8-12 B of head
+# dim 128 on sm_80 / 86 / 89 (at 64 registers: a ptxas choice, not pressure), and head dim 256 4 B on sm_80.
 _TILES_FP32: dict[int, dict[int, _Tile]] = {
     64: {16: _Tile(16, 8, 88, 2)},
     128: {16: _Tile(16, 8, 88, 2)},
