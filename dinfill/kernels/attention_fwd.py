@@ -20,7 +20,7 @@ Two choices shape the kernel:
 
 When even 16-row query blocks leave SMs idle and the cache holds at least 256 keys (AR decode and
 the diffusion window at small batch), the key range is split flash-decoding style into enough parts
-for one program per SM; a second small kernel merges the partial
+for one program per SM (each at least one 16-key block); a second small kernel merges the partial
 results by their log-sum-exp, a few wide loads per row. Both are sized on the host from shapes and
 the target only, so a captured CUDA graph stays valid.
 
@@ -51,10 +51,10 @@ Limitations
   the query block is uncalibrated until a GPU run (``gpu_check``) measures it.
 * Needs sm_80 or newer; older GPUs get :class:`dinfill.target.Unservable` before any launch (use
   ``DINFILL_BACKEND=torch``). fp32 runs 16 x 16 tiles only (larger ones spill).
-* A full wave at batch 1 from 256 keys (issue 18) takes short splits: a 2-KV-head decode at 276
-  keys on an H100 is 66 splits of 4-5 keys, each writing more partial output (7 rows x D fp32)
-  than the K / V it reads. At that size the launch is latency-bound either way; the partials and
-  the merge stay in L2.
+* A batch-1 decode splits into at most ``Lk / 16`` parts: with 2 KV heads that is a full wave of
+  an H100 only from ~1056 keys on (464 on an L4; 34 programs at 276 keys). Shorter splits would
+  leave the tensor-core tile mostly empty and write more partial output than the K / V they read,
+  for a launch that is latency-bound at that size anyway.
 
 Differences from the reference (``dinfill.kernels.reference.attention_ref``)
 -----------------------------------------------------------------------------
@@ -413,6 +413,7 @@ _TILES_FP32: dict[int, dict[int, _Tile]] = {
 _MIN_ARCH = 80  # bf16 tensor-core dots; on sm_75 even a 64 x 32 tile spills ~480 B a thread (measured, Triton 3.9)
 _SMEM_MARGIN = 8 * 1024  # issue 18's fit rule: leave 8 KB of the per-block limit to what the estimate misses
 _SPLIT_MIN_KEYS = 256  # issue 18: decode / window attention splits the key range from a 256-key cache on
+_SPLIT_MIN_LEN = 16  # one tl.dot block: a shorter split leaves the tile empty, writes more partials than it reads
 # The block-size model (see cuda_config): an SM is saturated by 8 resident warps (2 per scheduler, enough to overlap
 # one warp's MMA with another's softmax); a key block costs about 32 rows' worth of work whatever block_m is (its K / V
 # loads, the barrier and the pointer updates). Both are a model, not measurements: gpu_check calibrates them.
@@ -486,11 +487,10 @@ def cuda_config(B: int, Hkv: int, rows: int, Lk: int, D: int, dtype: torch.dtype
     2. **Key splits (flash-decoding).** Packed rows ``rows = Hq / Hkv * Lq`` give ``cdiv(rows, block_m) * B *
        Hkv`` programs; when that is fewer than the SMs and the cache holds at least 256 keys (decode and the
        diffusion window at small batch), the key range is split into enough parts for one program per SM,
-       at most 128. 16-row blocks (a decode's GQA group) split down to single keys if one program per SM
-       takes that (issue 18: a full wave from 256 keys); larger blocks keep splits of at least ``2 * block_m
-       / itemsize`` keys, which read as many K / V bytes as they write partial output. A second small launch
-       merges the parts by their log-sum-exp. Where a split is possible, configurations that reach one
-       program per SM come first.
+       at most 128, each at least 16 keys (one key block) and at least ``2 * block_m / itemsize`` keys (so a
+       split reads as many K / V bytes as it writes partial output). A second small launch merges the parts
+       by their log-sum-exp. Where a split is possible, configurations that reach one program per SM come
+       first.
     3. **Query block by predicted makespan.** Among the fitting ``block_m`` (up to the packed rows), take the
        one with the shortest busiest SM: it holds ``p = cdiv(programs, SMs)`` programs, of which
        ``c = min(p, resident)`` run at once (``Target.resident_blocks`` from the tile's registers, threads and
@@ -530,8 +530,8 @@ def cuda_config(B: int, Hkv: int, rows: int, Lk: int, D: int, dtype: torch.dtype
             continue
         programs = triton.cdiv(rows, block_m) * B * Hkv
         splits = 1
-        if may_split:  # beyond 16 rows a split reads at least as many K / V bytes as it writes partial output
-            min_len = 1 if block_m == 16 else 2 * block_m // itemsize
+        if may_split:  # a split reads at least as many K / V bytes as it writes partial output (fp32, block_m rows)
+            min_len = max(_SPLIT_MIN_LEN, 2 * block_m // itemsize)
             splits = max(1, min(triton.cdiv(target.sms, programs), Lk // min_len, _MAX_SPLITS))
         keys = triton.cdiv(Lk, splits)
         block_n = tile.block_n
