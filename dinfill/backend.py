@@ -48,15 +48,16 @@ def compiled_target(device: torch.device | str) -> bool:
 def use_triton(device: torch.device | str) -> bool:
     """Decide whether a hot op on tensors living on ``device`` goes through a Triton kernel.
 
-    ``auto`` picks Triton for CUDA tensors only; ``triton`` forces it (CUDA, or the interpreter on
-    the CPU) and raises with a clear message when that is impossible; ``torch`` never uses it.
+    ``auto`` picks Triton for CUDA tensors of a GPU the kernels serve (sm_80 and newer: A100, A10, L4, H100...)
+    and torch elsewhere; ``triton`` forces it (CUDA, or the interpreter on the CPU) and raises with a clear
+    message, before any launch, when that is impossible; ``torch`` never uses it.
     """
     device = torch.device(device)
     choice = requested_backend()
     if choice == "torch":
         return False
-    if choice == "auto":
-        return compiled_target(device) and triton_available()
+    if choice == "auto":  # a GPU the kernels cannot serve (below sm_80) runs the torch path
+        return compiled_target(device) and triton_available() and _servable(device)
     if not triton_available():
         raise RuntimeError("DINFILL_BACKEND=triton but triton is not installed; `pip install triton` or use torch")
     if not compiled_target(device) and not triton_interpreted():
@@ -64,7 +65,23 @@ def use_triton(device: torch.device | str) -> bool:
             f"DINFILL_BACKEND=triton with tensors on {device.type}: Triton needs CUDA, or TRITON_INTERPRET=1 "
             "(set before triton is imported) to run the kernels in the interpreter on the CPU"
         )
+    if not _servable(device):
+        from dinfill.target import MIN_ARCH, Unservable, target_for
+
+        t = target_for(device)
+        raise Unservable(
+            f"DINFILL_BACKEND=triton on {t.name} (sm_{t.arch}): dinfill's Triton kernels need sm_{MIN_ARCH} or newer "
+            "(bf16 tensor-core dot products); unset DINFILL_BACKEND (auto runs the torch path there) or set it to torch"
+        )
     return True
+
+
+def _servable(device: torch.device) -> bool:
+    """The Triton kernels can run on ``device``: the interpreter / CPU, or a GPU of at least ``MIN_ARCH``."""
+    from dinfill.target import MIN_ARCH, target_for
+
+    t = target_for(device)
+    return t is None or t.arch >= MIN_ARCH
 
 
 def flash_attn_available() -> bool:

@@ -41,9 +41,10 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-__all__ = ["Target", "TARGETS", "lookup", "target_for", "static_target", "match_name", "Unservable"]
+__all__ = ["Target", "TARGETS", "MIN_ARCH", "lookup", "target_for", "static_target", "match_name", "Unservable"]
 
 KB = 1024
+MIN_ARCH = 80  # the Triton kernels need bf16 tensor-core dots and bf16x2 PTX; on sm_75 attention spills ~480 B a thread
 
 
 @dataclass(frozen=True)

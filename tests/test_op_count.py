@@ -77,8 +77,9 @@ def count(family: str, mode: str, backend: str, layers: int, monkeypatch) -> Dev
     with monkeypatch.context() as m:
         import dinfill.kernels.attention_fwd as attn
 
-        # force split-K attention in decode-split (the heuristic only splits long caches on CUDA); elsewhere one
-        # 64-key block per program, which the interpreter runs several times faster (counts do not depend on it)
+        # force split-K attention in decode-split (a GPU target splits from 256 keys, the interpreter never);
+        # elsewhere one 64-key block per program, which the interpreter runs several times faster (counts do not
+        # depend on it)
         cfg = attn.AttentionConfig(16, 16, num_splits=4) if mode == "decode-split" else attn.AttentionConfig(64, 64)
         if DEV.type == "cpu" or mode == "decode-split":
             m.setattr(attn, "pick_config", lambda q, k: cfg)

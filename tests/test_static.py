@@ -72,6 +72,24 @@ def test_lookup_by_key_arch_and_name():
         lookup("sm_75")
 
 
+def test_a_gpu_below_sm80_runs_the_torch_path_or_is_refused_before_any_launch(monkeypatch):
+    """auto: a T4-like sm_75 target gets the torch path; DINFILL_BACKEND=triton there: Unservable, by name."""
+    from dataclasses import replace
+
+    from dinfill.backend import use_triton
+    from dinfill.target import Unservable
+
+    t4 = replace(TARGETS["l4"], name="T4", arch=75, smem_per_block=64 * 1024, smem_per_sm=64 * 1024)
+    with static_target(t4):
+        monkeypatch.setenv("DINFILL_BACKEND", "auto")
+        assert not use_triton("meta")
+        monkeypatch.setenv("DINFILL_BACKEND", "triton")
+        with pytest.raises(Unservable, match=r"T4 \(sm_75\).*need sm_80 or newer.*set it to torch"):
+            use_triton("meta")
+    with static_target("l4"):
+        assert use_triton("meta")
+
+
 def test_command_line_choices_match_the_model():
     """bench's --static choices are plain tuples (the command line is checked before torch is imported)."""
     from dinfill.bench import cli

@@ -83,7 +83,7 @@ from torch import Tensor
 
 from dinfill.backend import compiled_target, triton_interpreted, use_triton
 from dinfill.kernels._common import device_context, emulate_bf16, round_to_bf16
-from dinfill.target import Target, Unservable, target_for
+from dinfill.target import MIN_ARCH, Target, Unservable, target_for
 
 _MAX_HEAD_DIM = 256  # head dims are padded to a power of two >= 16 (tl.dot's minimum); 256 keeps tiles in registers
 _MAX_SPLITS = 128  # upper bound on split-K partitions (one program per SM on every target in dinfill.target)
@@ -410,7 +410,6 @@ _TILES_FP32: dict[int, dict[int, _Tile]] = {
     256: {16: _Tile(16, 8, 120, 1)},
 }
 
-_MIN_ARCH = 80  # bf16 tensor-core dots; on sm_75 even a 64 x 32 tile spills ~480 B a thread (measured, Triton 3.9)
 _SMEM_MARGIN = 8 * 1024  # issue 18's fit rule: leave 8 KB of the per-block limit to what the estimate misses
 _SPLIT_MIN_KEYS = 256  # issue 18: decode / window attention splits the key range from a 256-key cache on
 _SPLIT_MIN_LEN = 16  # one tl.dot block: a shorter split leaves the tile empty, writes more partials than it reads
@@ -498,9 +497,9 @@ def cuda_config(B: int, Hkv: int, rows: int, Lk: int, D: int, dtype: torch.dtype
        ``(block_m + 32) * keys``. So a 128-row block that leaves SMs idle gives way to smaller ones only
        where the smaller ones actually run side by side; ties keep the larger block (fewer K / V re-reads).
     """
-    if target.arch < _MIN_ARCH:
+    if target.arch < MIN_ARCH:
         raise Unservable(
-            f"attention: {target.name} (sm_{target.arch}) is below sm_{_MIN_ARCH}, which the Triton kernel needs "
+            f"attention: {target.name} (sm_{target.arch}) is below sm_{MIN_ARCH}, which the Triton kernel needs "
             "(bf16 tensor-core dot products; older targets spill hundreds of bytes a thread); use DINFILL_BACKEND=torch"
         )
     block_d = max(16, triton.next_power_of_2(D))

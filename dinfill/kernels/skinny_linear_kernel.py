@@ -56,13 +56,12 @@ from dinfill.kernels._common import (
     round_to_bf16,
     silu_or_gelu_tanh,
 )
-from dinfill.target import Target, Unservable, target_for
+from dinfill.target import MIN_ARCH, Target, Unservable, target_for
 
 NORMS = (None, "rmsnorm", "layernorm")
 ACTIVATIONS = (None, "swiglu", "gelu_tanh")
 MAX_ROWS = 16
 _BLOCK_N = 16  # outputs per program (one tl.dot tile)
-_MIN_ARCH = 80  # bf16 tensor-core dots
 _SMEM_MARGIN = 8 * 1024  # issue 18's fit rule: leave 8 KB of the per-block limit to what the estimate misses
 _TILE_BYTES = 512  # bytes of a row per K tile (see skinny_config)
 
@@ -219,9 +218,9 @@ def skinny_config(K: int, dtype: torch.dtype, swiglu: bool, norm: bool, target: 
     widest = max(16, min(triton.next_power_of_2(K), _TILE_BYTES // itemsize))
     if target is None:  # the interpreter: one stage
         return widest, 1
-    if target.arch < _MIN_ARCH:
+    if target.arch < MIN_ARCH:
         raise Unservable(
-            f"skinny_linear (DINFILL_GEMV=triton): {target.name} (sm_{target.arch}) is below sm_{_MIN_ARCH}, which "
+            f"skinny_linear (DINFILL_GEMV=triton): {target.name} (sm_{target.arch}) is below sm_{MIN_ARCH}, which "
             "its bf16 tensor-core dots need; unset DINFILL_GEMV (cuBLAS) or use DINFILL_BACKEND=torch"
         )
     budget = target.smem_per_block - _SMEM_MARGIN
