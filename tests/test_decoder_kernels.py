@@ -295,12 +295,16 @@ T4 = Target("T4", 75, 40, 64 * 1024, 64 * 1024, 65536, 1024, 16, 4 << 20, 320e9,
 
 @pytest.mark.parametrize(
     "target, match",
-    [(T4, r"T4 \(sm_75\) is below sm_80"), (dataclasses.replace(TARGETS["a10"], smem_per_block=12288), "no tile")],
+    [
+        (T4, r"T4 \(sm_75\).*need sm_80 or newer"),
+        (dataclasses.replace(TARGETS["a10"], smem_per_block=12288), "no tile"),
+    ],
     ids=["sm_75", "12KB"],
 )
 def test_gemv_on_an_unservable_target_fails_before_any_launch(target, match, monkeypatch):
     """DINFILL_GEMV=triton on a GPU the GEMVs cannot serve: Unservable from the decoder's first line, not an
-    OutOfResources from a launch in the middle of a forward (meta tensors stand for that GPU's)."""
+    OutOfResources from a launch in the middle of a forward (meta tensors stand for that GPU's). On sm_75 the
+    Triton path itself is refused (with DINFILL_BACKEND=auto such a GPU runs the torch path, GEMV flag or not)."""
     from tiny import hf_config
     from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -317,6 +321,7 @@ def test_gemv_on_an_unservable_target_fails_before_any_launch(target, match, mon
             return func(*args, **(kwargs or {}))
 
     monkeypatch.setenv("DINFILL_GEMV", "triton")
+    monkeypatch.setenv("DINFILL_BACKEND", "triton")
     with torch.device("meta"):
         model = Decoder(ModelConfig.from_hf_dict(hf_config("qwen2").to_dict())).eval()
     ids = torch.zeros(1, 1, dtype=torch.int64, device="meta")
