@@ -1132,25 +1132,34 @@ def _us(s: float) -> str:
 
 
 def kernel_table(results: list[Result]) -> list[str]:
-    """Markdown: one row per distinct compiled kernel and target."""
-    rows: dict[tuple[str, str], tuple[KernelInfo, list[Launch], Target, str]] = {}
+    """Markdown: one row per distinct compiled kernel and target (waves, bytes and predicted time per launch:
+    their range over the launches that use it)."""
+    rows: dict[tuple[str, str], tuple[KernelInfo, list[tuple[Launch, dict]], Target, str]] = {}
     for r in results:
-        for launch in r.launches:
+        for launch, pred in zip(r.launches, r.predictions, strict=True):
             if launch.info is None:
                 continue
             key = (launch.info.key, r.target.name)
             if key not in rows:
                 rows[key] = (launch.info, [], r.target, r.workload.name)
-            rows[key][1].append(launch)
-    out = ["| target | kernel | warps | smem (limit) | regs | spills | blocks/SM | waves | loops: instr/elem "
-           "(fast path) | first seen in |", "|---|---|---|---|---|---|---|---|---|---|"]
+            rows[key][1].append((launch, pred))
+    out = ["| target | kernel | warps | smem (limit) | regs | spills | blocks/SM | waves | MB / launch | us / launch "
+           "(bound) | loops: instr/elem (fast path) | first seen in |", "|---" * 12 + "|"]
+
+    def span(vals: list[float], fmt: str) -> str:
+        lo, hi = fmt.format(min(vals)), fmt.format(max(vals))
+        return lo if lo == hi else f"{lo}-{hi}"
+
     for (_key, _t), (info, launches, t, first) in sorted(rows.items(), key=lambda kv: (kv[1][2].arch, kv[1][0].name)):
-        waves = sorted({round(x.programs / max(1, info.resident * t.sms), 2) for x in launches})
+        waves = span([x.programs / max(1, info.resident * t.sms) for x, _ in launches], "{:.2f}")
+        mbytes = span([x.bytes / 1e6 for x, _ in launches], "{:.3g}")
+        us = span([p["seconds"] * 1e6 for _, p in launches], "{:.3g}")
+        bounds = "/".join(sorted({p["bound"] for _, p in launches}))
         loops = "; ".join(f"{lp.tag}: {lp.per_elem:.1f} ({lp.fast_per_elem:.1f})" for lp in info.stream_loops()
                           if lp.elems)  # fmt: skip
-        shown = ", ".join(str(w) for w in waves[:4]) + (" ..." if len(waves) > 4 else "")
         out.append(f"| {t.name} (sm_{t.arch}) | {info.name} | {info.num_warps} | {info.shared:,} ({info.smem_limit:,}) "
-                   f"| {info.regs} | {info.spill_bytes} | {info.resident} | {shown} | {loops or '-'} | {first} |")
+                   f"| {info.regs} | {info.spill_bytes} | {info.resident} | {waves} | {mbytes} | {us} ({bounds}) | "
+                   f"{loops or '-'} | {first} |")
     return out
 
 
