@@ -1182,6 +1182,61 @@ def workload_table(results: list[Result]) -> list[str]:
     return out
 
 
+def headline_table(results: list[Result]) -> list[str]:
+    """Markdown: per target, the numbers issue 18 asks about (where the results hold those workloads).
+
+    The published setting's step (open-dcoder-0.5b, B1 and B32, L276) and the fast preset's window step, in
+    predicted microseconds and ms per problem (64 steps); the fused_step loops of the published preset; a
+    batch-1 decode's attention (programs, predicted share of the bandwidth at 1152 keys); the batch-1 forward
+    against its weight-read floor; the fit rules' maxima.
+    """
+    by = {(r.target.name, r.workload): r for r in results if not r.error}
+    out = ["| target | published step B1 / B32 (us) | ms / problem B1 / B32 | fast window step B1 (us) | fused_step "
+           "pass 1a / 1b / scan | decode attention @276 / @1152 keys | forward B1 / floor | max smem / limit, "
+           "spills |", "|---" * 8 + "|"]
+    for t in dict.fromkeys(r.target for r in results):
+        def get(model, mode, B, L, preset="published", mid=0, name=t.name):
+            return by.get((name, Workload(model, mode, B, L, "bf16", preset, mid)))
+
+        cells = []
+        steps = [get("open-dcoder-0.5b", "full", B, 276) for B in (1, 32)]
+        cells.append(" / ".join(f"{r.total_s * 1e6:,.0f}" if r else "-" for r in steps))
+        cells.append(" / ".join(f"{per_problem(r) * 1e3:.1f}" if r else "-" for r in steps))
+        win = get("open-dcoder-0.5b", "window", 1, 276, "fast")
+        cells.append(f"{win.total_s * 1e6:,.0f}" if win else "-")
+        loops = "-"
+        pub = get("open-dcoder-0.5b", "step", 1, 276)
+        rows = [x for x in (pub.launches if pub else []) if x.op == "_fused_step_rows_kernel" and x.info]
+        if rows:
+            parts = [rows[0].info.loop(tag) for tag in ("pass-1a", "pass-1", "scan")]
+            loops = " / ".join(f"{lp.per_elem:.1f}" if lp else "-" for lp in parts)
+        cells.append(loops)
+        att = []
+        for L in (276, DECODE_KEYS):
+            r = get("qwen2.5-coder-0.5b", "decode", 1, L)
+            pairs = [(x, p) for x, p in zip(r.launches, r.predictions, strict=True) if x.op == "_attention_kernel"] \
+                if r else []  # fmt: skip
+            if not pairs:
+                att.append("-")
+                continue
+            x, p = pairs[0]
+            share = x.bytes / max(p["seconds"] - LAUNCH_S, 1e-12) / t.stream_bandwidth
+            att.append(f"{x.programs} programs, {min(share, 1.0):.0%} bw")
+        cells.append(" / ".join(att))
+        fwd = get("open-dcoder-0.5b", "forward-decode", 1, 276)
+        cells.append(f"{fwd.total_s * 1e3:.3f} / {fwd.floor_s * 1e3:.3f} ms ({fwd.total_s / fwd.floor_s:.2f}x)"
+                     if fwd else "-")  # fmt: skip
+        infos = {x.info.key: x.info for r in results if r.target is t for x in r.launches if x.info}
+        if infos:
+            worst = max(infos.values(), key=lambda i: i.shared)
+            spills = sum(i.spill_bytes > 0 for i in infos.values())
+            cells.append(f"{worst.shared:,} / {worst.smem_limit:,} B, {spills} of {len(infos)} kernels spill")
+        else:
+            cells.append("-")
+        out.append(f"| {t.name} (sm_{t.arch}) | " + " | ".join(cells) + " |")
+    return out
+
+
 def select(items: list[Workload], model: list[str] | None, mode: list[str] | None) -> list[Workload]:
     """The workloads of the given models and modes (``None``: all)."""
     if model:
@@ -1252,6 +1307,8 @@ def main(args) -> int:
     print("\n".join(kernel_table(results)))
     print()
     print("\n".join(workload_table(results)))
+    print()
+    print("\n".join(headline_table(results)))
     print()
     print(f"{len(bad)} broken rule(s)" + (":\n" + "\n".join(bad) if bad else ""))
     print("\n".join(goals))
