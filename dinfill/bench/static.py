@@ -103,7 +103,7 @@ MODES = ("full", "window", "prefill", "decode", "decode-gemv", "step", "forward"
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[0-7T]\s+)?([A-Z0-9_.]+)([^;]*);")
 _FILE_LINE = re.compile(r'File "([^"]+)", line (\d+)')
 _TAG = re.compile(r"#\s*static:\s*([\w-]+)")
-_ANALYSIS_VERSION = 5  # part of the analysis cache key: bump when what analyse() computes changes
+_ANALYSIS_VERSION = 5  # in the analysis and recording cache keys: bump when analyse(), Recorder or WORK_MODELS change
 
 
 # --------------------------------------------------------------------------------------------------
@@ -829,13 +829,18 @@ def _ar_runner(w: Workload, model):
 
 @functools.cache
 def _code_fingerprint() -> str:
-    """What a recorded workload depends on: every source file of the package, triton's and torch's versions."""
+    """What a recorded workload depends on: the runtime's sources (kernels, models, samplers, target, the forward
+    phase's input builder), triton's and torch's versions, and ``_ANALYSIS_VERSION`` for this module's recorder
+    and work models (bump it when they change; the report code here does not invalidate recordings)."""
     import triton
 
     root = Path(__file__).resolve().parents[1]
     h = hashlib.sha256(f"{triton.__version__} {torch.__version__} v{_ANALYSIS_VERSION}".encode())
     for path in sorted(root.rglob("*.py")):
-        h.update(path.relative_to(root).as_posix().encode())
+        rel = path.relative_to(root).as_posix()
+        if rel.startswith(("eval/", "bench/")) and rel != "bench/forward.py" or rel == "cli.py":
+            continue
+        h.update(rel.encode())
         h.update(path.read_bytes())
     return h.hexdigest()[:20]
 
