@@ -9,6 +9,13 @@ program. It never runs untrusted code itself and imports little: the standard li
 evaluator points it to (weaker isolation only), never ``random`` (a forked module would hand every
 program the same random state) and never the dinfill package. The seccomp filter arrives compiled.
 
+What a forked process costs is mostly the pages it writes (each one is copied from the server) and
+what it does for the first time: so the server does once what every program would otherwise repeat
+(the first ``compile()`` of a process, a couple of milliseconds; the environment; the ctypes objects;
+emptying the capability bounding set, which forked processes inherit), freezes its objects for the
+garbage collector (``gc.freeze``: no collection in a program walks, and so copies, the server's
+memory), and R, the per-program reaper, does next to nothing.
+
 Processes of one slot (full isolation)::
 
     launcher    the process the evaluator started; as root it first claims the slot's uid (holder)
@@ -17,10 +24,11 @@ Processes of one slot (full isolation)::
       server    pid 1 of the slot's pid namespace (and, when the evaluator is not root, in the
                 slot's user namespace), in the slot's cgroups: it forks the programs, which
                 inherit the cgroups (no cgroup move per program), and dies with the launcher
-        R       pid 1 of one program's pid namespace, the reaper (mount and IPC namespaces,
-                read-only view, private tmpfs, fresh read-only /proc)
-          P     pid 2: limits, no_new_privs, uid drop, no capabilities, the seccomp filter; runs
-                the program in a fresh global namespace and writes its report
+        R       pid 1 of one program's pid namespace, the reaper: forks P first thing, then
+                only waits
+          P     pid 2: mount and IPC namespaces (read-only view, private tmpfs, fresh read-only
+                /proc), limits, no_new_privs, uid drop, no capabilities, the seccomp filter;
+                runs the program in a fresh global namespace and writes its report
 
 The launcher makes the slot's namespaces and forks the server into them; it then only waits. The
 server dies with the launcher (``PR_SET_PDEATHSIG``), and everything in the slot's pid namespace,
@@ -30,16 +38,17 @@ running comes back to it to be killed.
 
 Per program (messages on a unix socket; pipes for stdout, stderr, the report and the harness come
 with the job and land on fds 1, 2, 3 and 4): ``unshare(CLONE_NEWPID)`` (applies to the next child
-only), fork R, ``setns`` back. R makes its mount and IPC namespaces, forks P, waits for it, kills
-and reaps whatever P left (so that their CPU time counts), writes how P ended on fd 4 and exits;
-the mount and IPC namespaces go with the last process. The reply to "run"
-carries a pidfd of R, so the evaluator can watch and kill it whatever pid namespace the server is in.
+only), fork R, ``setns`` back. R forks P at once, waits for it, kills and reaps whatever P left (so
+that their CPU time counts), writes how P ended on fd 4 and exits; P makes its mount and IPC
+namespaces, which go with the last process of the program. The reply to "run" ("started")
+carries a pidfd of R, so the evaluator can kill it whatever pid namespace the server is in; when
+R has ended the server reaps it and says so on its own ("reaped"), with no request.
 
 CPU time is accounted for the program's whole process tree: while a program runs, the server
 wakes every :data:`POLL` seconds and adds up the CPU of every process below it (children it reaped
 plus the live ones, read top-down from ``/proc`` so that a race can only undercount); past the
-limit it kills the tree. The reply to "reap" carries that total, so a timed-out row reports the
-program's CPU, not the reaper's.
+limit it kills the tree. "reaped" carries that total, so a timed-out row reports the program's
+CPU, not the reaper's.
 
 The report (fd 3): one line ``<token> <ascii(detail)>``, where the token is the job's secret for
 the status (a different random token for passed, failed and oom, so a program that intercepts its
@@ -83,12 +92,19 @@ TMP_MOUNTS = ("/tmp", "/var/tmp", "/dev/shm", "/run/lock")
 WORKDIR = "/tmp/work"
 # Seconds between two looks at a running program's CPU time (all its processes together).
 POLL = 0.05
+# Seconds between two looks for the end of a program where the kernel has no pidfds (before Linux 5.3).
+_NO_PIDFD_POLL = 0.005
 # Error texts are capped so that one write() to a pipe stays atomic (PIPE_BUF 4096).
 _DETAIL_CHARS = 1500
 _RESULT_FD, _HARNESS_FD = 3, 4
 _HEADER = struct.Struct("!I")
 _LIBC = ctypes.CDLL(None, use_errno=True)
+# Looked up once here (a CDLL makes each function object on first use: in a forked process, every time).
+for _name in ("unshare", "setns", "mount", "syscall", "prctl", "capset"):
+    getattr(_LIBC, _name)
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+# Above every descriptor a process of ours may hold (closerange up to it is one close_range(2)).
+_FD_LIMIT = max(1 << 16, resource.getrlimit(resource.RLIMIT_NOFILE)[0])
 
 
 # -- messages --------------------------------------------------------------------------------
@@ -185,11 +201,14 @@ def _write_file(path: str, data: bytes) -> None:
         os.close(fd)
 
 
+# struct mount_attr (set, clear, propagation, userns) for a read-only view; built once, at import, like every ctypes
+# object a forked process uses (a new ctypes array type costs a type creation, in every process that makes it).
+_READ_ONLY_ATTR = ctypes.create_string_buffer(struct.pack("QQQQ", _MOUNT_ATTR_RDONLY, 0, 0, 0), 32)
+
+
 def _make_read_only(path: str) -> None:
     """Every mount at and below ``path`` read-only, in this mount namespace only (mount_setattr, Linux 5.12)."""
-    attr = struct.pack("QQQQ", _MOUNT_ATTR_RDONLY, 0, 0, 0)  # struct mount_attr: set, clear, propagation, userns
-    buffer = ctypes.create_string_buffer(attr, len(attr))
-    result = _LIBC.syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, path.encode(), _AT_RECURSIVE, buffer, len(attr))
+    result = _LIBC.syscall(_SYS_MOUNT_SETATTR, _AT_FDCWD, path.encode(), _AT_RECURSIVE, _READ_ONLY_ATTR, 32)
     _check(result, f"read-only remount of {path} (mount_setattr, Linux >= 5.12)")
 
 
@@ -234,9 +253,11 @@ def _no_capabilities() -> None:
     its user namespace (and so holds every capability there) hands them to a program that switches
     to a subordinate uid, or keeps the user's, unless they are dropped here.
     """
-    header = ctypes.create_string_buffer(struct.pack("Ii", _CAPABILITY_VERSION_3, 0), 8)
-    data = ctypes.create_string_buffer(24)  # two struct __user_cap_data_struct, all zero
-    _check(_LIBC.capset(header, data), "capset (dropping every capability)")
+    _check(_LIBC.capset(_CAP_HEADER, _CAP_DATA), "capset (dropping every capability)")
+
+
+_CAP_HEADER = ctypes.create_string_buffer(struct.pack("Ii", _CAPABILITY_VERSION_3, 0), 8)
+_CAP_DATA = ctypes.create_string_buffer(24)  # two struct __user_cap_data_struct, all zero
 
 
 def _read_last_cap() -> int:
@@ -251,13 +272,18 @@ _LAST_CAP = _read_last_cap()
 
 
 # -- the seccomp filter ---------------------------------------------------------------------
-def _load_seccomp(program: bytes) -> None:
-    """Install the filter on this process and everything it starts (needs no_new_privs, set before)."""
-    # struct sock_fprog: the number of 8-byte instructions, then a pointer to them.
+def _seccomp_filter(program: bytes) -> tuple:
+    """The compiled filter as the ``struct sock_fprog`` that prctl takes (with the instructions it points to, which
+    must stay alive as long as it does); built once by the server, loaded by every program."""
     instructions = ctypes.create_string_buffer(program, len(program))
+    # struct sock_fprog: the number of 8-byte instructions, then a pointer to them.
     fprog = struct.pack("HP", len(program) // 8, ctypes.addressof(instructions))
-    buffer = ctypes.create_string_buffer(fprog, len(fprog))
-    _check(_LIBC.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, buffer, 0, 0), "loading the seccomp filter")
+    return ctypes.create_string_buffer(fprog, len(fprog)), instructions
+
+
+def _load_seccomp(fprog: tuple) -> None:
+    """Install the filter on this process and everything it starts (needs no_new_privs, set before)."""
+    _check(_LIBC.prctl(_PR_SET_SECCOMP, _SECCOMP_MODE_FILTER, fprog[0], 0, 0), "loading the seccomp filter")
 
 
 # -- Landlock (weaker isolation only) --------------------------------------------------------
@@ -591,6 +617,7 @@ def _prepare(sock: socket.socket, setup: dict) -> dict:
         "private_filesystem": False,
         "slot_server": 0,
         "subordinate_used": False,
+        "bounded": False,
     }
     _enter_slot(sock, setup, state)
     errors = state["isolation_errors"]
@@ -620,7 +647,8 @@ def _prepare(sock: socket.socket, setup: dict) -> dict:
         if problem:  # programs cannot run as that uid: they keep ours, without capabilities (refused unless allowed)
             errors["drop_privileges"] = problem
             setup["uid"] = None
-    state["seccomp"] = setup["seccomp"]  # compiled by the evaluator (libseccomp is not imported here)
+    # Compiled by the evaluator (libseccomp is not imported here).
+    state["seccomp"] = _seccomp_filter(setup["seccomp"]) if setup["seccomp"] is not None else None
     _share_nproc(setup, state)
     if setup["pid_namespace"]:
         try:
@@ -647,6 +675,14 @@ def _prepare(sock: socket.socket, setup: dict) -> dict:
         if not state["landlock"]:
             errors.setdefault("landlock", "this kernel has no Landlock (Linux >= 5.13 with landlock in CONFIG_LSM)")
     state["private_filesystem"] = bool(setup["private_filesystem"])
+    if state["private_filesystem"]:
+        # The bounding and ambient sets are inherited: emptied once here rather than in every program. (Only with the
+        # read-only view: the server then never has to run anything on files a program left on the host.)
+        try:
+            _limit_capabilities()
+            state["bounded"] = True
+        except OSError:
+            pass  # each program tries again, and says why it cannot
     return state
 
 
@@ -690,7 +726,8 @@ def _limit_and_drop(setup: dict, state: dict, parent: int) -> None:
             _set_limit(which, int(setup[key]))
     # Setuid and file-capability binaries run without their privileges from here on (and in every child).
     _check(_LIBC.prctl(_PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
-    _limit_capabilities()
+    if not state["bounded"]:
+        _limit_capabilities()
     if setup["uid"] is not None:
         os.setgroups([])
         os.setgid(setup["uid"])
@@ -798,22 +835,26 @@ def _run_program(setup: dict, state: dict, job: dict, parent: int) -> None:
     exit_now(0)  # no flush, no atexit, no finalizers: nothing of the program runs after its report
 
 
-def _reap(setup: dict, state: dict, job: dict) -> None:
-    """Pid 1 of the program's pid namespace: run it as pid 2, record how it ended on fd 4, exit."""
-    # The program is pid 2: as pid 1 it would be immune to its own signals and to SIGXCPU.
-    reaper = os.getpid()
-    program_pid = os.fork()
-    if program_pid == 0:
-        _run_program(setup, state, job, reaper)
-    job.clear()
-    os.close(_RESULT_FD)  # only P (and what it starts) may write reports
+def _reap(program: int, harness: int) -> None:
+    """R: pid 1 of the program's pid namespace, whose pid 2 (P, the program) it forked first thing.
+
+    Waits for P, kills and reaps whatever P left (so that their CPU time counts towards ours, which
+    the server reports), records how P ended on the harness channel and exits, taking the namespace
+    along. Touches as little as it can: every page it writes is copied from the server.
+    """
+    # Only the harness channel (at its number as received) is ours to keep: the pipes the program writes must see EOF
+    # when it is gone, and the server's socket is not ours to hold.
+    os.closerange(0, harness)
+    os.closerange(harness + 1, _FD_LIMIT)
     while True:
         try:
             pid, status, usage = os.wait4(-1, 0)
         except ChildProcessError:
             os._exit(5)
+        except InterruptedError:
+            continue
         # Other pids are orphans re-parented to us (pid 1): reap them and keep waiting.
-        if pid == program_pid:
+        if pid == program:
             break
     # Kill and reap what the program left ourselves: the kernel would too once we exit, but it would not count
     # their CPU time towards ours (the server reports the whole tree's from our rusage).
@@ -835,20 +876,33 @@ def _reap(setup: dict, state: dict, job: dict) -> None:
         except InterruptedError:
             continue
     try:
-        os.write(_HARNESS_FD, f"exit {status}\n".encode())
+        os.write(harness, b"exit %d\n" % status)
     except OSError:
         pass
     os._exit(0)
 
 
 def _start(setup: dict, state: dict, job: dict, fds: list) -> tuple[int, bool]:
-    """Fork the process for one job (pid 1 of a new pid namespace when possible); (its pid, in_namespace)."""
+    """Fork the processes of one job; (pid of the first, in_namespace) in the server, never returns in them.
+
+    With a pid namespace per program the first is R, pid 1 of a new pid namespace, which forks P
+    (pid 2) before anything else: R only waits, so the set-up below runs once, in P, and R copies
+    next to nothing of the server's memory. Without one, the first is P itself.
+    """
     server = os.getpid()
     pid, in_namespace = _fork(state)
     if pid:
         return pid, in_namespace
+    if in_namespace:
+        program = os.fork()
+        if program:
+            _reap(program, fds[3])
+    # P. Everything inherited from the server goes to the permanent generation: a collection here never walks (and
+    # so never copies) the server's objects.
+    gc.freeze()
+    parent = 1 if in_namespace else server
     try:
-        _die_with_parent(None if in_namespace else server)
+        _die_with_parent(parent)
         # A session (and process group) of its own, so the evaluator can kill the whole group.
         os.setsid()
         null = os.open(os.devnull, os.O_RDONLY)
@@ -856,22 +910,19 @@ def _start(setup: dict, state: dict, job: dict, fds: list) -> tuple[int, bool]:
         for target, fd in enumerate(fds, start=1):  # stdout, stderr, report, harness
             os.dup2(fd, target)
         # The socket and every other inherited descriptor (close_range(2): cheap even for a high limit).
-        os.closerange(_HARNESS_FD + 1, max(1 << 16, resource.getrlimit(resource.RLIMIT_NOFILE)[0]))
+        os.closerange(_HARNESS_FD + 1, _FD_LIMIT)
         if setup["cgroup_procs"]:
             _set_oom_score(b"0")  # the program must be killable again (raising the score needs no privilege)
         workdir = _isolate(setup, in_namespace)
         os.chdir(workdir or job["cwd"])
-        # Only the scrubbed environment the evaluator chose for this program.
-        os.environ.clear()
-        os.environ.update(job["env"])
-        if workdir:
-            os.environ.update(HOME=workdir, TMPDIR=workdir)
+        # The scrubbed environment the evaluator chose is ours already (see main); without a private /tmp, the home
+        # and temporary folder are the program's own folder on the host.
+        if not workdir:
+            os.environ["HOME"] = os.environ["TMPDIR"] = job["cwd"]
     except BaseException as exc:  # noqa: BLE001 - report any set-up failure, never run on
         _harness_record(b"setup", f"{type(exc).__name__}: {exc}")
         os._exit(3)
-    if in_namespace:
-        _reap(setup, state, job)
-    _run_program(setup, state, job, server)
+    _run_program(setup, state, job, parent)
     os._exit(0)
 
 
@@ -969,52 +1020,136 @@ def _tree(exclude: object) -> tuple[float, list[int]]:
     return total, queue[1:]
 
 
+class _Running:
+    """The job in flight: its first process (R, or P without a pid namespace), how to watch it, its CPU so far."""
+
+    __slots__ = ("pid", "in_namespace", "pidfd", "before", "over", "cpu")
+
+    def __init__(self, pid: int, in_namespace: bool, before: float) -> None:
+        self.pid, self.in_namespace, self.before = pid, in_namespace, before
+        self.over, self.cpu = False, 0.0
+        try:
+            self.pidfd: int | None = os.pidfd_open(pid)  # readable once it exits
+        except OSError:  # a kernel before 5.3: polled with waitpid
+            self.pidfd = None
+
+    def check_cpu(self, setup: dict, holder: object) -> None:
+        """Add up the CPU of the whole tree; past the limit, kill it."""
+        tree, pids = _tree(holder)
+        # Kept: processes the kernel kills with a killed reaper are reaped without adding their CPU to ours.
+        self.cpu = max(self.cpu, _children_cpu() - self.before + tree)
+        if self.cpu > setup["cpu_limit"]:
+            self.over = True
+            # The reaper takes its whole pid namespace with it; without one, every process below us goes.
+            for pid in [self.pid] if self.in_namespace else [self.pid, *pids]:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def ended(self) -> tuple | None:
+        """Reap the first process if it ended, kill and reap whatever it left; the reply for the evaluator, or None."""
+        pid, status, _ = os.wait4(self.pid, os.WNOHANG)
+        if not pid:
+            return None
+        if self.pidfd is not None:
+            os.close(self.pidfd)
+        # With a pid namespace everything went with the reaper; without one we are the leftovers' subreaper.
+        orphans = 0 if self.in_namespace else _kill_orphans(_HOLDER[0])
+        cpu = max(_children_cpu() - self.before, self.cpu)
+        return ("reaped", status, cpu, orphans, self.over)
+
+
+_HOLDER: list = [None]  # the uid holder's pid (a child of ours that is never killed as a leftover)
+
+
 def _serve(sock: socket.socket, setup: dict, state: dict) -> None:
-    """Answer the evaluator's requests until it closes the socket (or dies); watch the CPU of a running program."""
-    # running: [pid, in its own pid namespace, children CPU before it, over the limit, most CPU seen]
-    holder, running = state["holder"], None
+    """Run the evaluator's jobs until it closes the socket (or dies).
+
+    A job is one "run" message; the reply "started" carries a pidfd of the program's first process
+    (so the evaluator can kill it whatever pid namespace we are in) and, once that process ended
+    and whatever it left was killed and reaped, "reaped" follows on its own: how the program ended,
+    the CPU time of all its processes, how many leftovers were killed, and whether it went over the
+    CPU limit. While a program runs, its CPU is added up every :data:`POLL` seconds.
+    """
+    _HOLDER[0] = holder = state["holder"]
+    running: _Running | None = None
+    polls = 0
     while True:
-        if running is not None and not running[3] and not select.select([sock], [], [], POLL)[0]:
-            tree, pids = _tree(holder)
-            # Kept: processes the kernel kills with a killed reaper are reaped without adding their CPU to ours.
-            running[4] = max(running[4], _children_cpu() - running[2] + tree)
-            if running[4] > setup["cpu_limit"]:
-                running[3] = True
-                # The reaper takes its whole pid namespace with it; without one, every process below us goes.
-                for pid in [running[0]] if running[1] else [running[0], *pids]:
-                    try:
-                        os.kill(pid, signal.SIGKILL)
-                    except (ProcessLookupError, PermissionError):
-                        pass
+        if running is not None:
+            if running.pidfd is not None:
+                ready = select.select([sock, running.pidfd], [], [], None if running.over else POLL)[0]
+                due = not ready
+            else:  # a kernel before 5.3: waitpid is polled, the CPU added up as often as with a pidfd
+                ready = select.select([sock], [], [], _NO_PIDFD_POLL)[0]
+                polls += 1
+                due = polls % round(POLL / _NO_PIDFD_POLL) == 0
+            if sock in ready:
+                return  # the evaluator sends nothing while a program runs but the end of the conversation
+            reply = running.ended()
+            if reply is not None:
+                running = None
+                state["workdir"] = None
+                send_message(sock, reply)
+            elif due and not running.over:
+                running.check_cpu(setup, holder)
             continue
         message, fds = recv_message(sock, max_fds=4)
-        kind = message[0]
-        if kind == "run":
-            # Remembered until reaped: if the evaluator dies meanwhile, we remove the folder ourselves.
-            state["workdir"] = message[1]["cwd"]
-            before = _children_cpu()
-            pid, in_namespace = _start(setup, state, message[1], fds)
-            for fd in fds:
-                os.close(fd)
-            running = [pid, in_namespace, before, False, 0.0]
-            try:
-                pidfd = os.pidfd_open(pid)
-            except OSError:  # a kernel before 5.3: the evaluator falls back to our pid and /proc
-                send_message(sock, ("started", pid, in_namespace))
-                continue
-            try:
-                send_message(sock, ("started", pid, in_namespace), fds=(pidfd,))
-            finally:
-                os.close(pidfd)
-        elif kind == "reap":
-            _, status, _ = os.wait4(message[1], 0)
-            orphans = _kill_orphans(holder)
-            state["workdir"] = None
-            cpu = max(_children_cpu() - running[2], running[4]) if running else 0.0
-            over, running = bool(running and running[3]), None
-            send_message(sock, ("reaped", status, cpu, orphans, over))
-        else:
+        if message[0] != "run":
             return
+        # Remembered until reaped: if the evaluator dies meanwhile, we remove the folder ourselves.
+        state["workdir"] = message[1]["cwd"]
+        before = _children_cpu()
+        pid, in_namespace = _start(setup, state, message[1], fds)
+        for fd in fds:
+            os.close(fd)
+        running = _Running(pid, in_namespace, before)
+        if running.pidfd is None:
+            send_message(sock, ("started", pid, in_namespace))
+        else:
+            send_message(sock, ("started", pid, in_namespace), fds=(running.pidfd,))
+
+
+# Compiled once by the server: the first compile() of a process initialises the compiler (a couple of milliseconds and
+# a few hundred pages, which every program would otherwise pay for again in its own copy).
+_WARM_UP = """
+from os import path as p
+def f(a: int, *args, b=1, **kw) -> list:
+    \"\"\"doc\"\"\"
+    x = [i * 2 for i in range(a) if i % 2 and not a or b]
+    y, z, w = {k: v for k, v in kw.items()}, {1, 2.5, -3}, (lambda q: q[1:] + f"{q!r:>3}")
+    for i, j in enumerate(x):
+        while i > 0 and i is not None:
+            i -= 1 // 2 ** 3 % 4
+            if i == 3:
+                break
+            elif i in (4, 5):
+                continue
+    try:
+        assert a == b, "msg"
+    except (ValueError, TypeError) as exc:
+        raise RuntimeError("x") from exc
+    finally:
+        pass
+    with open(p) as h:
+        return sorted(x, key=lambda v: -v)[::2] + [a if b else None]
+class C(object):
+    attr: int = 0
+    def m(self):
+        yield from range(3)
+assert f(3) is not None and 1 < 2 <= 3 != 4, "ok"
+"""
+
+
+def _ready_for_programs(setup: dict) -> None:
+    """What every program would otherwise do for itself, done once in the server it is forked from."""
+    # The programs' scrubbed environment (with a private /tmp their home is WORKDIR; otherwise set per program).
+    os.environ.clear()
+    os.environ.update(setup["env"])
+    compile(_WARM_UP, "<warm-up>", "exec")
+    # Everything the server holds now is long-lived: no collection (here or in a forked program) walks it again.
+    gc.collect()
+    gc.freeze()
 
 
 def main() -> None:
@@ -1024,6 +1159,7 @@ def main() -> None:
     sys.path[:0] = setup["module_paths"]
     # Namespaces and mounts once per slot; programs only pay for their fork.
     state = _prepare(sock, setup)
+    _ready_for_programs(setup)
     report = (
         "network_isolated", "error", "isolation_errors", "claimed_uid", "landlock", "private_filesystem",
         "subordinate_used",

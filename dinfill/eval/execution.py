@@ -807,6 +807,16 @@ class _Server:
             "tmp_bytes": cfg.tmp_bytes,
             "tmp_inodes": 16384,
             "keep_paths": [tempfile.gettempdir()],
+            # Every program's environment (the server takes it once; without a private /tmp, HOME and TMPDIR are then
+            # set to each program's own folder).
+            "env": {
+                "PATH": "/usr/local/bin:/usr/bin:/bin",
+                "HOME": _wire.WORKDIR,
+                "TMPDIR": _wire.WORKDIR,
+                "LANG": "C.UTF-8",
+                "LC_ALL": "C.UTF-8",
+                "OMP_NUM_THREADS": "1",
+            },
             "module_paths": _module_paths(),
         }
 
@@ -970,6 +980,11 @@ class _Server:
         # Started by Sandbox.run (so that its set-up errors propagate), never lazily here.
         self.sock.settimeout(timeout)
         _wire.send_message(self.sock, message, fds)
+        return _wire.recv_message(self.sock, max_fds=1)
+
+    def receive(self, timeout: float | None = None) -> tuple:
+        """The next message the server sends on its own (a program's end)."""
+        self.sock.settimeout(timeout)
         return _wire.recv_message(self.sock, max_fds=1)
 
 
@@ -1357,16 +1372,7 @@ class Sandbox:
         cfg = self.config
         # One secret per status: a program that reads its own "failed" report cannot turn it into "passed".
         tokens = {status: secrets.token_hex(16) for status in ("passed", "failed", "oom")}
-        home = workdir or _wire.WORKDIR
-        env = {
-            "PATH": "/usr/local/bin:/usr/bin:/bin",
-            "HOME": home,
-            "TMPDIR": home,
-            "LANG": "C.UTF-8",
-            "LC_ALL": "C.UTF-8",
-            "OMP_NUM_THREADS": "1",
-        }
-        job = {"program": program, "tokens": tokens, "cwd": workdir, "env": env}
+        job = {"program": program, "tokens": tokens, "cwd": workdir}
         oom_before = server.cgroups.oom_kills() if server.cgroups else None
         # The server gets the write ends; once it has forked, ours are closed so EOF means "all writers gone".
         pipes = [os.pipe() for _ in range(4)]  # stdout, stderr, report, harness
@@ -1384,7 +1390,14 @@ class Sandbox:
             # A server that died (killed from outside) must not take the batch down with it.
             server.stop()  # Sandbox.run starts it again for the next program
             return ExecResult("crashed", f"sandbox server failed: {exc!r}", sandbox=server.label)
-        watch = _Watch(reply[1], reply[2], fds[0] if fds else None, [r for r, _ in pipes], cfg.max_output_bytes)
+        watch = _Watch(
+            reply[1],
+            reply[2],
+            fds[0] if fds else None,
+            [r for r, _ in pipes],
+            cfg.max_output_bytes,
+            server.sock.fileno(),
+        )
         with self._lock:
             self._watches.add(watch)
             if self._stopping:
@@ -1405,13 +1418,14 @@ class Sandbox:
         self, watch: _Watch, server: _Server, tokens: dict[str, str], start: float, oom_before: int | None
     ) -> ExecResult:
         cfg = self.config
+        # Until the server says that the program ended (or the wall clock runs out: then it is killed first).
         timed_out = watch.wait(start + cfg.wall_limit)
         wall = time.monotonic() - start
-        # Kill before reaping: while the child is a zombie its pid (= group id) cannot be reused.
-        watch.kill()
-        # The server reaps the program, then kills and reaps whatever it left (it is their subreaper); it also
-        # says how much CPU all the program's processes used, and whether it killed them for using too much.
-        (_, status, cpu, _orphans, over), _ = server.request(("reap", watch.server_pid), timeout=REAP_TIMEOUT)
+        # The server reaped the program, killed and reaped whatever it left (with a pid namespace per program its
+        # reaper did); it says how much CPU all the program's processes used, and whether it killed them for using
+        # too much. From here the program's pid may be reused: nothing may signal it any more.
+        (_, status, cpu, _orphans, over), _ = server.receive(timeout=REAP_TIMEOUT)
+        watch.reaped()
         # Every writer is dead now: read what is left.
         watch.close(deadline=time.monotonic() + 2.0)
         returncode = os.waitstatus_to_exitcode(status)
@@ -1513,16 +1527,17 @@ def _parse_harness(data: bytes) -> dict:
 
 
 class _Watch:
-    """Drains a program's stdout, stderr, report and harness pipes until it exits or its time is up.
+    """Drains a program's stdout, stderr, report and harness pipes until it ends or its time is up.
 
     ``server_pid`` is the program's pid as its fork server numbers it (in the slot's pid namespace);
     ``pidfd`` (sent by the server) names the same process here. A program in a pid namespace of its own
     (``own_namespace``) is killed through the pidfd alone (its reaper takes the namespace along);
-    otherwise its process group is killed too, by its pid in our numbering.
+    otherwise its process group is killed too, by its pid in our numbering. The program has ended
+    when the server's socket (``ended_fd``) becomes readable: the server reports it on its own.
     """
 
     def __init__(
-        self, server_pid: int, own_namespace: bool, pidfd: int | None, read_fds: list[int], cap: int
+        self, server_pid: int, own_namespace: bool, pidfd: int | None, read_fds: list[int], cap: int, ended_fd: int
     ) -> None:
         self.server_pid = server_pid
         self.pidfd = pidfd
@@ -1542,23 +1557,31 @@ class _Watch:
             self.sel.register(fd, selectors.EVENT_READ, index)
         self.open_reads = len(read_fds)
         self.exited = False
-        # pidfd: readable when the process exits, even though the fork server is its parent.
-        if self.pidfd is not None:
-            self.sel.register(self.pidfd, selectors.EVENT_READ, "exit")
+        self._lock = threading.Lock()  # kill() (from the thread that handles Ctrl-C) against reaped()
+        self._reaped = False
+        self.sel.register(ended_fd, selectors.EVENT_READ, "exit")
 
     def kill(self, interrupted: bool = False) -> None:
-        """SIGKILL the program's process group (its reaper takes the whole pid namespace along)."""
-        self.interrupted = self.interrupted or interrupted
-        if self.pidfd is not None:
-            try:
-                signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError, OSError):
-                pass
-        if self.pid is not None:
-            try:
-                os.killpg(self.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                pass
+        """SIGKILL the program's process group (its reaper takes the whole pid namespace along), unless reaped."""
+        with self._lock:
+            self.interrupted = self.interrupted or interrupted
+            if self._reaped:  # its pid (= group id) may belong to another process by now
+                return
+            if self.pidfd is not None:
+                try:
+                    signal.pidfd_send_signal(self.pidfd, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError, OSError):
+                    pass
+            if self.pid is not None:
+                try:
+                    os.killpg(self.pid, signal.SIGKILL)
+                except (ProcessLookupError, PermissionError):
+                    pass
+
+    def reaped(self) -> None:
+        """The server reaped the program: nothing may signal its pid any more."""
+        with self._lock:
+            self._reaped = True
 
     def _pump(self, timeout: float) -> int:
         """One select round; returns the number of bytes read."""
@@ -1566,6 +1589,7 @@ class _Watch:
         for key, _ in self.sel.select(timeout):
             if key.data == "exit":
                 self.exited = True
+                self.sel.unregister(key.fd)
                 continue
             try:
                 chunk = os.read(key.fd, 65536)
@@ -1586,16 +1610,13 @@ class _Watch:
         return got
 
     def wait(self, deadline: float) -> bool:
-        """Pump until the process exits or the deadline passes; True when time ran out (group killed)."""
+        """Pump until the server reports the end or the deadline passes; True when time ran out (program killed)."""
         while not self.exited:
             remaining = deadline - time.monotonic()
             if remaining <= 0:
                 self.kill()
                 return True
-            self._pump(remaining if self.pidfd is not None else min(remaining, 0.01))
-            if self.pidfd is None:
-                status = _proc_status(str(self.pid))
-                self.exited = status is None or status[1] in "ZX"
+            self._pump(remaining)
         return False
 
     def close(self, deadline: float) -> None:
