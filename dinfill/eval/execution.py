@@ -154,7 +154,7 @@ import pwd
 import queue
 import random
 import secrets
-import selectors
+import select
 import shutil
 import signal
 import socket
@@ -529,6 +529,7 @@ class _SlotCgroups:
         self.paths: list[str] = []
         self.memory: tuple[str, str] | None = None  # (directory, "v2" or "v1")
         self.cpu = False
+        self._events: int | None = None  # the memory cgroup's OOM kill counter, kept open
 
     @property
     def procs(self) -> list[str]:
@@ -600,6 +601,7 @@ class _SlotCgroups:
                 _write(os.path.join(path, "memory.memsw.limit_in_bytes"), str(limits["memory.limit_in_bytes"]), True)
                 self.memory = (path, "v1")
                 if self.oom_kills() is None:
+                    self._close_counter()
                     self.memory = None
                     raise OSError(f"{path} does not count OOM kills (kernel before 4.13)")
             else:
@@ -613,16 +615,33 @@ class _SlotCgroups:
         """How many processes the kernel killed in the memory cgroup for going over its cap so far."""
         if self.memory is None:
             return None
-        path, version = self.memory
-        name = "memory.events" if version == "v2" else "memory.oom_control"
-        for line in _read(os.path.join(path, name)).splitlines():
+        # Read twice per program: the file stays open (a pread from 0 reads it afresh).
+        if self._events is None:
+            path, version = self.memory
+            try:
+                self._events = os.open(os.path.join(path, "memory.events" if version == "v2" else "memory.oom_control"),
+                                       os.O_RDONLY | os.O_CLOEXEC)  # fmt: skip
+            except OSError:
+                return None
+        try:
+            text = os.pread(self._events, 4096, 0).decode("ascii", "replace")
+        except OSError:
+            return None
+        for line in text.splitlines():
             key, _, value = line.partition(" ")
             if key == "oom_kill":
                 return int(value)
         return None
 
+    def _close_counter(self) -> None:
+        """Close the OOM kill counter (the memory cgroup goes, or was found unusable)."""
+        if self._events is not None:
+            os.close(self._events)
+            self._events = None
+
     def remove(self) -> None:
         """Remove the cgroups (their processes are gone; the kernel may need a moment to let go)."""
+        self._close_counter()
         for path in self.paths:
             for _ in range(50):
                 try:
@@ -1371,33 +1390,23 @@ class Sandbox:
     def _run_in(self, program: str, server: _Server, workdir: str | None) -> ExecResult:
         cfg = self.config
         # One secret per status: a program that reads its own "failed" report cannot turn it into "passed".
-        tokens = {status: secrets.token_hex(16) for status in ("passed", "failed", "oom")}
+        secret = secrets.token_hex(48)
+        tokens = {"passed": secret[:32], "failed": secret[32:64], "oom": secret[64:]}
         job = {"program": program, "tokens": tokens, "cwd": workdir}
         oom_before = server.cgroups.oom_kills() if server.cgroups else None
-        # The server gets the write ends; once it has forked, ours are closed so EOF means "all writers gone".
         pipes = [os.pipe() for _ in range(4)]  # stdout, stderr, report, harness
         # The wall clock starts before the fork, so it bounds everything the program costs.
         start = time.monotonic()
         try:
-            try:
-                reply, fds = server.request(("run", job), fds=tuple(w for _, w in pipes), timeout=REAP_TIMEOUT)
-            finally:
-                for _, w in pipes:
-                    os.close(w)
+            reply, fds = server.request(("run", job), fds=tuple(w for _, w in pipes), timeout=REAP_TIMEOUT)
         except (OSError, EOFError) as exc:
-            for r, _ in pipes:
-                os.close(r)
+            for pipe in pipes:
+                os.close(pipe[0])
+                os.close(pipe[1])
             # A server that died (killed from outside) must not take the batch down with it.
             server.stop()  # Sandbox.run starts it again for the next program
             return ExecResult("crashed", f"sandbox server failed: {exc!r}", sandbox=server.label)
-        watch = _Watch(
-            reply[1],
-            reply[2],
-            fds[0] if fds else None,
-            [r for r, _ in pipes],
-            cfg.max_output_bytes,
-            server.sock.fileno(),
-        )
+        watch = _Watch(reply[1], reply[2], fds[0] if fds else None, pipes, cfg.max_output_bytes, server.sock.fileno())
         with self._lock:
             self._watches.add(watch)
             if self._stopping:
@@ -1534,10 +1543,16 @@ class _Watch:
     (``own_namespace``) is killed through the pidfd alone (its reaper takes the namespace along);
     otherwise its process group is killed too, by its pid in our numbering. The program has ended
     when the server's socket (``ended_fd``) becomes readable: the server reports it on its own.
+
+    We keep the write ends of the pipes (``pipes``: (read, write) pairs) until the program was reaped,
+    so that the program's end is one wakeup (the server's message), not one per pipe; then every
+    writer is gone and what is left reads to EOF. Only stdout, stderr and the report are read while
+    the program runs (so that neither a flood nor a hostile writer blocks it); the harness channel,
+    which only the harness writes (a few bytes), is read afterwards.
     """
 
     def __init__(
-        self, server_pid: int, own_namespace: bool, pidfd: int | None, read_fds: list[int], cap: int, ended_fd: int
+        self, server_pid: int, own_namespace: bool, pidfd: int | None, pipes: list, cap: int, ended_fd: int
     ) -> None:
         self.server_pid = server_pid
         self.pidfd = pidfd
@@ -1546,20 +1561,24 @@ class _Watch:
         else:
             self.pid = _pid_of(pidfd) if pidfd is not None else server_pid
         self.interrupted = False
-        self.fds = read_fds
-        self.buffers = [bytearray() for _ in read_fds]
+        self.fds = [read for read, _ in pipes]
+        self._writes = [write for _, write in pipes]
+        self.buffers = [bytearray() for _ in pipes]
         # stdout and stderr keep the configured head; the report channel a fixed cap (reports are short).
         self.caps = [cap, cap, _REPORT_CAP, _REPORT_CAP]
-        self.overflow = [False for _ in read_fds]
-        self.sel = selectors.DefaultSelector()
-        for index, fd in enumerate(read_fds):
+        self.overflow = [False for _ in pipes]
+        self._index = {fd: index for index, fd in enumerate(self.fds)}
+        self._poll = select.poll()
+        for fd in self.fds:
             os.set_blocking(fd, False)
-            self.sel.register(fd, selectors.EVENT_READ, index)
-        self.open_reads = len(read_fds)
+        for fd in self.fds[:3]:
+            self._poll.register(fd, select.POLLIN)
+        self._open = set(self.fds[:3])
+        self._ended_fd = ended_fd
+        self._poll.register(ended_fd, select.POLLIN)
         self.exited = False
         self._lock = threading.Lock()  # kill() (from the thread that handles Ctrl-C) against reaped()
         self._reaped = False
-        self.sel.register(ended_fd, selectors.EVENT_READ, "exit")
 
     def kill(self, interrupted: bool = False) -> None:
         """SIGKILL the program's process group (its reaper takes the whole pid namespace along), unless reaped."""
@@ -1583,31 +1602,34 @@ class _Watch:
         with self._lock:
             self._reaped = True
 
-    def _pump(self, timeout: float) -> int:
-        """One select round; returns the number of bytes read."""
-        got = 0
-        for key, _ in self.sel.select(timeout):
-            if key.data == "exit":
+    def _read(self, fd: int) -> bool:
+        """One read of a pipe; at EOF it is done. True when it gave data."""
+        try:
+            chunk = os.read(fd, 65536)
+        except BlockingIOError:
+            return False
+        except OSError:
+            chunk = b""
+        if not chunk:
+            self._poll.unregister(fd)
+            self._open.discard(fd)
+            return False
+        index = self._index[fd]
+        buf, limit = self.buffers[index], self.caps[index]
+        if len(buf) + len(chunk) > limit:
+            self.overflow[index] = True
+        if len(buf) < limit:
+            buf.extend(chunk[: limit - len(buf)])
+        return True
+
+    def _pump(self, timeout: float) -> None:
+        """One poll round of at most ``timeout`` seconds."""
+        for fd, _ in self._poll.poll(max(0, int(timeout * 1000) + 1)):
+            if fd == self._ended_fd:
                 self.exited = True
-                self.sel.unregister(key.fd)
-                continue
-            try:
-                chunk = os.read(key.fd, 65536)
-            except BlockingIOError:
-                continue
-            except OSError:
-                chunk = b""
-            if not chunk:
-                self.sel.unregister(key.fd)
-                self.open_reads -= 1
-                continue
-            got += len(chunk)
-            buf, limit = self.buffers[key.data], self.caps[key.data]
-            if len(buf) + len(chunk) > limit:
-                self.overflow[key.data] = True
-            if len(buf) < limit:
-                buf.extend(chunk[: limit - len(buf)])
-        return got
+                self._poll.unregister(fd)
+            else:
+                self._read(fd)
 
     def wait(self, deadline: float) -> bool:
         """Pump until the server reports the end or the deadline passes; True when time ran out (program killed)."""
@@ -1620,12 +1642,23 @@ class _Watch:
         return False
 
     def close(self, deadline: float) -> None:
-        """Read what is left (every writer is dead by now), then close the pipes (once)."""
+        """Read what is left (every writer but us is dead by now), then close the pipes (once)."""
         if not self.fds:
             return
-        while self.open_reads and time.monotonic() < deadline:
+        for fd in self._writes:
+            os.close(fd)
+        self._writes = []
+        if not self.exited:
+            self._poll.unregister(self._ended_fd)
+            self.exited = True
+        self._poll.register(self.fds[3], select.POLLIN)
+        self._open.add(self.fds[3])
+        # Usually everything is there already: read it without waiting, then poll only for a writer still alive.
+        for fd in list(self._open):
+            while fd in self._open and self._read(fd):
+                pass
+        while self._open and time.monotonic() < deadline:
             self._pump(0.05)
-        self.sel.close()
         for fd in self.fds if self.pidfd is None else (*self.fds, self.pidfd):
             os.close(fd)
         self.fds, self.pidfd = [], None
