@@ -322,6 +322,13 @@ def hostile_programs(places: dict) -> dict[str, str]:
                 except OSError as exc:
                     command = repr(exc).encode()
                 print(pid, command.decode(errors="replace"))
+            # The reaper lives in the fork server's mount namespace: none of it may be reached through /proc/1.
+            for what in ("root", "cwd", "fd", "environ"):
+                try:
+                    os.listdir(f"/proc/1/{what}") if what != "environ" else open(f"/proc/1/{what}", "rb").read()
+                    print("reached", what)
+                except OSError:
+                    print("denied", what)
             """
         ),
         "case8_write_everywhere": hostile(write_everywhere),
@@ -544,9 +551,11 @@ def test_case5_no_shared_memory_outlives_the_program(batch):
 
 def test_case7_program_sees_only_its_own_processes(batch):
     lines = batch["results"]["case7_proc_view"].stdout.strip().splitlines()
-    pids = [int(line.split()[0]) for line in lines]
+    pids = [int(line.split()[0]) for line in lines if line[0].isdigit()]
     assert pids == [1, 2, 3], lines  # the reaper, the program, its child
     assert "_sandbox_server.py" in lines[0] and "pytest" not in "".join(lines)
+    reaper = [line for line in lines if not line[0].isdigit()]
+    assert reaper == ["denied root", "denied cwd", "denied fd", "denied environ"], lines
 
 
 def test_case8_nothing_written_reaches_the_host(batch, places):

@@ -79,7 +79,7 @@ _CLONE_NEWNS, _CLONE_NEWCGROUP, _CLONE_NEWUTS, _CLONE_NEWIPC = 0x00020000, 0x020
 _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET, _CLONE_NEWTIME = 0x10000000, 0x20000000, 0x40000000, 0x00000080
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_REC, _MS_PRIVATE = 16384, 1 << 18
-_PR_SET_PDEATHSIG, _PR_CAPBSET_DROP, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 1, 24, 36, 38
+_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_CAPBSET_DROP, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 1, 4, 24, 36, 38
 _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 47, 4, 22, 2
 _CAPABILITY_VERSION_3 = 0x20080522
 # open_tree(2), move_mount(2) (Linux 5.2) and mount_setattr(2) (5.12): the same numbers on every architecture but
@@ -860,6 +860,10 @@ def _reap(program: int, harness: int) -> None:
     the server reports), records how P ended on the harness channel and exits, taking the namespace
     along. Touches as little as it can: every page it writes is copied from the server.
     """
+    # R lives in the server's mount namespace (P makes the program's): nothing of it may be reached through /proc/1
+    # (root, cwd, fd). Its uid and capabilities already keep P out (the ptrace access rules); not dumpable, no process
+    # without CAP_SYS_PTRACE over it gets in, whatever they are.
+    _LIBC.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
     # Only the harness channel (at its number as received) is ours to keep: the pipes the program writes must see EOF
     # when it is gone, and the server's socket is not ours to hold.
     os.closerange(0, harness)
