@@ -1058,12 +1058,18 @@ class _Running:
         self.cpu = max(self.cpu, _children_cpu() - self.before + tree)
         if self.cpu > setup["cpu_limit"]:
             self.over = True
-            # The reaper takes its whole pid namespace with it; without one, every process below us goes.
-            for pid in [self.pid] if self.in_namespace else [self.pid, *pids]:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except (ProcessLookupError, PermissionError):
-                    pass
+            self.kill(pids)
+
+    def kill(self, pids: list | None = None) -> None:
+        """SIGKILL the program: the reaper takes its whole pid namespace with it; without one, every process below
+        us goes (``pids``, read from /proc when not given)."""
+        if not self.in_namespace and pids is None:
+            pids = _tree(_HOLDER[0])[1]
+        for pid in [self.pid] if self.in_namespace else [self.pid, *pids]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except (ProcessLookupError, PermissionError):
+                pass
 
     def ended(self) -> tuple | None:
         """Reap the first process if it ended, kill and reap whatever it left; the reply for the evaluator, or None."""
@@ -1088,7 +1094,9 @@ def _serve(sock: socket.socket, setup: dict, state: dict) -> None:
     (so the evaluator can kill it whatever pid namespace we are in) and, once that process ended
     and whatever it left was killed and reaped, "reaped" follows on its own: how the program ended,
     the CPU time of all its processes, how many leftovers were killed, and whether it went over the
-    CPU limit. While a program runs, its CPU is added up every :data:`POLL` seconds.
+    CPU limit. While a program runs, its CPU is added up every :data:`POLL` seconds. Where the kernel
+    has no pidfds, the evaluator sends "kill" instead of killing the program itself (its pid is one
+    of our pid namespace); a "kill" for a program that ended meanwhile is ignored.
     """
     _HOLDER[0] = holder = state["holder"]
     running: _Running | None = None
@@ -1103,7 +1111,11 @@ def _serve(sock: socket.socket, setup: dict, state: dict) -> None:
                 polls += 1
                 due = polls % round(POLL / _NO_PIDFD_POLL) == 0
             if sock in ready:
-                return  # the evaluator sends nothing while a program runs but the end of the conversation
+                # While a program runs the evaluator only asks to kill it (when it has no pidfd to do so itself), or
+                # ends the conversation.
+                if recv_message(sock)[0][0] != "kill":
+                    return
+                running.kill()
             reply = running.ended()
             if reply is not None:
                 running = None
@@ -1113,6 +1125,8 @@ def _serve(sock: socket.socket, setup: dict, state: dict) -> None:
                 running.check_cpu(setup, holder)
             continue
         message, fds = recv_message(sock, max_fds=4)
+        if message[0] == "kill":
+            continue  # for a program that ended meanwhile
         if message[0] != "run":
             return
         # Remembered until reaped: if the evaluator dies meanwhile, we remove the folder ourselves.

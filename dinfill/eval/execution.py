@@ -802,6 +802,7 @@ class _Server:
         self.private_filesystem = False
         self.missing: dict[str, str] = {}
         self.label = "full"
+        self._kill_lock = threading.Lock()
 
     def setup_message(self, candidates: list[int]) -> dict:
         box, cfg = self.sandbox, self.sandbox.config
@@ -1000,6 +1001,14 @@ class _Server:
         self.sock.settimeout(timeout)
         _wire.send_message(self.sock, message, fds)
         return _wire.recv_message(self.sock, max_fds=1)
+
+    def ask_to_kill(self) -> None:
+        """Have the server kill the program in flight (where the kernel gives us no pidfd to do it ourselves)."""
+        with self._kill_lock:  # the thread that handles Ctrl-C may ask too
+            try:
+                _wire.send_message(self.sock, ("kill",))
+            except (OSError, AttributeError):  # the server is gone (or stopped): so is the program
+                pass
 
     def receive(self, timeout: float | None = None) -> tuple:
         """The next message the server sends on its own (a program's end)."""
@@ -1406,7 +1415,7 @@ class Sandbox:
             # A server that died (killed from outside) must not take the batch down with it.
             server.stop()  # Sandbox.run starts it again for the next program
             return ExecResult("crashed", f"sandbox server failed: {exc!r}", sandbox=server.label)
-        watch = _Watch(reply[1], reply[2], fds[0] if fds else None, pipes, cfg.max_output_bytes, server.sock.fileno())
+        watch = _Watch(reply[2], fds[0] if fds else None, pipes, cfg.max_output_bytes, server)
         with self._lock:
             self._watches.add(watch)
             if self._stopping:
@@ -1538,11 +1547,12 @@ def _parse_harness(data: bytes) -> dict:
 class _Watch:
     """Drains a program's stdout, stderr, report and harness pipes until it ends or its time is up.
 
-    ``server_pid`` is the program's pid as its fork server numbers it (in the slot's pid namespace);
-    ``pidfd`` (sent by the server) names the same process here. A program in a pid namespace of its own
-    (``own_namespace``) is killed through the pidfd alone (its reaper takes the namespace along);
-    otherwise its process group is killed too, by its pid in our numbering. The program has ended
-    when the server's socket (``ended_fd``) becomes readable: the server reports it on its own.
+    ``pidfd`` (sent by the server) names the program's first process here. A program in a pid namespace
+    of its own (``own_namespace``) is killed through the pidfd alone (its reaper takes the namespace
+    along); otherwise its process group is killed too, by its pid in our numbering. Without a pidfd
+    (Linux before 5.3) the server is asked to kill it: its pid would be one of the server's pid
+    namespace. The program has ended when the server's socket becomes readable: the server reports
+    it on its own.
 
     We keep the write ends of the pipes (``pipes``: (read, write) pairs) until the program was reaped,
     so that the program's end is one wakeup (the server's message), not one per pipe; then every
@@ -1551,15 +1561,10 @@ class _Watch:
     which only the harness writes (a few bytes), is read afterwards.
     """
 
-    def __init__(
-        self, server_pid: int, own_namespace: bool, pidfd: int | None, pipes: list, cap: int, ended_fd: int
-    ) -> None:
-        self.server_pid = server_pid
+    def __init__(self, own_namespace: bool, pidfd: int | None, pipes: list, cap: int, server: _Server) -> None:
         self.pidfd = pidfd
-        if own_namespace and pidfd is not None:
-            self.pid: int | None = None
-        else:
-            self.pid = _pid_of(pidfd) if pidfd is not None else server_pid
+        self.pid = None if own_namespace or pidfd is None else _pid_of(pidfd)
+        self._server = server
         self.interrupted = False
         self.fds = [read for read, _ in pipes]
         self._writes = [write for _, write in pipes]
@@ -1574,8 +1579,8 @@ class _Watch:
         for fd in self.fds[:3]:
             self._poll.register(fd, select.POLLIN)
         self._open = set(self.fds[:3])
-        self._ended_fd = ended_fd
-        self._poll.register(ended_fd, select.POLLIN)
+        self._ended_fd = server.sock.fileno()
+        self._poll.register(self._ended_fd, select.POLLIN)
         self.exited = False
         self._lock = threading.Lock()  # kill() (from the thread that handles Ctrl-C) against reaped()
         self._reaped = False
@@ -1596,6 +1601,8 @@ class _Watch:
                     os.killpg(self.pid, signal.SIGKILL)
                 except (ProcessLookupError, PermissionError):
                     pass
+            if self.pidfd is None:
+                self._server.ask_to_kill()
 
     def reaped(self) -> None:
         """The server reaped the program: nothing may signal its pid any more."""
