@@ -234,6 +234,14 @@ def _children(pid: int) -> list[int]:
     return found
 
 
+def _state(pid: int) -> str:
+    """A process's state letter (``X`` once it is gone)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "X"
+
+
 def test_killing_the_evaluator_kills_its_programs_and_the_next_start_cleans_up(tmp_path):
     marker = f"dfl{secrets.token_hex(5)}"
     rows = write_rows(tmp_path / "rows.jsonl", [row(named(marker) + "import time\ntime.sleep(30)\n", 0)])
@@ -252,8 +260,12 @@ def test_killing_the_evaluator_kills_its_programs_and_the_next_start_cleans_up(t
     os.kill(evaluator.pid, signal.SIGSTOP)
     servers = _children(evaluator.pid)
     assert servers, "the evaluator's fork servers were not found"
-    for pid in [*servers, evaluator.pid]:
+    for pid in servers:
         os.kill(pid, signal.SIGKILL)
+    # Dead (zombies of the stopped evaluator) before the evaluator goes: a server that saw the evaluator's socket close
+    # before its launcher's death reached it would tidy up after all (a race on a loaded machine).
+    wait_for(lambda: all(_state(pid) in "ZX" for pid in servers))
+    os.kill(evaluator.pid, signal.SIGKILL)
     evaluator.wait()
     try:
         wait_for(lambda: not process_named(marker), timeout=3)  # the program went with its slot
