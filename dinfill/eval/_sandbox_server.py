@@ -11,10 +11,12 @@ program the same random state) and never the dinfill package. The seccomp filter
 
 What a forked process costs is mostly the pages it writes (each one is copied from the server) and
 what it does for the first time: so the server does once what every program would otherwise repeat
-(the first ``compile()`` of a process, a couple of milliseconds; the environment; the ctypes objects;
-emptying the capability bounding set, which forked processes inherit), freezes its objects for the
-garbage collector (``gc.freeze``: no collection in a program walks, and so copies, the server's
-memory), and R, the per-program reaper, does next to nothing.
+(the first ``compile()`` of a process, a couple of milliseconds; importing ``typing``, which many
+HumanEval programs do; the environment, stdin and argv; the ctypes objects and the isolation's mount
+arguments; emptying the capability bounding set, which forked processes inherit), freezes its
+objects for the garbage collector (``gc.freeze``: no collection in a program walks, and so copies,
+the server's memory), and R, the per-program reaper, does next to nothing. A trivial program costs
+about 580 copied or mapped pages and 4 ms of CPU in all (server, R, P and the evaluator).
 
 Processes of one slot (full isolation)::
 

