@@ -781,10 +781,10 @@ def _describe(exc: BaseException, lines: list) -> str:
     return str.__str__(head + where)[:_DETAIL_CHARS]
 
 
-def _harness_record(kind: bytes, detail: str) -> None:
-    """A line on fd 4, the harness's own channel (set-up failures; R's exit record)."""
+def _harness_record(kind: bytes, detail: str, fd: int = _HARNESS_FD) -> None:
+    """A line on the harness's own channel (fd 4 once set up): set-up failures; R's exit record."""
     try:
-        os.write(_HARNESS_FD, kind + b" " + ascii(str(detail)[:_DETAIL_CHARS]).encode() + b"\n")
+        os.write(fd, kind + b" " + ascii(str(detail)[:_DETAIL_CHARS]).encode() + b"\n")
     except OSError:
         pass
 
@@ -915,9 +915,17 @@ def _start(setup: dict, state: dict, job: dict, fds: list) -> tuple[int, bool]:
     if pid:
         return pid, in_namespace
     if in_namespace:
-        program = os.fork()
+        # Nothing that fails here may return into the server's loop (in a copy of the server).
+        try:
+            program = os.fork()
+        except BaseException as exc:  # noqa: BLE001 - e.g. EAGAIN: the program's row is crashed, with the reason
+            _harness_record(b"setup", f"forking the program: {type(exc).__name__}: {exc}", fds[3])
+            os._exit(3)
         if program:
-            _reap(program, fds[3])
+            try:
+                _reap(program, fds[3])
+            finally:
+                os._exit(5)
     # P. Everything inherited from the server goes to the permanent generation: a collection here never walks (and
     # so never copies) the server's objects.
     gc.freeze()
