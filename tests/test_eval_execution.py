@@ -610,6 +610,9 @@ def test_programs_run_unprivileged_without_network(full_isolation):
             print("network reachable")
         except OSError as exc:
             print("no network", exc.errno)
+        # The program is no process group leader (its reaper leads its session), so it may make a session of its own.
+        os.setsid()
+        print("own session", os.getsid(0) == os.getpid())
         """
     )
     with Sandbox(jobs=1) as box:
@@ -624,6 +627,7 @@ def test_programs_run_unprivileged_without_network(full_isolation):
     else:  # a claimed uid (root) or a subordinate uid, no groups
         assert own not in (0, os.geteuid()) and int(uid) != 0 and int(gid) != 0 and groups == "[]"
     assert result.network_isolated and "no network" in result.stdout
+    assert "own session True" in result.stdout
 
 
 def test_fresh_directory_after_hostile_batch(batch):

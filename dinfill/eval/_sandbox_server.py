@@ -917,6 +917,9 @@ def _start(setup: dict, state: dict, job: dict, fds: list) -> tuple[int, bool]:
     if in_namespace:
         # Nothing that fails here may return into the server's loop (in a copy of the server).
         try:
+            # A session (and process group) of its own, which P joins: P is then no group leader and may call
+            # setsid() itself, as any program may.
+            os.setsid()
             program = os.fork()
         except BaseException as exc:  # noqa: BLE001 - e.g. EAGAIN: the program's row is crashed, with the reason
             _harness_record(b"setup", f"forking the program: {type(exc).__name__}: {exc}", fds[3])
@@ -932,8 +935,9 @@ def _start(setup: dict, state: dict, job: dict, fds: list) -> tuple[int, bool]:
     parent = 1 if in_namespace else server
     try:
         _die_with_parent(parent)
-        # A session (and process group) of its own, so the evaluator can kill the whole group.
-        os.setsid()
+        if not in_namespace:
+            # A session (and process group) of its own, so the evaluator can kill the whole group.
+            os.setsid()
         # stdin is /dev/null already (see _ready_for_programs).
         for target, fd in enumerate(fds, start=1):  # stdout, stderr, report, harness
             os.dup2(fd, target)
