@@ -204,6 +204,23 @@ def test_issue_time_enters_the_prediction():
     assert p["bound"] == "issue" and p["seconds"] == pytest.approx(p["t_issue"] + S.LAUNCH_S)
 
 
+def test_recorder_counts_the_rows_a_gather_reads_not_its_table():
+    """An embedding look-up of 3 ids reads 3 rows (and writes them), not the 272 MB table; a matmul moves its
+    operands; a reshape that copies nothing is no kernel."""
+    import torch
+    import torch.nn.functional as F
+
+    ids = torch.zeros(1, 3, dtype=torch.long, device="meta")
+    table = torch.empty(151936, 896, dtype=torch.bfloat16, device="meta")
+    with S.Recorder(TARGETS["h100"]) as rec:
+        rows = F.embedding(ids, table)  # (1, 3, 896)
+        rows @ table[:10].T  # a (3, 896) x (896, 10) GEMM after a copy-free reshape
+    (gather, gemm) = rec.launches
+    assert (gather.op, gather.bytes) == ("embedding", 2 * 3 * 896 * 2 + 3 * 8)
+    assert gemm.kind == "gemm" and gemm.flops == 2 * 3 * 10 * 896
+    assert gemm.bytes == (3 * 896 + 10 * 896 + 3 * 10) * 2
+
+
 # ------------------------------------------------------------------------------------------------
 # compiled for real targets: the fused_step budgets and fit rules
 # ------------------------------------------------------------------------------------------------

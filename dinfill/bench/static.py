@@ -103,7 +103,8 @@ MODES = ("full", "window", "prefill", "decode", "decode-gemv", "step", "forward"
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[0-7T]\s+)?([A-Z0-9_.]+)([^;]*);")
 _FILE_LINE = re.compile(r'File "([^"]+)", line (\d+)')
 _TAG = re.compile(r"#\s*static:\s*([\w-]+)")
-_ANALYSIS_VERSION = 5  # in the analysis and recording cache keys: bump when analyse(), Recorder or WORK_MODELS change
+_ANALYSIS_VERSION = 5  # in the kernel-analysis cache key: bump when analyse() changes
+_RECORD_VERSION = 6  # in the recorded-workload cache key: bump when Recorder or WORK_MODELS change
 
 
 # --------------------------------------------------------------------------------------------------
@@ -563,8 +564,10 @@ WORK_MODELS: dict[str, Callable[[dict, tuple], tuple[float, float, dict]]] = {
 _NO_KERNEL = {
     "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias", "lift_fresh",
     "split", "split_with_sizes", "unbind", "chunk", "sym_size", "sym_stride", "sym_numel", "_to_copy_meta",
+    "_unsafe_view", "_reshape_alias",
 }  # fmt: skip
 _GEMMS = {"mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "_addmm_activation"}
+_GATHERS = {"embedding", "index_select", "gather", "take"}  # read the rows they return, not the whole table
 
 
 class Recorder(TorchDispatchMode):
@@ -601,6 +604,10 @@ class Recorder(TorchDispatchMode):
             batch = a.shape[0] if a.dim() == 3 else 1
             flops = 2.0 * batch * m * n * k
             self.launches.append(Launch(name, "gemm", bytes=moved, flops=flops, note=f"{batch}x{m}x{n}x{k}"))
+        elif name in _GATHERS:
+            index = next((t for t in torch.utils._pytree.tree_leaves((args, kwargs))
+                          if isinstance(t, torch.Tensor) and not t.is_floating_point()), None)  # fmt: skip
+            self.launches.append(Launch(name, "aten", bytes=2.0 * _nbytes(out) + _nbytes(index)))
         else:
             self.launches.append(Launch(name, "aten", bytes=moved))
         return out
@@ -830,12 +837,13 @@ def _ar_runner(w: Workload, model):
 @functools.cache
 def _code_fingerprint() -> str:
     """What a recorded workload depends on: the runtime's sources (kernels, models, samplers, target, the forward
-    phase's input builder), triton's and torch's versions, and ``_ANALYSIS_VERSION`` for this module's recorder
-    and work models (bump it when they change; the report code here does not invalidate recordings)."""
+    phase's input builder), triton's and torch's versions, and ``_RECORD_VERSION`` for this module's recorder
+    and work models (bump it when they change; the report code here does not invalidate recordings, and the
+    kernel analyses they hold are cached apart, under ``_ANALYSIS_VERSION``)."""
     import triton
 
     root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256(f"{triton.__version__} {torch.__version__} v{_ANALYSIS_VERSION}".encode())
+    h = hashlib.sha256(f"{triton.__version__} {torch.__version__} v{_RECORD_VERSION}".encode())
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).as_posix()
         if rel.startswith(("eval/", "bench/")) and rel != "bench/forward.py" or rel == "cli.py":
