@@ -152,6 +152,25 @@ def test_loop_excludes_code_laid_out_inside_but_off_the_loop():
     assert loop.body == 4 and loop.fast == 4
 
 
+def test_a_divergence_check_falls_through_and_the_final_self_branch_is_no_loop():
+    """sm_80-89 SASS: ``BRA.DIV ~URZ, <out of line>`` (taken only if the warp diverged) and ``BRA P0, <head>``
+    are conditional: the loop continues after them. The ``BRA`` to itself after the last ``EXIT`` is padding."""
+    ins = [
+        _ins(0x00, "LDG.E.128", "R4, [R2.64]"),  # head
+        _ins(0x10, "FMNMX"),
+        _ins(0x20, "BRA.DIV", "~URZ, 0x80"),  # warp-divergent path, laid out after the kernel's end
+        _ins(0x30, "SHFL.BFLY", "PT, R12, R14, 0x1, 0x1f"),
+        _ins(0x40, "FADD"),
+        _ins(0x50, "BRA", "P0, 0x00"),  # back edge with a condition operand
+        _ins(0x60, "EXIT"),
+        _ins(0x70, "BRA", "0x70"),  # padding
+        _ins(0x80, "WARPSYNC"),  # the divergent path, which rejoins the loop
+        _ins(0x90, "BRA", "0x40"),
+    ]
+    (loop,) = S.sass_loops(ins)
+    assert (loop.start, loop.body, loop.fast, loop.bytes) == (0x00, 6, 6, 16)
+
+
 def test_nested_loops_and_tags(tmp_path):
     """Tags come from the loop statement's line; the innermost loop carrying a tag owns it."""
     src = tmp_path / "k.py"

@@ -103,7 +103,7 @@ MODES = ("full", "window", "prefill", "decode", "decode-gemv", "step", "forward"
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[0-7T]\s+)?([A-Z0-9_.]+)([^;]*);")
 _FILE_LINE = re.compile(r'File "([^"]+)", line (\d+)')
 _TAG = re.compile(r"#\s*static:\s*([\w-]+)")
-_ANALYSIS_VERSION = 5  # in the kernel-analysis cache key: bump when analyse() changes
+_ANALYSIS_VERSION = 6  # in the kernel-analysis cache key: bump when analyse() changes
 _RECORD_VERSION = 6  # in the recorded-workload cache key: bump when Recorder or WORK_MODELS change
 
 
@@ -340,8 +340,11 @@ def _blocks(ins: list[tuple]) -> tuple[list[list[tuple]], dict[int, list[int]]]:
         target = _branch_target(op, rest)
         if target is not None and target in start:
             out.append(start[target])
-        ends = op.startswith(("EXIT", "RET", "BRX", "JMX")) or (op.startswith("BRA") and not predicated)
-        if (not ends or predicated) and n + 1 < len(blocks):
+        # a branch is conditional when guarded (``@P0 BRA``) or when it names a condition operand before its
+        # target (``BRA P0, ...``, ``BRA.U !UP0, ...``, ``BRA.DIV ~URZ, ...``: taken only if the warp diverged)
+        conditional = predicated or (op.startswith("BRA") and "," in rest)
+        ends = op.startswith(("EXIT", "RET", "BRX", "JMX")) or (op.startswith("BRA") and not conditional)
+        if (not ends or conditional) and n + 1 < len(blocks):
             out.append(n + 1)
         succ[n] = out
     return blocks, succ
@@ -376,6 +379,8 @@ def sass_loops(ins: list[tuple]) -> list[Loop]:
                         todo.append(q)
             if not closed:
                 continue  # a backward jump that never comes back (an exit path placed earlier): no loop
+            if head == tail and len(blocks[head]) == 1:
+                continue  # ``BRA`` to itself after the final ``EXIT``: padding, never executed
             members.add(head)
             body = [x for n in sorted(members) for x in blocks[n]]
             loads = [x for x in body if x[1].startswith("LDG") and ".STRONG" not in x[1]]
@@ -838,12 +843,12 @@ def _ar_runner(w: Workload, model):
 def _code_fingerprint() -> str:
     """What a recorded workload depends on: the runtime's sources (kernels, models, samplers, target, the forward
     phase's input builder), triton's and torch's versions, and ``_RECORD_VERSION`` for this module's recorder
-    and work models (bump it when they change; the report code here does not invalidate recordings, and the
-    kernel analyses they hold are cached apart, under ``_ANALYSIS_VERSION``)."""
+    and work models (bump it when they change; the report code here does not invalidate recordings) and
+    ``_ANALYSIS_VERSION`` (the recordings hold kernel analyses, which are cached apart under it)."""
     import triton
 
     root = Path(__file__).resolve().parents[1]
-    h = hashlib.sha256(f"{triton.__version__} {torch.__version__} v{_RECORD_VERSION}".encode())
+    h = hashlib.sha256(f"{triton.__version__} {torch.__version__} v{_RECORD_VERSION}.{_ANALYSIS_VERSION}".encode())
     for path in sorted(root.rglob("*.py")):
         rel = path.relative_to(root).as_posix()
         if rel.startswith(("eval/", "bench/")) and rel != "bench/forward.py" or rel == "cli.py":
