@@ -214,6 +214,33 @@ def test_rules_report_budget_fit_and_spills_by_name():
     assert S.check_rules([_fake_result(25.0, target="l4")]) == []  # the budget is for sm_90 (an L4 allows ~100)
 
 
+def _attention_result(grid: tuple[int, int, int], keys: int = 1152, flops: float = 0.0) -> S.Result:
+    """A batch-1 decode's attention launch over ``keys`` cached keys of a 2-KV-head model, head dim 64; the grid
+    is (query blocks, batch x KV heads, key splits), as ``attention_fwd`` launches it."""
+    t = TARGETS["h100"]
+    info = S.KernelInfo("_attention_kernel", "att", t.arch, t.name, 10_752, t.smem_per_block, 64, 0, 4,
+                        t.resident_blocks(128, 64, 10_752), 2, [])  # fmt: skip
+    kv = 2 * 2 * keys * 64 * 2
+    launch = S.Launch("_attention_kernel", "triton", grid, info, float(kv), flops or 4.0 * 14 * keys * 64, {},
+                      scalars={"L_k": keys})  # fmt: skip
+    w = S.Workload("qwen2.5-coder-0.5b", "decode", 1, keys, "bf16")
+    return S.Result(w, t, [launch], [S.predict(launch, t)], 1e-5, 3e-6, "bytes")
+
+
+def test_decode_attention_wave_and_bandwidth_rules():
+    """Batch-1 decode attention: 2 programs (one per KV head, no split) at 1152 keys break the wave rule; 66
+    splits of each KV head (a full H100 wave) pass; at 276 keys 2 x 17 programs is all that 16-key splits reach,
+    so that passes too, and 2 x 8 does not. A full wave that is not bandwidth-bound breaks the 50 % rule."""
+    (few,) = S.check_rules([_attention_result((1, 2, 1))])
+    assert "attention launches 2 programs on 132 SMs (1152 keys" in few
+    assert S.check_rules([_attention_result((1, 2, 66))]) == []
+    assert S.check_rules([_attention_result((1, 2, 17), keys=276)]) == []
+    (short,) = S.check_rules([_attention_result((1, 2, 8), keys=276)])
+    assert "16-key splits reach 34" in short
+    (slow,) = S.check_rules([_attention_result((1, 2, 66), flops=1e12)])  # math-bound: the K/V trickles in
+    assert "attention reaches 0% of the bandwidth (target 50%" in slow
+
+
 def test_issue_time_enters_the_prediction():
     """A loop costing 25 instructions an element for 4.5e6 elements on an H100 is issue-bound."""
     r = _fake_result(25.0)
@@ -351,3 +378,28 @@ def test_gpu_check_predictions_on_the_dry_run_shapes(tmp_path):
     name, cells = json.loads(done.stdout.strip().splitlines()[-1])
     assert name == "H100 SXM (stand-in: no CUDA)"
     assert cells["pred tok/s"] > 0, cells
+
+
+@needs_nvidia
+def test_batch1_decode_attention_fills_the_gpu(tmp_path):
+    """The wave and bandwidth rules on the real launchers (sm_89, sm_90): a batch-1 decode of the 2-KV-head 0.5B
+    shape splits its keys over a full wave at 1152 cached keys (58 / 132 programs), and over every 16-key split
+    of its 2 heads at 276 keys (34 programs); ``--check`` finds nothing broken in any of its launches."""
+    args = ["--model", "qwen2.5-coder-0.5b", "--mode", "decode", "--batch", "1", "--dtype", "bf16",
+            "--arch", "sm_89", "sm_90"]  # fmt: skip
+    done = _static([*args, "--json", str(tmp_path / "out.json")], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((tmp_path / "out.json").read_text())
+    assert data["violations"] == []
+    programs = {}
+    for r in data["workloads"]:
+        assert r["error"] is None, r["error"]
+        (first, *_) = [x for x in r["launches"] if x["op"] == "_attention_kernel"]
+        gx, gy, gz = first["grid"]
+        programs[r["arch"], r["length"]] = gx * gy * gz
+        if r["length"] == 1152:
+            assert first["bound"] == "bytes" and first["t_mem"] > 0
+    assert programs[89, 1152] == 58 and programs[90, 1152] == 132
+    assert programs[89, 276] == programs[90, 276] == 34
+    done = _static([*args, "--check"], tmp_path)
+    assert done.returncode == 0 and "0 broken rule(s)" in done.stdout, done.stdout + done.stderr[-2000:]
