@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import qwen_vocab_diffusion_model
 
 import dinfill
-from dinfill.models import Decoder, ModelConfig
+from dinfill.models import Decoder
 from dinfill.sampler.canvas import build_row, end_token_ids, layout_rows, middle_lengths, trim_at_end
 from dinfill.sampler.diffusion import diffusion_generate, infill
 
-TOKENIZER = "/work/shared/tokenizers/qwen2.5-coder"
 LIMIT = 96  # the tiny model's position limit, so truncation is cheap to reach
 
 
@@ -18,20 +18,18 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
-def tok():
-    return dinfill.load_tokenizer(TOKENIZER, add_mask_token=True)
+def tokenizer_dir(shared_dir):
+    return shared_dir / "tokenizers" / "qwen2.5-coder"
+
+
+@pytest.fixture(scope="module")
+def tok(tokenizer_dir):
+    return dinfill.load_tokenizer(str(tokenizer_dir), add_mask_token=True)
 
 
 @pytest.fixture(scope="module")
 def model():
-    """Random model with the real Qwen vocabulary (untied, so it rarely predicts the mask id)."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(model_type="qwen2", vocab_size=151936, hidden_size=32, num_layers=2, num_heads=2,
-                      num_kv_heads=1, intermediate_size=48, max_position_embeddings=LIMIT, attention_bias=True,
-                      eos_token_id=151643)  # fmt: skip
-    m = Decoder(cfg).eval()
-    m.kind = "diffusion"
-    return m
+    return qwen_vocab_diffusion_model(LIMIT)
 
 
 LONG_PREFIX = (
@@ -126,8 +124,8 @@ def test_canvas_rows_and_layouts():
     assert layout_rows(rows, pad_id=0, layout="aligned", limit=9).layout == "right"  # too wide: fall back
 
 
-def test_infill_bad_input(model, tok, tmp_path, monkeypatch):
-    plain = dinfill.load_tokenizer(TOKENIZER)  # Qwen ships no mask token
+def test_infill_bad_input(model, tok, tokenizer_dir, tmp_path, monkeypatch):
+    plain = dinfill.load_tokenizer(str(tokenizer_dir))  # Qwen ships no mask token
     with pytest.raises(ValueError, match="no mask token"):
         infill(model, plain, ["a"], ["b"], length="fixed", middle_tokens=3)
     with monkeypatch.context() as m:  # the trained-weights check of require_mask_token, without the dispatcher

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import pytest
 import torch
+from tiny import qwen_vocab_diffusion_model
 
 import dinfill
 import dinfill.sampler
-from dinfill.models import Decoder, ModelConfig
 from dinfill.sampler import diffusion as diffusion_module
 from dinfill.sampler.canvas import BOUNDARY_WINDOW, boundary_row, end_token_ids, search_lengths, trim_at_end
 from dinfill.sampler.diffusion import boundary_scores, diffusion_generate, infill
@@ -31,14 +31,7 @@ def tok(shared_dir):
 
 @pytest.fixture(scope="module")
 def model():
-    """Random model with the real Qwen vocabulary (untied, so it rarely predicts the mask id)."""
-    torch.manual_seed(0)
-    cfg = ModelConfig(model_type="qwen2", vocab_size=151936, hidden_size=32, num_layers=2, num_heads=2,
-                      num_kv_heads=1, intermediate_size=48, max_position_embeddings=LIMIT, attention_bias=True,
-                      eos_token_id=151643)  # fmt: skip
-    m = Decoder(cfg).eval()
-    m.kind = "diffusion"
-    return m
+    return qwen_vocab_diffusion_model(LIMIT)
 
 
 LONG_PREFIX = "".join(f"def helper_{i}(x):\n    return x * {i}\n\n" for i in range(10)) + "def target(a, b):\n"

@@ -53,6 +53,20 @@ def hf_config(family: str, vocab_size: int = 211, tie: bool | None = None, **ove
     return cfg
 
 
+def qwen_vocab_diffusion_model(max_positions: int):
+    """A 2-layer random diffusion Decoder with the real Qwen vocabulary (151936), for tests that run the real
+    tokenizer through the sampler; untied, so it rarely predicts the mask id."""
+    from dinfill.models import Decoder, ModelConfig
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(model_type="qwen2", vocab_size=151936, hidden_size=32, num_layers=2, num_heads=2,
+                      num_kv_heads=1, intermediate_size=48, max_position_embeddings=max_positions,
+                      attention_bias=True, eos_token_id=151643)  # fmt: skip
+    model = Decoder(cfg).eval()
+    model.kind = "diffusion"
+    return model
+
+
 def hf_model(family: str, seed: int = 0, **kw):
     """A random transformers model (fp32, eval, sdpa attention) with non-trivial norms and biases."""
     from transformers import AutoModelForCausalLM
