@@ -16,8 +16,8 @@ import importlib
 import pytest
 import torch
 import triton
-from torch.utils._python_dispatch import TorchDispatchMode
 
+from dinfill.bench.forward import DeviceOpCounter
 from dinfill.kernels.attention_fwd import AttentionConfig, attention, attention_triton, cuda_config, pick_config
 from dinfill.kernels.reference import attention_ref
 from dinfill.target import TARGETS, Target, Unservable, static_target
@@ -423,18 +423,9 @@ def test_unservable_targets_fail_before_any_launch():
     k = torch.empty(1, 2, 300, 64, device="meta", dtype=torch.bfloat16)
     offset = torch.zeros(1, dtype=torch.int64, device="meta")
 
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
-
-    with static_target(T4), Count() as seen, pytest.raises(Unservable, match="sm_75"):
+    with static_target(T4), DeviceOpCounter() as seen, pytest.raises(Unservable, match="sm_75"):
         attention_triton(q, k, k, causal=True, causal_offset=offset)
-    assert seen.ops == [], seen.ops
+    assert seen.total == 0, (seen.aten, seen.triton)  # refused before any device op
     with static_target(T4), pytest.raises(Unservable, match="sm_75"):  # the up-front check callers can make
         attn_mod.check_target("meta", torch.bfloat16, 64)
     with static_target("l4"):

@@ -306,28 +306,19 @@ def test_gemv_on_an_unservable_target_fails_before_any_launch(target, match, mon
     OutOfResources from a launch in the middle of a forward (meta tensors stand for that GPU's). On sm_75 the
     Triton path itself is refused (with DINFILL_BACKEND=auto such a GPU runs the torch path, GEMV flag or not)."""
     from tiny import hf_config
-    from torch.utils._python_dispatch import TorchDispatchMode
 
+    from dinfill.bench.forward import DeviceOpCounter
     from dinfill.models import ModelConfig
     from dinfill.models.decoder import Decoder
-
-    class Count(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.ops = []
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.ops.append(func.overloadpacket.__name__)
-            return func(*args, **(kwargs or {}))
 
     monkeypatch.setenv("DINFILL_GEMV", "triton")
     monkeypatch.setenv("DINFILL_BACKEND", "triton")
     with torch.device("meta"):
         model = Decoder(ModelConfig.from_hf_dict(hf_config("qwen2").to_dict())).eval()
     ids = torch.zeros(1, 1, dtype=torch.int64, device="meta")
-    with static_target(target), Count() as seen, pytest.raises(Unservable, match=match):
+    with static_target(target), DeviceOpCounter() as seen, pytest.raises(Unservable, match=match):
         model(ids, causal=True)
-    assert seen.ops == [], seen.ops
+    assert seen.total == 0, (seen.aten, seen.triton)  # refused before any device op
 
 
 # ------------------------------------------------------------------------------------------------

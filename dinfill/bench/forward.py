@@ -69,9 +69,10 @@ def compare_forward(
 # --------------------------------------------------------------------------------------------------
 
 # aten ops that never launch a kernel: allocation and aliasing (views are recognised from their schema)
-_NO_KERNEL = {
+NO_KERNEL = {
     "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias", "lift_fresh",
-    "split", "split_with_sizes", "unbind", "chunk", "sym_size", "sym_stride", "sym_numel",
+    "split", "split_with_sizes", "unbind", "chunk", "sym_size", "sym_stride", "sym_numel", "_unsafe_view",
+    "_reshape_alias",
 }  # fmt: skip
 SYNC_OPS = {"_local_scalar_dense", "equal", "is_nonzero", "nonzero", "item"}  # the host waits for their result
 
@@ -108,7 +109,7 @@ class DeviceOpCounter(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         name = func.overloadpacket.__name__
-        if not self._paused and not func.is_view and name not in _NO_KERNEL:
+        if not self._paused and not func.is_view and name not in NO_KERNEL:
             if self._in_validation:
                 self.validation[name] += 1
             else:

@@ -54,6 +54,7 @@ from typing import Any
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from dinfill.bench.forward import NO_KERNEL
 from dinfill.target import Target, lookup, static_target
 
 __all__ = [
@@ -566,11 +567,6 @@ WORK_MODELS: dict[str, Callable[[dict, tuple], tuple[float, float, dict]]] = {
     "_skinny_linear_kernel": _work_skinny,
 }
 
-_NO_KERNEL = {
-    "empty", "empty_strided", "empty_like", "new_empty", "new_empty_strided", "detach", "alias", "lift_fresh",
-    "split", "split_with_sizes", "unbind", "chunk", "sym_size", "sym_stride", "sym_numel", "_to_copy_meta",
-    "_unsafe_view", "_reshape_alias",
-}  # fmt: skip
 _GEMMS = {"mm", "addmm", "bmm", "baddbmm", "linear", "matmul", "_addmm_activation"}
 _GATHERS = {"embedding", "index_select", "gather", "take"}  # read the rows they return, not the whole table
 
@@ -593,7 +589,7 @@ class Recorder(TorchDispatchMode):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
         name = func.overloadpacket.__name__
-        if self._paused or func.is_view or name in _NO_KERNEL:
+        if self._paused or func.is_view or name in NO_KERNEL:
             return out
         tensors = [t for t in torch.utils._pytree.tree_leaves((args, kwargs, out)) if isinstance(t, torch.Tensor)]
         if not any(t.device.type == "meta" for t in tensors):
@@ -1014,8 +1010,8 @@ def evaluate(w: Workload, target: Target | str) -> Result:
 
 
 def per_problem(r: Result, steps: int = 64) -> float | None:
-    """Predicted seconds per problem of the published setting: a diffusion step x ``steps`` (or an AR prefill plus
-    a middle's worth of decode steps, see :func:`middle`), divided over the batch."""
+    """Predicted seconds per problem of the published setting: a diffusion step x ``steps``, divided over the
+    batch (``None`` for the AR and forward-only modes, whose per-problem cost depends on the middle's length)."""
     w = r.workload
     if w.mode in ("full", "window"):
         return r.total_s * steps / w.batch
