@@ -395,8 +395,12 @@ _TILES_16BIT: dict[int, dict[int, _Tile]] = {
     256: {64: _Tile(32, 8, 255, 2), 16: _Tile(32, 4, 176, 2)},
 }
 # sm_90 runs 64-row and larger blocks on warpgroup MMA (wgmma), which holds the accumulator in fewer registers:
-# head dim 128 affords 128-row blocks there (244 registers with 8 warps, no spills, both Tritons).
+# head dim 128 affords 128-row blocks there (244 registers with 8 warps, no spills, both Tritons). Head dim 64's
+# 16-row blocks take 32-key blocks on sm_90: 16 x 64 at 3 stages spills 4 B at 80 registers with Triton 3.6's
+# ptxas in the bidirectional variant over 64 keys (Open-dCoder's full canvas at length 64); 16 x 32 compiles to
+# 72 there. Split decode keeps its 3 stages (its key blocks are 16-32 keys anyway).
 _TILES_16BIT_SM90: dict[int, dict[int, _Tile]] = {
+    64: {**_TILES_16BIT[64], 16: _Tile(32, 4, 120)},
     128: {128: _Tile(64, 8, 248), **_TILES_16BIT[128]},
 }
 # fp32 runs "ieee" dot products on the FMA units, whose operands and accumulator take far more registers, and ptxas
