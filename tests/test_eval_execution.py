@@ -36,6 +36,7 @@ from dinfill.eval.execution import (
     ExecResult,
     Sandbox,
     SandboxConfig,
+    SandboxInterrupted,
     _parse_report,
     _pids,
     _privileges,
@@ -865,3 +866,32 @@ def test_a_fork_server_killed_mid_program_costs_one_crashed_row():
         after = box.run(normal(1))  # a new server for the next program
     assert result.status == "crashed" and "sandbox server failed" in result.detail, result
     assert after.passed, after
+
+
+def test_ctrl_c_taken_by_a_worker_thread_still_stops_the_batch_at_once():
+    """The kernel hands a process-directed SIGINT to any thread that does not block it; when a slot's worker thread
+    takes it, run_many must still notice within a fraction of a second (not when the next program ends) and kill
+    the programs in flight. The signal is sent to a worker thread itself here."""
+    slow = [f"import time\ntime.sleep(20)  # {i}\n" for i in range(2)]
+    with Sandbox(SandboxConfig(cpu_seconds=30, wall_seconds=30, allow_weaker_isolation=WEAK_OK), jobs=2) as box:
+        box.self_check()  # the slots are up: what follows times only the interrupt
+
+        def interrupt_a_worker():
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline:
+                with box._lock:
+                    running = len(box._watches)
+                if running == 2:
+                    break
+                time.sleep(0.01)
+            (worker, *_) = [t for t in threading.enumerate() if t.name.startswith("dinfill-sandbox")]
+            signal.pthread_kill(worker.ident, signal.SIGINT)
+            sent.append(time.monotonic())
+
+        sent: list[float] = []
+        threading.Thread(target=interrupt_a_worker, daemon=True).start()
+        with pytest.raises(SandboxInterrupted) as caught:
+            box.run_many(slow)
+        assert sent, "the programs never ran"
+        assert time.monotonic() - sent[0] < 1.5, "the interrupt waited for a program to end"
+        assert caught.value.done == [None, None]

@@ -167,7 +167,7 @@ import threading
 import time
 from ast import literal_eval
 from collections.abc import Iterable, Sequence
-from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import asdict, dataclass, field
 
 from dinfill.eval import _sandbox_server as _wire
@@ -180,6 +180,8 @@ _SERVER = os.path.abspath(_wire.__file__)
 REAP_TIMEOUT = 10.0
 # The result channel carries one short line; more than this is not a report.
 _REPORT_CAP = 16384
+# Seconds between two looks for Ctrl-C while a batch runs (see Sandbox.run_many).
+_INTERRUPT_POLL = 0.1
 # Isolation features a SandboxConfig can ask for, with how a refusal names them.
 _FEATURES = {
     "drop_privileges": "a uid of its own per slot",
@@ -1341,11 +1343,17 @@ class Sandbox:
         try:
             with tqdm(total=len(unique), desc=desc, disable=not progress, unit="prog") as bar:
                 futures = {pool.submit(self.run, text): text for text in unique}
-                for future in as_completed(futures):
-                    results[futures[future]] = future.result()
-                    if self._memo is not None:
-                        self._memo[futures[future]] = results[futures[future]]
-                    bar.update(1)
+                pending = set(futures)
+                while pending:
+                    # A timed wait: the kernel may deliver Ctrl-C's SIGINT to any thread, and when a worker thread
+                    # takes it, Python raises KeyboardInterrupt here only once this thread runs again; an untimed
+                    # wait would hold it until the next program ends (seconds, up to the time limit).
+                    done, pending = wait(pending, timeout=_INTERRUPT_POLL, return_when=FIRST_COMPLETED)
+                    for future in done:
+                        results[futures[future]] = future.result()
+                        if self._memo is not None:
+                            self._memo[futures[future]] = results[futures[future]]
+                        bar.update(1)
         except KeyboardInterrupt:
             self._interrupt()
             pool.shutdown(wait=True, cancel_futures=True)
