@@ -7,14 +7,22 @@ On a CUDA machine the interpreter stays off (the kernel tests then compile for t
 runs the Triton backend on *CPU tensors* cannot work there. Such a test carries the ``interpreter_only``
 marker: it runs wherever the interpreter is on (every machine without CUDA, or ``TRITON_INTERPRET=1`` set by
 hand) and is skipped, with that reason, elsewhere.
+
+A shell without job control starts background commands (``cmd &``, ``nohup ... &``) with SIGINT ignored, and
+an ignored signal stays ignored across fork and exec: the Ctrl-C tests (which interrupt a ``dinfill score``
+they started, or a worker thread here) would then test nothing. The suite takes Python's default handler back,
+so its children start with SIGINT's default disposition.
 """
 
 import os
+import signal
 
 import torch
 
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 DATA_DIR = os.environ.get("DINFILL_DATA_DIR")
 
