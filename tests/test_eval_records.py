@@ -221,6 +221,31 @@ def test_run_lock_excludes_a_second_writer_and_dies_with_its_holder(tmp_path):
         pass
 
 
+SLOW_HOLDER = (
+    "import fcntl, json, os, sys, time\n"
+    "fd = os.open(os.path.join(sys.argv[1], 'run.lock'), os.O_RDWR | os.O_CREAT, 0o644)\n"
+    "fcntl.flock(fd, fcntl.LOCK_EX)\nprint('locked', flush=True)\ntime.sleep(0.3)\n"
+    "info = dict(pid=os.getpid(), host=os.uname().nodename, since='now', command='eval --slow', rank=0, world_size=1)\n"
+    "os.pwrite(fd, json.dumps(info).encode(), 0)\ntime.sleep(60)\n"
+)
+
+
+def test_a_writer_blocked_by_a_holder_still_starting_waits_for_its_details(tmp_path):
+    """A holder writes its details just after it took the lock: the writer it blocks meanwhile names it anyway."""
+    import platform
+
+    holder = subprocess.Popen([sys.executable, "-c", SLOW_HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        assert platform.node() == os.uname().nodename
+        with pytest.raises(RunFolderBusy, match=rf"being written by pid {holder.pid} since now \(eval --slow\)"):
+            RunLock(tmp_path).acquire()
+    finally:
+        holder.kill()
+        holder.wait()
+        holder.stdout.close()
+
+
 def test_torchrun_ranks_share_the_folder_but_each_rank_file_has_one_writer(tmp_path):
     ranks = [RunLock(tmp_path, rank, 2).acquire() for rank in (0, 1)]
     with pytest.raises(RunFolderBusy, match=rf"pid {os.getpid()}, rank 0 of 2"):

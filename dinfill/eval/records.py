@@ -28,6 +28,7 @@ import platform
 import shlex
 import stat
 import sys
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -268,7 +269,7 @@ class RunLock:
         try:
             fcntl.flock(fd, mode | fcntl.LOCK_NB)
         except BlockingIOError:
-            holder = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+            holder = _read_holder(fd)
             os.close(fd)
             self.release()
             raise RunFolderBusy(
@@ -299,6 +300,21 @@ class RunLock:
 
     def __exit__(self, *exc_info: object) -> None:
         self.release()
+
+
+def _read_holder(fd: int, patience: float = 1.0) -> str:
+    """The lock holder's details from its lock file; a holder that has just taken the lock writes them a moment
+    later (truncate, then write), so a blocked writer waits up to ``patience`` seconds for them."""
+    deadline = time.monotonic() + patience
+    while True:
+        text = os.pread(fd, 4096, 0).decode("utf-8", "replace")
+        try:
+            json.loads(text)
+            return text
+        except ValueError:
+            if time.monotonic() >= deadline:
+                return text
+        time.sleep(0.01)
 
 
 def _describe_holder(text: str) -> str:
