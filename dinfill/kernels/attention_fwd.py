@@ -387,11 +387,11 @@ class _Tile:
 # kernel variant the models launch; ``regs`` is the most registers a thread measured there (rounded up to 8).
 # ptxas sometimes holds an 8-warp kernel to 128 registers and spills 8-24 B (head dim 128: 64 x 32 at 3 stages on
 # sm_86 / sm_89 with Triton 3.9, 32 x 64 on sm_90 with 3.6; head dim 256: 32 x 32): so the 64-row head-dim-128
-# tile keeps 2 stages and 32-row blocks use 4 warps. tests/test_kernel_fit.py recompiles a subset; ``dinfill bench
-# --static --check`` the whole matrix.
+# tile keeps 2 stages, 32-row blocks use 4 warps, and 8-warp launches name their register ceiling (_maxnreg).
+# tests/test_kernel_fit.py recompiles a subset; ``dinfill bench --static --check`` the whole matrix.
 _TILES_16BIT: dict[int, dict[int, _Tile]] = {
-    64: {128: _Tile(64, 8, 192), 64: _Tile(32, 4, 184), 32: _Tile(64, 4, 136), 16: _Tile(64, 4, 120)},
-    128: {64: _Tile(32, 8, 184, 2), 32: _Tile(32, 4, 176), 16: _Tile(64, 4, 184)},
+    64: {128: _Tile(64, 8, 200), 64: _Tile(32, 4, 184), 32: _Tile(64, 4, 136), 16: _Tile(64, 4, 120)},
+    128: {64: _Tile(32, 8, 208, 2), 32: _Tile(32, 4, 176), 16: _Tile(64, 4, 184)},
     256: {64: _Tile(32, 8, 255, 2), 16: _Tile(32, 4, 176, 2)},
 }
 # sm_90 runs 64-row and larger blocks on warpgroup MMA (wgmma), which holds the accumulator in fewer registers:
@@ -409,8 +409,8 @@ _TILES_16BIT_SM90: dict[int, dict[int, _Tile]] = {
 # Clean with Triton 3.9 at head dims 64 and 128 on all four targets; Triton 3.6's ptxas still spills 8-12 B of head
 # dim 128 on sm_80 / 86 / 89 (at 64 registers: a ptxas choice, not pressure), and head dim 256 4 B on sm_80.
 _TILES_FP32: dict[int, dict[int, _Tile]] = {
-    64: {16: _Tile(16, 8, 88, 2)},
-    128: {16: _Tile(16, 8, 88, 2)},
+    64: {16: _Tile(16, 8, 96, 2)},
+    128: {16: _Tile(16, 8, 96, 2)},
     256: {16: _Tile(16, 8, 120, 1)},
 }
 
@@ -431,6 +431,18 @@ def _tiles(block_d: int, dtype: torch.dtype, arch: int) -> dict[int, _Tile]:
     if arch >= 90 and block_d in _TILES_16BIT_SM90:
         return _TILES_16BIT_SM90[block_d]
     return _TILES_16BIT[max(64, block_d)]
+
+
+def _maxnreg(num_warps: int) -> int | None:
+    """The register ceiling passed to ptxas (``.maxnreg``) for an attention launch of ``num_warps`` warps.
+
+    Left to itself, ptxas (Triton 3.6's, for sm_80-89) holds some 8-warp variants to 128 registers, as if to fit
+    two blocks on an SM, and spills (16 B in the 64 x 32 head-dim-128 tile over a bidirectional canvas) where
+    160 registers would do; the tile tables already count on one 8-warp block per SM. So an 8-warp launch names
+    the register file's share of a thread (65536 / 256 = 255 at most) as its ceiling: ptxas then takes what it
+    needs. Fewer warps keep ptxas's own choice (it had no such cap there).
+    """
+    return min(255, 65536 // (32 * num_warps)) if num_warps >= 8 else None
 
 
 def smem_estimate(block_m: int, block_n: int, block_d: int, stages: int, itemsize: int, arch: int) -> int:
@@ -702,7 +714,7 @@ def _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, window, con
             HAS_KV_START=kv_start is not None, HAS_KV_END=kv_end is not None, SPLIT=num_splits > 1,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, BLOCK_D=block_d,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 or emulate else "tf32", EMULATE_BF16=emulate,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=_maxnreg(cfg.num_warps),
         )  # fmt: skip
         if num_splits > 1:
             # one row per program on a GPU (the merge is a few wide loads per row); in the interpreter, whose cost is
