@@ -47,6 +47,17 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, FileNotFoundError, OSError, KeyError) as err:  # user errors: one clear line, no traceback
         print(f"dinfill {args.command}: error: {err}", file=sys.stderr)
         return 2
+    except ModuleNotFoundError as err:  # a dependency missing from the Python that runs dinfill: say which, and where
+        if not err.name or err.name.split(".")[0] == "dinfill":
+            raise
+        print(
+            f"dinfill {args.command}: error: this command needs the package {err.name.split('.')[0]!r}, which "
+            f"{sys.executable} cannot import; install dinfill's requirements into that Python (`pip install "
+            "torch==2.13.0` first for the CPU build of torch, then `pip install -e .`), or run dinfill from the "
+            "environment it was installed into",
+            file=sys.stderr,
+        )
+        return 2
 
 
 if __name__ == "__main__":

@@ -115,3 +115,17 @@ def test_oracle_length_without_the_middle_is_a_clear_error(tok, capsys):
     err = capsys.readouterr().err
     assert rc == 2 and "--length oracle (the published setting, the default) needs --middle" in err
     assert "--length adaptive" in err
+
+
+def test_a_missing_dependency_is_one_line_naming_it_and_the_python():
+    """`dinfill bench --static` from a Python without torch (say, the system one with the checkout on PYTHONPATH): one
+    line naming the package, the interpreter and the fix; exit 2, no traceback."""
+    code = "import sys; sys.modules['torch'] = None; from dinfill.cli import main; sys.exit(main(sys.argv[1:]))"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = str(REPO)
+    done = subprocess.run([sys.executable, "-c", code, "bench", "--static", "--check"], env=env, capture_output=True,
+                          text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 2, done.stderr
+    assert "Traceback" not in done.stderr
+    assert f"needs the package 'torch', which {sys.executable} cannot import" in done.stderr
+    assert "pip install torch==2.13.0" in done.stderr
