@@ -430,7 +430,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from dinfill.eval.datasets import sha256_of
-    from dinfill.eval.execution import Sandbox, SandboxInterrupted, SandboxUnavailable, available_cores
+    from dinfill.eval.execution import Sandbox, SandboxUnavailable, available_cores
     from dinfill.eval.records import (
         RECORDS,
         RecordWriter,
@@ -442,6 +442,7 @@ def cmd_score(args: argparse.Namespace) -> int:
         record_key,
     )
     from dinfill.eval.report import summarize_run, write_summary
+    from dinfill.eval.runner import score_keeping_finished
 
     if args.overwrite and not args.out:
         return _fail("--overwrite replaces what a run folder holds: it needs --out")
@@ -497,13 +498,11 @@ def cmd_score(args: argparse.Namespace) -> int:
                 for start in range(0, len(todo), size):
                     part = todo[start : start + size]
                     chosen = [problems[e.index] for e in part]
-                    try:
-                        scored, stop = task.score(chosen, [e.completion for e in part], postprocess, sandbox), None
-                    except SandboxInterrupted as interrupt:
-                        # Ctrl-C: the programs that finished are recorded (a resumed run does not redo them).
-                        stop, keep = interrupt, interrupt.finished()
-                        part, chosen = [part[i] for i in keep], [chosen[i] for i in keep]
-                        scored = task.score(chosen, [e.completion for e in part], postprocess, interrupt.replay())
+                    # Ctrl-C: the programs that finished are recorded (a resumed run does not redo them).
+                    keep, scored, stop = score_keeping_finished(
+                        task, chosen, [e.completion for e in part], postprocess, sandbox
+                    )
+                    part, chosen = [part[k] for k in keep], [chosen[k] for k in keep]
                     for entry, problem, (processed, outcome) in zip(part, chosen, scored, strict=True):
                         record = {
                             "task": task.name,

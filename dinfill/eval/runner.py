@@ -399,6 +399,26 @@ def _run_locked(
     return summary
 
 
+def score_keeping_finished(task, problems: list, completions: list[str], postprocess, sandbox) -> tuple:
+    """``task.score`` of a batch, except that Ctrl-C in it still scores the programs that finished.
+
+    Returns
+    -------
+    keep : list of int
+        Positions in the batch that were scored (all of them unless interrupted).
+    scored : list
+        ``task.score``'s result for those positions.
+    stop : SandboxInterrupted or None
+        The interrupt, for the caller to raise once it has recorded ``scored``.
+    """
+    try:
+        return list(range(len(problems))), task.score(problems, completions, postprocess, sandbox), None
+    except SandboxInterrupted as interrupt:
+        keep = interrupt.finished()
+        chosen, texts = [problems[k] for k in keep], [completions[k] for k in keep]
+        return keep, task.score(chosen, texts, postprocess, interrupt.replay()), interrupt
+
+
 def _run_batch(
     spec: RunSpec,
     generator: InfillGenerator,
@@ -430,14 +450,11 @@ def _run_batch(
     # Only the missing problems are scored and written; the rest of the batch is already on disk.
     by_index = dict(zip(batch.indices, middles, strict=True))
     start = time.perf_counter()
-    stop = None
-    try:
-        scored = task.score([problems[i] for i in todo], [by_index[i] for i in todo], spec.postprocess, sandbox)
-    except SandboxInterrupted as interrupt:
-        # Ctrl-C while scoring: record what finished (a resumed run does not redo it), then stop.
-        stop, todo = interrupt, [todo[i] for i in interrupt.finished()]
-        replay = interrupt.replay()
-        scored = task.score([problems[i] for i in todo], [by_index[i] for i in todo], spec.postprocess, replay)
+    # Ctrl-C while scoring: what finished is recorded (a resumed run does not redo it), then the run stops.
+    keep, scored, stop = score_keeping_finished(
+        task, [problems[i] for i in todo], [by_index[i] for i in todo], spec.postprocess, sandbox
+    )
+    todo = [todo[k] for k in keep]
     score_s = time.perf_counter() - start
     stamp = _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")
     for i, (processed, outcome) in zip(todo, scored, strict=True):
