@@ -85,7 +85,6 @@ BUDGET_GREEDY = 10.0  # fused_step greedy pass 1
 FLOOR_RATIO = 1.5  # predicted batch-1 forward of the 0.5B shape / its weight-read floor
 DECODE_BW_FRACTION = 0.5  # batch-1 decode attention at DECODE_KEYS keys: predicted fraction of the bandwidth
 DECODE_KEYS = 1152
-MIN_SPLIT_KEYS = 16  # the smallest key split worth a program: one 16-wide tl.dot tile
 
 SEED_MODELS = ("open-dcoder-0.5b", "qwen2.5-coder-0.5b", "qwen2.5-coder-1.5b", "deepseek-coder-1.3b", "starcoder2-3b")
 BATCHES = (1, 8, 32)
@@ -105,7 +104,7 @@ _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[0-7T]\s+)?([A-Z0-9_.]+)([^;]
 _FILE_LINE = re.compile(r'File "([^"]+)", line (\d+)')
 _TAG = re.compile(r"#\s*static:\s*([\w-]+)")
 _ANALYSIS_VERSION = 6  # in the kernel-analysis cache key: bump when analyse() changes
-_RECORD_VERSION = 6  # in the recorded-workload cache key: bump when Recorder or WORK_MODELS change
+_RECORD_VERSION = 7  # in the recorded-workload cache key: bump when Recorder or WORK_MODELS change
 
 
 # --------------------------------------------------------------------------------------------------
@@ -231,6 +230,16 @@ class KernelInfo:
         """The tagged loop with the most instructions per element (a tag may be inlined in several places)."""
         found = [lp for lp in self.loops if lp.tag == tag and lp.elems]
         return max(found, key=lambda lp: lp.per_elem, default=None)
+
+    @classmethod
+    def from_row(cls, raw: dict) -> KernelInfo:
+        """The inverse of :meth:`row` (loops tagged again from the current sources)."""
+        loops = [Loop(**{k: v for k, v in lp.items() if k in Loop.__dataclass_fields__}) for lp in raw["loops"]]
+        for lp in loops:
+            lp.sources = [tuple(x) for x in lp.sources]
+            lp.edge_sources = [tuple(x) for x in lp.edge_sources]
+        fields = {k: v for k, v in raw.items() if k in cls.__dataclass_fields__ and k != "loops"}
+        return cls(**fields, loops=tag_loops(loops))
 
     def row(self) -> dict:
         d = dataclasses.asdict(self)
@@ -444,13 +453,7 @@ def analyse(kernel, target: Target, itemsize: int) -> KernelInfo:
     name = getattr(meta, "name", "kernel")
     if path.exists():
         try:
-            raw = json.loads(path.read_text())
-            loops = [Loop(**{k: v for k, v in lp.items() if k in Loop.__dataclass_fields__}) for lp in raw["loops"]]
-            for lp in loops:
-                lp.sources = [tuple(x) for x in lp.sources]
-                lp.edge_sources = [tuple(x) for x in lp.edge_sources]
-            raw["loops"] = tag_loops(loops)
-            info = KernelInfo(**{k: v for k, v in raw.items() if k in KernelInfo.__dataclass_fields__})
+            info = KernelInfo.from_row(json.loads(path.read_text()))
             return dataclasses.replace(info, target=target.name, smem_limit=target.smem_per_block,
                                        resident=target.resident_blocks(32 * info.num_warps, info.regs, info.shared))
         except (OSError, ValueError, TypeError, KeyError):
@@ -521,7 +524,8 @@ def _work_attention(a: dict, grid) -> tuple[float, float, dict]:
     Hkv, Lk = k.shape[1], int(a["L_k"])
     keys = Lk / 2 if a.get("CAUSAL") and Lq == Lk else Lk
     kv = 2 * B * Hkv * Lk * D * k.element_size()
-    return kv + 2 * _nbytes(q), 4.0 * B * Hq * Lq * keys * D, {}
+    partials = _nbytes(a["O_PART"]) + _nbytes(a["LSE_PART"]) if a.get("SPLIT") else 0  # fp32, read by the merge
+    return kv + 2 * _nbytes(q) + partials, 4.0 * B * Hq * Lq * keys * D, {}
 
 
 def _work_add_norm(a: dict, grid) -> tuple[float, float, dict]:
@@ -606,8 +610,9 @@ class Recorder(TorchDispatchMode):
             flops = 2.0 * batch * m * n * k
             self.launches.append(Launch(name, "gemm", bytes=moved, flops=flops, note=f"{batch}x{m}x{n}x{k}"))
         elif name in _GATHERS:
-            index = next((t for t in torch.utils._pytree.tree_leaves((args, kwargs))
-                          if isinstance(t, torch.Tensor) and not t.is_floating_point()), None)  # fmt: skip
+            # embedding(weight, indices), index_select(self, dim, index), gather(self, dim, index), take(self, index):
+            # the index is the last tensor (the table may be an integer tensor too: a gather of token ids)
+            index = [a for a in args if isinstance(a, torch.Tensor)][-1]
             self.launches.append(Launch(name, "aten", bytes=2.0 * _nbytes(out) + _nbytes(index)))
         else:
             self.launches.append(Launch(name, "aten", bytes=moved))
@@ -859,16 +864,8 @@ def _launch_row(x: Launch) -> dict:
                 flops=x.flops, streams=x.streams, note=x.note, scalars=x.scalars)  # fmt: skip
 
 
-def _launch_from_row(d: dict, target: Target) -> Launch:
-    info = None
-    if d["info"]:
-        raw = dict(d["info"])
-        loops = [Loop(**{k: v for k, v in lp.items() if k in Loop.__dataclass_fields__}) for lp in raw.pop("loops")]
-        for lp in loops:
-            lp.sources = [tuple(x) for x in lp.sources]
-            lp.edge_sources = [tuple(x) for x in lp.edge_sources]
-        info = KernelInfo(**{k: v for k, v in raw.items() if k in KernelInfo.__dataclass_fields__},
-                          loops=tag_loops(loops))  # fmt: skip
+def _launch_from_row(d: dict) -> Launch:
+    info = KernelInfo.from_row(d["info"]) if d["info"] else None
     return Launch(d["op"], d["kind"], tuple(d["grid"]), info, d["bytes"], d["flops"], d["streams"], d["note"],
                   d.get("scalars", {}))  # fmt: skip
 
@@ -885,7 +882,7 @@ def run_workload(w: Workload, target: Target | str) -> list[Launch]:
     path = _cache_dir() / "results" / f"{_code_fingerprint()}-{key[:24]}.json"
     if path.exists():
         with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
-            return [_launch_from_row(d, target) for d in json.loads(path.read_text())]
+            return [_launch_from_row(d) for d in json.loads(path.read_text())]
     launches = _record_workload(w, target)
     with contextlib.suppress(OSError):
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -1018,6 +1015,11 @@ def per_problem(r: Result, steps: int = 64) -> float | None:
     return None
 
 
+def _bandwidth_share(launch: Launch, prediction: dict, t: Target) -> float:
+    """Fraction of the streaming bandwidth of `t` at which a launch moves its bytes in its predicted time."""
+    return launch.bytes / max(prediction["seconds"] - LAUNCH_S, 1e-12) / t.stream_bandwidth
+
+
 def check_rules(results: list[Result]) -> list[str]:
     """Every broken fit or budget rule of issue 18, one line each (empty: all hold)."""
     bad: list[str] = []
@@ -1060,19 +1062,22 @@ def _budget_rules(r: Result) -> list[str]:
             if w.preset == "published" and launch.info.loop("pass-1") is None:
                 bad.append(f"{t.name}: fused_step {w.preset}: no loop tagged pass-1 in the compiled kernel")
     if w.mode in ("decode", "window") and w.batch == 1 and t.arch in (89, 90):
+        from dinfill.kernels.attention_fwd import _MAX_SPLITS, _SPLIT_MIN_KEYS, _SPLIT_MIN_LEN
+
         for launch, p in zip(r.launches, r.predictions, strict=True):
             if launch.op != "_attention_kernel" or launch.info is None:
                 continue
             keys = int(launch.scalars.get("L_k", w.length))
             wave = launch.info.resident * t.sms
-            # a full wave, or as many programs as splits of MIN_SPLIT_KEYS keys (one tensor-core tile) can make
-            reachable = launch.grid[0] * launch.grid[1] * max(1, keys // MIN_SPLIT_KEYS)
-            if keys >= 256 and launch.programs < min(t.sms, reachable):
+            # a full wave, or as many programs as the attention launcher's shortest splits (one tensor-core tile of
+            # keys each, at most _MAX_SPLITS of them) can make
+            reachable = launch.grid[0] * launch.grid[1] * min(max(1, keys // _SPLIT_MIN_LEN), _MAX_SPLITS)
+            if keys >= _SPLIT_MIN_KEYS and launch.programs < min(t.sms, reachable):
                 bad.append(f"{t.name}: {w.name}: attention launches {launch.programs} programs on {t.sms} SMs "
-                           f"({keys} keys; a full wave is {t.sms}, {MIN_SPLIT_KEYS}-key splits reach {reachable})")
+                           f"({keys} keys; a full wave is {t.sms}, {_SPLIT_MIN_LEN}-key splits reach {reachable})")
                 break
             if w.mode == "decode" and keys >= DECODE_KEYS and p["t_mem"] > 0:
-                frac = launch.bytes / (p["seconds"] - LAUNCH_S) / t.stream_bandwidth
+                frac = _bandwidth_share(launch, p, t)
                 if frac < DECODE_BW_FRACTION:
                     bad.append(f"{t.name}: {w.name}: attention reaches {frac:.0%} of the bandwidth "
                                f"(target {DECODE_BW_FRACTION:.0%}; wave {wave})")
@@ -1234,8 +1239,7 @@ def headline_table(results: list[Result]) -> list[str]:
                 att.append("-")
                 continue
             x, p = pairs[0]
-            share = x.bytes / max(p["seconds"] - LAUNCH_S, 1e-12) / t.stream_bandwidth
-            att.append(f"{x.programs} programs, {min(share, 1.0):.0%} bw")
+            att.append(f"{x.programs} programs, {min(_bandwidth_share(x, p, t), 1.0):.0%} bw")
         cells.append(" / ".join(att))
         fwd = get("open-dcoder-0.5b", "forward-decode", 1, 276)
         cells.append(f"{fwd.total_s * 1e3:.3f} / {fwd.floor_s * 1e3:.3f} ms ({fwd.total_s / fwd.floor_s:.2f}x)"

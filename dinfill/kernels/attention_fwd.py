@@ -72,6 +72,7 @@ Differences from the reference (``dinfill.kernels.reference.attention_ref``)
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 
@@ -493,6 +494,7 @@ def _stages(block_m: int, block_n: int, block_d: int, itemsize: int, arch: int, 
     return next(fits, 0)
 
 
+@functools.lru_cache(maxsize=256)  # a pure function, called per launch: tens of microseconds of host work otherwise
 def cuda_config(B: int, Hkv: int, rows: int, Lk: int, D: int, dtype: torch.dtype, target: Target) -> AttentionConfig:
     """Launch parameters on ``target`` (a pure function of the shapes and the target: testable without a GPU).
 

@@ -42,6 +42,8 @@ Differences from the reference (``dinfill.kernels.reference.skinny_linear_ref``)
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
@@ -203,6 +205,7 @@ def smem_estimate(block_k: int, stages: int, itemsize: int, swiglu: bool, norm: 
     return itemsize * block_k * ((stages - 1) * rows + MAX_ROWS + (2 * stages if norm else 0)) + 2048
 
 
+@functools.lru_cache(maxsize=64)  # a pure function, called per launch
 def skinny_config(K: int, dtype: torch.dtype, swiglu: bool, norm: bool, target: Target | None) -> tuple[int, int]:
     """``(block_k, num_stages)`` for a ``skinny_linear`` launch on ``target`` (``None``: the interpreter).
 
