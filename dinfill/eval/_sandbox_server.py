@@ -355,12 +355,9 @@ def _claim_uid(candidates: list) -> tuple:
                 os._exit(0)
             os.write(write, b"1")
             os.close(write)
-            while True:  # hold the uid until EOF
-                try:
-                    if not os.read(alive, 1):
-                        os._exit(0)
-                except InterruptedError:
-                    continue
+            while os.read(alive, 1):  # hold the uid until EOF (os calls retry on EINTR themselves: PEP 475)
+                pass
+            os._exit(0)
         os.close(write)
         with os.fdopen(read, "rb") as handle:
             answer = handle.read(1)
@@ -610,15 +607,10 @@ def _enter_slot(sock: socket.socket, setup: dict, state: dict) -> None:
     # The launcher: nothing more to do than outlive the server (the holder dies with us).
     os.close(alive)
     sock.close()
-    while True:
-        try:
-            _, status = os.waitpid(pid, 0)
-            break
-        except ChildProcessError:
-            status = 0
-            break
-        except InterruptedError:
-            continue
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:  # reaped already (an inherited SIGCHLD = SIG_IGN reaps children at once)
+        status = 0
     os._exit(0 if status == 0 else 1)
 
 
@@ -643,7 +635,7 @@ def _prepare(sock: socket.socket, setup: dict) -> dict:
     if setup["cgroup_procs"]:
         # The server joins the slot's cgroups once and every program it forks inherits them: no cgroup move per
         # program (a cgroup v1 move costs milliseconds). The OOM killer is told to spare the server (root only;
-        # each reaper raises its score back to 0 for its program).
+        # each program's P sets its score back to 0).
         _set_oom_score(b"-1000")
         try:
             for procs in setup["cgroup_procs"]:
@@ -872,8 +864,6 @@ def _reap(program: int, harness: int) -> None:
             pid, status = os.waitpid(-1, 0)
         except ChildProcessError:
             os._exit(5)
-        except InterruptedError:
-            continue
         # Other pids are orphans re-parented to us (pid 1): reap them and keep waiting.
         if pid == program:
             break
@@ -894,8 +884,6 @@ def _reap(program: int, harness: int) -> None:
             os.wait4(-1, 0)
         except ChildProcessError:
             break
-        except InterruptedError:
-            continue
     try:
         os.write(harness, b"exit %d\n" % status)
     except OSError:
@@ -1229,15 +1217,11 @@ def main() -> None:
         pass  # the evaluator went away (closed, or was killed): nobody will enforce limits any more
     finally:
         _kill_orphans(state["holder"])  # so a program in flight (and whatever it started) does not outlive us
-        # A killed evaluator cannot clean up: remove the folder of a program in flight, our own, our cgroups.
+        # A killed evaluator cannot clean up: remove the folder of a program in flight and our own. Our cgroups hold
+        # us until we exit: the evaluator removes them (or, after it was killed, the next sandbox's start).
         for folder in (state.get("workdir"), os.getcwd()):
             if folder:
                 remove_tree(folder)
-        for procs in setup["cgroup_procs"]:
-            try:
-                os.rmdir(os.path.dirname(procs))
-            except OSError:
-                pass  # the evaluator removes it (or a later sandbox removes stale ones)
         os._exit(0)
 
 

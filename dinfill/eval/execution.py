@@ -537,7 +537,7 @@ class _SlotCgroups:
 
     @property
     def procs(self) -> list[str]:
-        """The ``cgroup.procs`` files the reaper writes itself into."""
+        """The ``cgroup.procs`` files the slot's fork server writes itself into (its programs inherit them)."""
         return [os.path.join(path, "cgroup.procs") for path in self.paths]
 
     @classmethod
@@ -1045,7 +1045,8 @@ DENIED_SYSCALLS = {
     ),
 }  # fmt: skip
 # clone() flags that make a namespace (sched.h): refused whatever else is asked for.
-_NAMESPACE_FLAGS = (0x00020000, 0x02000000, 0x04000000, 0x08000000, 0x10000000, 0x20000000, 0x40000000, 0x80)
+_NAMESPACE_FLAGS = (_wire._CLONE_NEWNS, _wire._CLONE_NEWCGROUP, _wire._CLONE_NEWUTS, _wire._CLONE_NEWIPC,
+                    _wire._CLONE_NEWUSER, _wire._CLONE_NEWPID, _wire._CLONE_NEWNET, _wire._CLONE_NEWTIME)  # fmt: skip
 
 
 @functools.lru_cache(maxsize=1)
@@ -1434,6 +1435,7 @@ class Sandbox:
             return self._watch(watch, server, tokens, start, oom_before)
         except Exception as exc:  # noqa: BLE001 - reaping or parsing trouble is this row's crash, not the run's
             server.stop()
+            watch.reaped()  # the slot is gone with its programs: a Ctrl-C now must not signal a reused pid or fd
             watch.close(deadline=time.monotonic() + 1.0)
             return ExecResult("crashed", f"sandbox server failed: {type(exc).__name__}: {exc}", sandbox=server.label)
         finally:
@@ -1693,7 +1695,7 @@ def _pid_of(pidfd: int) -> int | None:
     for line in _read(f"/proc/self/fdinfo/{pidfd}").splitlines():
         if line.startswith("Pid:"):
             return int(line.split()[1])
-    raise OSError(f"fd {pidfd} is not a pidfd")
+    return None  # a kernel whose fdinfo does not say: the pidfd alone is signalled
 
 
 def run_programs(
