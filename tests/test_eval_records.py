@@ -232,12 +232,9 @@ SLOW_HOLDER = (
 
 def test_a_writer_blocked_by_a_holder_still_starting_waits_for_its_details(tmp_path):
     """A holder writes its details just after it took the lock: the writer it blocks meanwhile names it anyway."""
-    import platform
-
     holder = subprocess.Popen([sys.executable, "-c", SLOW_HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
     try:
         assert holder.stdout.readline() == "locked\n"
-        assert platform.node() == os.uname().nodename
         with pytest.raises(RunFolderBusy, match=rf"being written by pid {holder.pid} since now \(eval --slow\)"):
             RunLock(tmp_path).acquire()
     finally:

@@ -149,8 +149,8 @@ def test_two_evaluators_never_share_a_program_uid(tmp_path):
     # Two evaluators with different TMPDIRs (or containers) used to claim the same uid: the first one's sleeping
     # children made the second one's fork fail with EAGAIN (RLIMIT_NPROC counts per uid).
     marker = f"dfl{secrets.token_hex(5)}"
-    holder = row(named(marker) + "import os, time\nfor _ in range(14):\n    if os.fork() == 0:\n        time.sleep(3)"
-                 "\n        os._exit(0)\ntime.sleep(3)\n", 0)  # fmt: skip
+    holder = row(named(marker) + "import os, time\nfor _ in range(14):\n    if os.fork() == 0:\n        time.sleep(3.5)"
+                 "\n        os._exit(0)\ntime.sleep(3.5)\n", 0)  # fmt: skip
     forker = row("import subprocess\nsubprocess.run(['true'], check=True)\n", 0)
     first_tmp, second_tmp = tmp_path / "tmp-a", tmp_path / "tmp-b"
     first_tmp.mkdir()
@@ -165,6 +165,7 @@ def test_two_evaluators_never_share_a_program_uid(tmp_path):
     try:
         wait_for(lambda: process_named(marker))
         done = score(write_rows(tmp_path / "b.jsonl", [forker]), tmp_path / "b", "--jobs", "1", TMPDIR=str(second_tmp))
+        assert process_named(marker), "the first run's processes ended before the second run was done: no overlap"
         assert done.returncode == 0, done.stderr
         assert outcomes(tmp_path / "b")[0]["status"] == "passed", outcomes(tmp_path / "b")
     finally:
@@ -423,22 +424,14 @@ def _landlock() -> int:
 
 ATTACK = """
 import glob, json, os, sys
-found = []
-for proc in glob.glob("/proc/[0-9]*"):
-    try:
-        argv = open(proc + "/cmdline", "rb").read().split(b"\\0")
-        if b"dinfill.eval" in argv and b"--out" in argv:
-            environ = open(proc + "/environ", "rb").read().decode(errors="replace").split("\\0")
-            home = dict(item.split("=", 1) for item in environ if "=" in item)["HOME"]
-            found.append((argv[argv.index(b"--out") + 1].decode(), os.readlink(proc + "/cwd"), home))
-    except (OSError, KeyError, ValueError):
-        continue
-assert found, "the evaluator was not found"
+# The run folder and the home folder, as a program that found the evaluator through /proc would know them (the test
+# names them: the attack must not stop at a refused /proc read, which would leave everything below untried).
+found = [("OUT_DIR", "HOME_DIR")]
 forged = {"task": "humaneval-infill", "subset": "single-line", "task_id": "TASK_ID", "index": 0, "seed": 0,
           "sample": 9, "model": "m", "completion": "x", "outcome": {"passed": True, "status": "passed"}}
 done = []
-for out, cwd, home in found:
-    for records in glob.glob(os.path.join(cwd, out, "*", "records.jsonl")):
+for out, home in found:
+    for records in glob.glob(os.path.join(out, "*", "records.jsonl")):
         try:
             with open(records, "a") as handle:
                 handle.write(json.dumps(forged) + "\\n")
@@ -467,7 +460,7 @@ for path, size in (("/dev/shm/MARKER", 30 << 20), ("/tmp/MARKER", 1)):
         done.append(path)
     except OSError:
         pass
-print(done)
+assert done == [], done  # every write refused: the row then passes
 """
 
 
@@ -482,9 +475,9 @@ def test_weak_mode_keeps_the_users_files_and_says_so(tmp_path):
     home.mkdir()
     (home / ".bashrc").write_text("# mine\n")
     (home / "keep.txt").write_text("keep me\n")
-    attack = ATTACK.replace("MARKER", marker).replace("TASK_ID", TASK_ID)
-    rows = write_rows(tmp_path / "rows.jsonl", [row("pass", 0), row(attack, 1, correct=False)])
     out = tmp_path / "out"
+    attack = ATTACK.replace("MARKER", marker).replace("TASK_ID", TASK_ID).replace("OUT_DIR", str(out))
+    rows = write_rows(tmp_path / "rows.jsonl", [row("pass", 0), row(attack.replace("HOME_DIR", str(home)), 1)])
     prefix = ("unshare", "-r", "sh", "-c", 'echo 0 > /proc/sys/user/max_user_namespaces && exec "$@"', "sh")
     sites = sorted({p for p in sys.path if p.endswith("site-packages")})
     try:
@@ -498,7 +491,8 @@ def test_weak_mode_keeps_the_users_files_and_says_so(tmp_path):
     assert not found, found
     assert (home / ".bashrc").read_text() == "# mine\n" and (home / "keep.txt").exists()
     results = outcomes(out)
-    assert sorted(results) == [0, 1] and results[1]["status"] == "failed", results  # no forged record
+    # no forged record, and the attack ran to its end with every write refused
+    assert sorted(results) == [0, 1] and results[1]["status"] == "passed", results
     label = results[0]["sandbox"]
     assert label.startswith("weak (no user namespaces") and "Landlock" in label, label
     assert all(outcome["sandbox"] == label for outcome in results.values())
