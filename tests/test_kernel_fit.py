@@ -72,9 +72,12 @@ CASES = {  # compiled for every target
     "attn qwen1.5b full B8 608": lambda: attn(8, 12, 2, 608, 608, 128),
     "attn starcoder2 prefill 4600 window": lambda: attn(1, 24, 2, 4600, 4664, 128, causal=True, window=4096),
     "attn qwen0.5b decode B1 1152": lambda: attn(1, 14, 2, 1, 1152, 64, causal=True),
+    "attn head dim 80 fp16 (padded to 128)": lambda: attn(2, 8, 2, 276, 276, 80, dt=torch.float16),
     # DINFILL_GEMV=triton: gate_up + SwiGLU, the variant with the most shared memory and registers
     "skinny qwen0.5b gate_up": lambda: skinny(4, 896, 2 * 4864, bias=None, norm="rmsnorm", norm_weight=E(896),
                                               act="swiglu"),
+    # the o / down projection: no norm, the residual add in the epilogue
+    "skinny qwen0.5b o_proj + residual": lambda: skinny(4, 896, 896, bias=None, residual=E(4, 896)),
 }
 L4_ONLY = {  # Starcoder2's LayerNorm + GELU GEMV on the tightest target
     "skinny starcoder2 c_fc": lambda: skinny(4, 3072, 12288, bias=E(12288), norm="layernorm", norm_weight=E(3072),
@@ -167,9 +170,10 @@ def test_every_case_compiled(fit_rows, target):
     for r in _rows(fit_rows, target):
         ops.setdefault(r["case"], []).append(r["op"])
     assert ops["attn qwen0.5b decode B1 1152"] == ["_attention_kernel", "_attention_merge_kernel"]
-    for case in ("attn qwen0.5b full B8 608", "attn qwen1.5b full B8 608", "attn starcoder2 prefill 4600 window"):
+    for case in ("attn qwen0.5b full B8 608", "attn qwen1.5b full B8 608", "attn starcoder2 prefill 4600 window",
+                 "attn head dim 80 fp16 (padded to 128)"):  # fmt: skip
         assert ops[case] == ["_attention_kernel"], (case, ops[case])
-    assert ops["skinny qwen0.5b gate_up"] == ["_skinny_linear_kernel"]
+    assert ops["skinny qwen0.5b gate_up"] == ops["skinny qwen0.5b o_proj + residual"] == ["_skinny_linear_kernel"]
     if target == "l4":
         assert ops["skinny starcoder2 c_fc"] == ["_skinny_linear_kernel"]
         assert sum(case.startswith(("add_norm", "rope", "activation")) for case in ops) == 8
