@@ -381,6 +381,59 @@ SETUPS = {
 
 
 @needs_unshare
+class _Stop(Exception):
+    pass
+
+
+@pytest.mark.parametrize("side", ["reaper", "program"])
+def test_the_reaper_is_not_dumpable_before_the_program_exists(monkeypatch, side):
+    # /proc/1/fd is guarded by its owner alone, which is the reaper's uid while it is dumpable (the program's too
+    # where programs keep ours): the reaper must turn non-dumpable before it forks P, not after (a descheduled
+    # reaper lost that race on a busy CI machine), and P must take the server's setting back before anything else.
+    import dinfill.eval._sandbox_server as server
+
+    events: list[tuple] = []
+
+    class Libc:
+        def prctl(self, option, value, *_):
+            events.append(("prctl", option, value))
+            return 1 if option == server._PR_GET_DUMPABLE else 0
+
+    class Os:
+        def __getattr__(self, name):
+            return getattr(os, name)
+
+        def setsid(self):
+            events.append(("setsid",))
+
+        def fork(self):
+            events.append(("fork",))
+            return 1234 if side == "reaper" else 0
+
+        def _exit(self, code):
+            raise _Stop(code)
+
+    def stop(*args):
+        events.append(("next", args))
+        raise _Stop
+
+    monkeypatch.setattr(server, "_LIBC", Libc())
+    monkeypatch.setattr(server, "os", Os())
+    monkeypatch.setattr(server, "_fork", lambda state: (0, True))
+    monkeypatch.setattr(server, "_reap", stop)
+    monkeypatch.setattr(server, "_die_with_parent", stop)
+    monkeypatch.setattr(server, "_harness_record", lambda *args: None)
+    monkeypatch.setattr(server.gc, "freeze", lambda: None)
+    with pytest.raises(_Stop):
+        server._start({}, {}, {}, [5, 6, 7, 8])
+    get, off = ("prctl", server._PR_GET_DUMPABLE, 0), ("prctl", server._PR_SET_DUMPABLE, 0)
+    assert events[:4] == [get, off, ("setsid",), ("fork",)], events
+    if side == "reaper":
+        assert events[4:] == [("next", (1234, 8))], events
+    else:  # P: dumpable again (as the server was) before its set-up starts
+        assert events[4:] == [("prctl", server._PR_SET_DUMPABLE, 1), ("next", (1,))], events
+
+
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_rootless_setups_never_crash(tmp_path, setup):
     # Each of these crashed with a traceback before issue 19 (a lock folder of another uid, fork: ENOMEM, EINVAL).

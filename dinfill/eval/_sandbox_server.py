@@ -81,7 +81,8 @@ _CLONE_NEWNS, _CLONE_NEWCGROUP, _CLONE_NEWUTS, _CLONE_NEWIPC = 0x00020000, 0x020
 _CLONE_NEWUSER, _CLONE_NEWPID, _CLONE_NEWNET, _CLONE_NEWTIME = 0x10000000, 0x20000000, 0x40000000, 0x00000080
 _MS_RDONLY, _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 1, 2, 4, 8
 _MS_REC, _MS_PRIVATE = 16384, 1 << 18
-_PR_SET_PDEATHSIG, _PR_SET_DUMPABLE, _PR_CAPBSET_DROP, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 1, 4, 24, 36, 38
+_PR_SET_PDEATHSIG, _PR_GET_DUMPABLE, _PR_SET_DUMPABLE = 1, 3, 4
+_PR_CAPBSET_DROP, _PR_SET_CHILD_SUBREAPER, _PR_SET_NO_NEW_PRIVS = 24, 36, 38
 _PR_CAP_AMBIENT, _PR_CAP_AMBIENT_CLEAR_ALL, _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 47, 4, 22, 2
 _CAPABILITY_VERSION_3 = 0x20080522
 # open_tree(2), move_mount(2) (Linux 5.2) and mount_setattr(2) (5.12): the same numbers on every architecture but
@@ -851,10 +852,6 @@ def _reap(program: int, harness: int) -> None:
     the server reports), records how P ended on the harness channel and exits, taking the namespace
     along. Touches as little as it can: every page it writes is copied from the server.
     """
-    # R lives in the server's mount namespace (P makes the program's): nothing of it may be reached through /proc/1
-    # (root, cwd, fd). Its uid and capabilities already keep P out (the ptrace access rules); not dumpable, no process
-    # without CAP_SYS_PTRACE over it gets in, whatever they are.
-    _LIBC.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
     # Only the harness channel (at its number as received) is ours to keep: the pipes the program writes must see EOF
     # when it is gone, and the server's socket is not ours to hold.
     os.closerange(0, harness)
@@ -904,6 +901,13 @@ def _start(setup: dict, state: dict, job: dict, fds: list) -> tuple[int, bool]:
         return pid, in_namespace
     if in_namespace:
         # Nothing that fails here may return into the server's loop (in a copy of the server).
+        # R lives in the server's mount namespace (P makes the program's): nothing of it may be reached through
+        # /proc/1 (root, cwd, fd). Its capabilities keep P out of root and cwd (the ptrace access rules), but fd/ is
+        # guarded by its owner alone, which is R's uid (P's too where programs keep ours) while R is dumpable. So R
+        # turns non-dumpable before P exists (after the fork, a descheduled R lost that race on a busy machine);
+        # P takes the server's setting back first thing.
+        dumpable = _LIBC.prctl(_PR_GET_DUMPABLE, 0, 0, 0, 0)
+        _LIBC.prctl(_PR_SET_DUMPABLE, 0, 0, 0, 0)
         try:
             # A session (and process group) of its own, which P joins: P is then no group leader and may call
             # setsid() itself, as any program may.
@@ -922,6 +926,8 @@ def _start(setup: dict, state: dict, job: dict, fds: list) -> tuple[int, bool]:
     gc.freeze()
     parent = 1 if in_namespace else server
     try:
+        if in_namespace:
+            _LIBC.prctl(_PR_SET_DUMPABLE, dumpable, 0, 0, 0)
         _die_with_parent(parent)
         if not in_namespace:
             # A session (and process group) of its own, so the evaluator can kill the whole group.
