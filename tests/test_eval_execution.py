@@ -665,6 +665,52 @@ def test_case6_memory_cap_covers_the_whole_program(full_isolation):
     assert control.passed
 
 
+def _can_lower_oom_scores() -> bool:
+    with open("/proc/self/status") as handle:
+        caps = int(next(line.split()[1] for line in handle if line.startswith("CapEff:")), 16)
+    return bool(caps >> 24 & 1)  # CAP_SYS_RESOURCE
+
+
+def _servers_score() -> str:
+    """The sandbox server's OOM score: -1000 where it may lower it, else ours (a systemd user session sets 100-200)."""
+    return "-1000" if _can_lower_oom_scores() else open("/proc/self/oom_score_adj").read().strip()
+
+
+def test_the_oom_killer_takes_the_program_never_the_server(full_isolation):
+    # The server and the reaper share the slot's memory cgroup with the program: the program runs at +1000 (the
+    # first victim of any OOM kill); the reaper keeps the server's score, -1000 where that may be set (root).
+    program = hostile(
+        """
+        print(open("/proc/self/oom_score_adj").read().strip(), open("/proc/1/oom_score_adj").read().strip())
+        """
+    )
+    (result,) = run_programs([program], config=SandboxConfig(cpu_seconds=1))
+    assert result.passed, result
+    mine, reaper = result.stdout.split()
+    assert mine == "1000" and reaper == _servers_score(), result.stdout
+
+
+def test_without_an_immune_server_the_group_kill_is_switched_off(tmp_path):
+    # cgroup v2's memory.oom.group kills every process of the cgroup but those at -1000: a server that cannot take
+    # -1000 (a user with a delegated cgroup) switches it off rather than die with the program. A cgroup v1 folder
+    # (no such file) is left as it is. In a child process: the score of this one stays.
+    v2, v1 = tmp_path / "v2", tmp_path / "v1"
+    for folder in (v2, v1):
+        folder.mkdir()
+        (folder / "cgroup.procs").write_text("")
+    (v2 / "memory.oom.group").write_text("1")
+    code = (
+        "import sys; from dinfill.eval._sandbox_server import _shield_from_oom;"
+        "print(_shield_from_oom(sys.argv[1:]), open('/proc/self/oom_score_adj').read().strip())"
+    )
+    done = subprocess.run([sys.executable, "-c", code, str(v2 / "cgroup.procs"), str(v1 / "cgroup.procs")],
+                          capture_output=True, text=True, check=True)  # fmt: skip
+    immune = _can_lower_oom_scores()
+    assert done.stdout.split() == [str(immune), _servers_score()], done
+    assert (v2 / "memory.oom.group").read_text() == ("1" if immune else "0")
+    assert sorted(p.name for p in v1.iterdir()) == ["cgroup.procs"]
+
+
 def test_case9_a_row_ends_within_its_wall_limit_plus_a_bounded_cleanup(full_isolation):
     storm = hostile(
         """

@@ -216,12 +216,33 @@ def _make_read_only(path: bytes) -> None:
 
 
 def _set_oom_score(value: bytes) -> None:
-    """Best effort: lowering needs CAP_SYS_RESOURCE of the machine (without it the server stays killable, and the
-    evaluator still sees an OOM kill in the cgroup's counter)."""
+    """Best effort: lowering needs CAP_SYS_RESOURCE of the machine (see _shield_from_oom), raising nothing."""
     try:
         _write_file("/proc/self/oom_score_adj", value)
     except OSError:
         pass
+
+
+def _shield_from_oom(cgroup_procs: list[str]) -> bool:
+    """Keep the OOM killer of the slot's memory cgroup off the server (which lives in it); whether it is immune.
+
+    With CAP_SYS_RESOURCE (root) the server takes score -1000, which even a cgroup v2 group kill
+    (``memory.oom.group``, which stops the whole program at the cap) spares. Without it (a user with a delegated
+    cgroup) a group kill would take the server and the reaper along with the program: the group kill is switched
+    off instead, so the kernel picks one process, and programs run at +1000 (see _start), so that process is
+    always the program's; the reaper kills what the program left when it ends.
+    """
+    _set_oom_score(b"-1000")
+    with open("/proc/self/oom_score_adj", "rb") as handle:
+        if handle.read().strip() == b"-1000":
+            return True
+    for procs in cgroup_procs:
+        group = os.path.join(os.path.dirname(procs), "memory.oom.group")
+        try:
+            _write_file(group, b"0")  # cgroup v2 with a memory controller: the user owns its delegated files
+        except OSError:  # cgroup v1 (no group kill), or no memory controller
+            pass
+    return False
 
 
 def _die_with_parent(parent: int | None) -> None:
@@ -635,9 +656,8 @@ def _prepare(sock: socket.socket, setup: dict) -> dict:
     errors = state["isolation_errors"]
     if setup["cgroup_procs"]:
         # The server joins the slot's cgroups once and every program it forks inherits them: no cgroup move per
-        # program (a cgroup v1 move costs milliseconds). The OOM killer is told to spare the server (root only;
-        # each program's P sets its score back to 0).
-        _set_oom_score(b"-1000")
+        # program (a cgroup v1 move costs milliseconds). The OOM killer is told to spare the server.
+        _shield_from_oom(setup["cgroup_procs"])
         try:
             for procs in setup["cgroup_procs"]:
                 _write_file(procs, b"0")  # "0": the writing process itself, whatever pid namespace it is in
@@ -937,8 +957,10 @@ def _start(setup: dict, state: dict, job: dict, fds: list) -> tuple[int, bool]:
             os.dup2(fd, target)
         # The socket and every other inherited descriptor (close_range(2): cheap even for a high limit).
         os.closerange(_HARNESS_FD + 1, _FD_LIMIT)
-        if setup["cgroup_procs"]:
-            _set_oom_score(b"0")  # the program must be killable again (raising the score needs no privilege)
+        # The OOM killer's first victim, whatever the server's score: inside the slot's memory cgroup the server is
+        # then never taken for the program where it cannot be made immune (see _shield_from_oom), and in a
+        # machine-wide OOM a runaway program goes before the user's own processes. Raising needs no privilege.
+        _set_oom_score(b"1000")
         workdir = _isolate(state["plan"], in_namespace)
         os.chdir(workdir or job["cwd"])
         # The scrubbed environment the evaluator chose is ours already (see main); without a private /tmp, the home

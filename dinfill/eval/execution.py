@@ -76,8 +76,9 @@ Covered (full isolation)
 - memory: ``RLIMIT_AS`` per process (default 2 GiB: a huge allocation is ``MemoryError`` -> ``oom``)
   and the same cap for the program as a whole (all its processes, its tmpfs files and shared
   memory) through a memory cgroup per slot, wherever the evaluator can make one (root, or a cgroup
-  delegated to the user): cgroup v2 (the OOM killer then stops the whole program), else cgroup v1
-  (it stops the largest process); any OOM kill in it makes the row ``oom``. Without one the cap is
+  delegated to the user): cgroup v2 (as root the OOM killer then stops the whole program), else cgroup v1
+  (it stops the largest process); programs run at ``oom_score_adj`` 1000, so the victim is always the
+  program's, never the slot's server; any OOM kill in it makes the row ``oom``. Without one the cap is
   per process, and the sandbox says so before the first program (:attr:`Sandbox.memory_scope`);
 - processes: ``RLIMIT_NPROC`` (default 16) counted per slot (a uid, or a user namespace, of its
   own): one slot's fork bomb cannot starve another. When the program ends, the reaper (pid 1 of its
