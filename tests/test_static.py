@@ -13,6 +13,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -239,6 +240,16 @@ def test_decode_attention_wave_and_bandwidth_rules():
     assert "16-key splits reach 34" in short
     (slow,) = S.check_rules([_attention_result((1, 2, 66), flops=1e12)])  # math-bound: the K/V trickles in
     assert "attention reaches 0% of the bandwidth (target 50%" in slow
+
+
+def test_a_missed_forward_target_says_how_many_launches_it_allows():
+    # 246 launches at 1.3 us over 426 us of the kernels' own work, a 331 us floor: 1.5x allows 496.5 us, 70.5 us of
+    # it for launches, 54 of them; where the work alone is past the target there is room for none.
+    r = SimpleNamespace(total_s=426e-6 + 246 * 1.3e-6, kernels=246, floor_s=331e-6)
+    expected = "takes 426 us of the 496 us the target allows, leaving room for 54 launches at 1.3 us"
+    assert S._launch_room(r).endswith(expected), S._launch_room(r)
+    r = SimpleNamespace(total_s=700e-6 + 10 * 1.3e-6, kernels=10, floor_s=331e-6)
+    assert S._launch_room(r).endswith("room for 0 launches at 1.3 us")
 
 
 def test_issue_time_enters_the_prediction():
