@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 import re
 from collections.abc import Iterator
 from contextvars import ContextVar
@@ -41,10 +42,14 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 
-__all__ = ["Target", "TARGETS", "MIN_ARCH", "lookup", "target_for", "static_target", "match_name", "Unservable"]
+__all__ = [
+    "Target", "TARGETS", "MIN_ARCH", "PDL_MIN_ARCH", "lookup", "target_for", "static_target", "match_name", "pdl",
+    "Unservable",
+]  # fmt: skip
 
 KB = 1024
 MIN_ARCH = 80  # the Triton kernels need bf16 tensor-core dots and bf16x2 PTX; on sm_75 attention spills ~480 B a thread
+PDL_MIN_ARCH = 90  # programmatic dependent launch (griddepcontrol) came with Hopper
 
 
 @dataclass(frozen=True)
@@ -254,3 +259,29 @@ def target_for(device: torch.device | str) -> Target | None:
     if device.type == "meta":
         return _STATIC.get()
     return None
+
+
+def pdl(device: torch.device | str) -> bool:
+    """Whether the forward's Triton launches on ``device`` use programmatic dependent launch (``DINFILL_PDL=1``).
+
+    Experimental, off by default. With it a kernel is launched while the previous one still runs: its
+    programs wait (``griddepcontrol.wait``) until that kernel has finished and its writes are visible, then
+    let the next one launch, so the launch latency between the two (~1.3 us a kernel in a graph replay, the
+    largest cost of a batch-1 forward on an H100) overlaps the previous kernel instead of following it. The
+    math is unchanged: every kernel still reads only what the previous ones finished writing. Off in the
+    interpreter (nothing to overlap); below sm_90 refused before any launch, naming the GPU.
+    """
+    value = os.environ.get("DINFILL_PDL", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"DINFILL_PDL must be 0 or 1, got {value!r}")
+    if value == "0":
+        return False
+    t = target_for(device)
+    if t is None:
+        return False
+    if t.arch < PDL_MIN_ARCH:
+        raise Unservable(
+            f"DINFILL_PDL=1 on {t.name} (sm_{t.arch}): programmatic dependent launch needs sm_{PDL_MIN_ARCH} (Hopper) "
+            "or newer; unset DINFILL_PDL"
+        )
+    return True

@@ -422,7 +422,7 @@ for dt in ("bf16", "fp16", "fp32"):
     s_norm |= sig(["n_rows", "H", "n_src", "n_per_batch", "index_rows"], "i32")
     s_norm |= sig(["stride_xr", "stride_dr", "stride_ib", "stride_in", "stride_rr", "stride_yr"], "i64")
     norm = dict(HAS_DELTA=True, HAS_IDX=False, HAS_BIAS=False, STORE_RESIDUAL=True, LAYERNORM=False, BLOCK_R=1,
-                BLOCK_H=1024, EMULATE_BF16=False)
+                BLOCK_H=1024, EMULATE_BF16=False, USE_PDL=False)
     build(an._add_norm_kernel, s_norm, norm)
     s = sig(["QKV", "Q_OUT", "K_OUT", "V_OUT"], f"*{dt}") | {"TABLE": "*fp32", "POS": "*i64", "CACHE_POS": "*i64"}
     s |= sig(["n_tokens", "T", "n_pos", "n_cols"], "i32")
@@ -430,16 +430,17 @@ for dt in ("bf16", "fp16", "fp32"):
     s |= sig(["stride_qb", "stride_qt", "stride_qh", "stride_kb", "stride_kh", "stride_kl"], "i64")
     s |= sig(["stride_vb", "stride_vh", "stride_vl"], "i64")
     rope = dict(HQ=14, HKV=2, HALF=32, HQ_PAD=16, HKV_PAD=2, HALF_PAD=32, BLOCK_R=1, HAS_POS=False,
-                HAS_CACHE_POS=True, EMULATE_BF16=False)
+                HAS_CACHE_POS=True, EMULATE_BF16=False, USE_PDL=False)
     build(rc._rope_cache_kernel, s, rope)
     s = sig(["X", "OUT"], f"*{dt}") | sig(["n_rows", "inner"], "i32") | sig(["stride_xm", "stride_om"], "i64")
-    build(ac._activation_kernel, s, dict(SWIGLU=True, BLOCK_R=1, BLOCK=1024, EMULATE_BF16=False))
+    build(ac._activation_kernel, s, dict(SWIGLU=True, BLOCK_R=1, BLOCK=1024, EMULATE_BF16=False, USE_PDL=False))
     if dt != "bf16":
         continue
     # the other variants the runtime launches (bf16 is the GPU dtype)
     build(an._add_norm_kernel, s_norm, norm | dict(HAS_DELTA=False, HAS_IDX=True))  # first layer: embedding rows
     build(an._add_norm_kernel, s_norm, norm | dict(HAS_IDX=True, STORE_RESIDUAL=False))  # final rows + norm
     build(an._add_norm_kernel, s_norm, norm | dict(LAYERNORM=True, HAS_BIAS=True, BLOCK_H=4096), 8)  # Starcoder2
+    build(ac._activation_kernel, s, dict(SWIGLU=True, BLOCK_R=1, BLOCK=1024, EMULATE_BF16=False, USE_PDL=True))  # PDL
 print("compiled")
 """
 

@@ -202,3 +202,73 @@ def test_config_estimates_bound_the_compiled_kernels(fit_rows, target):
         elif r["op"] == "_skinny_linear_kernel":
             block_k, stages, swiglu, norm = r["skinny"]
             assert r["shared"] <= SK.smem_estimate(block_k, stages, 2, swiglu, norm), r
+
+
+# Runs without TRITON_INTERPRET: each forward kernel of the decoder compiled for sm_90 with DINFILL_PDL set as argv
+# says, its PTX read back; then DINFILL_PDL=1 on an L4.
+PDL_SCRIPT = r"""
+import json, os, sys
+import torch
+from dinfill.bench import static as S
+from dinfill.target import TARGETS, Unservable, static_target
+from dinfill.kernels import attention_fwd as A, skinny_linear_kernel as SK
+from dinfill.kernels.activation_kernel import activation
+from dinfill.kernels.add_norm_kernel import add_norm
+from dinfill.kernels.rope_cache_kernel import rope_cache
+
+E = lambda *shape, dt=torch.bfloat16: torch.empty(*shape, device="meta", dtype=dt)
+seen = []
+record = S.Recorder._record
+def keep(self, fn, kernel, grid, args, kwargs):
+    ptx = kernel.asm["ptx"]
+    seen.append({"op": fn.fn.__name__, "pdl": bool(kernel.metadata.launch_pdl), "wait": "griddepcontrol.wait" in ptx,
+                 "launch": "griddepcontrol.launch_dependents" in ptx})
+    return record(self, fn, kernel, grid, args, kwargs)
+S.Recorder._record = keep
+
+
+def forward_kernels():
+    add_norm(E(8, 896), E(896), eps=1e-6, delta=E(8, 896), residual_out=E(8, 896))
+    rope_cache(E(1, 1, 1152), E(4096, 64, dt=torch.float32), 14, 2, cache_pos=E(1, dt=torch.int64),
+               k_out=E(1, 2, 1152, 64), v_out=E(1, 2, 1152, 64))
+    A.attention(E(1, 14, 1, 64), E(1, 2, 1152, 64), E(1, 2, 1152, 64), kv_start=E(1, dt=torch.int64),
+                kv_end=E(1, dt=torch.int64), causal=True, causal_offset=E(1, dt=torch.int64))
+    SK.skinny_linear(E(1, 896), E(1152, 896), norm="rmsnorm", norm_weight=E(896))
+    activation(E(8, 2 * 4864), "swiglu")
+
+
+os.environ["DINFILL_PDL"] = sys.argv[1]
+with static_target(TARGETS["h100"]), S.Recorder(TARGETS["h100"]):
+    forward_kernels()
+try:
+    os.environ["DINFILL_PDL"] = "1"
+    with static_target(TARGETS["l4"]), S.Recorder(TARGETS["l4"]):
+        forward_kernels()
+    refused = None
+except Unservable as exc:
+    refused = str(exc)
+print(json.dumps({"kernels": seen, "refused": refused, "after_refusal": len(seen)}))
+"""
+
+
+@needs_nvidia
+@pytest.mark.parametrize("pdl", ["1", "0"])
+def test_pdl_kernels_wait_for_their_producer_and_launch_the_next(pdl):
+    """DINFILL_PDL=1 on sm_90: every forward kernel (add_norm, rope_cache, attention and its split merge,
+    skinny_linear, activation) is launched with programmatic dependent launch and its PTX waits for the previous
+    kernel (griddepcontrol.wait) and lets the next one launch; without it, neither. On an L4 (sm_89) the switch is
+    refused before anything is launched, naming the GPU."""
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    done = subprocess.run([sys.executable, "-c", PDL_SCRIPT, pdl], env=env, capture_output=True, text=True,
+                          timeout=600)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-4000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    ops = [k["op"] for k in out["kernels"]]
+    assert ops == ["_add_norm_kernel", "_rope_cache_kernel", "_attention_kernel", "_attention_merge_kernel",
+                   "_skinny_linear_kernel", "_activation_kernel"], ops  # fmt: skip
+    on = pdl == "1"
+    assert all(k["pdl"] == k["wait"] == k["launch"] == on for k in out["kernels"]), out["kernels"]
+    assert out["refused"].startswith("DINFILL_PDL=1 on L4 (sm_89): programmatic dependent launch needs sm_90")
+    assert out["after_refusal"] == len(ops)  # the L4 launched nothing

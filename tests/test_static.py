@@ -19,7 +19,7 @@ import pytest
 
 from dinfill.backend import compiled_target
 from dinfill.bench import static as S
-from dinfill.target import TARGETS, lookup, static_active, static_target, target_for
+from dinfill.target import TARGETS, Unservable, lookup, static_active, static_target, target_for
 
 # ------------------------------------------------------------------------------------------------
 # the target table and its arithmetic
@@ -89,6 +89,30 @@ def test_a_gpu_below_sm80_runs_the_torch_path_or_is_refused_before_any_launch(mo
             use_triton("meta")
     with static_target("l4"):
         assert use_triton("meta")
+
+
+def test_pdl_is_off_by_default_on_for_sm90_refused_below_and_never_in_the_interpreter(monkeypatch):
+    from dinfill.target import pdl
+
+    monkeypatch.delenv("DINFILL_PDL", raising=False)
+    with static_target("h100"):
+        assert not pdl("meta")
+        monkeypatch.setenv("DINFILL_PDL", "1")
+        assert pdl("meta")
+    for gpu in ("l4", "a100"):
+        with static_target(gpu), pytest.raises(Unservable, match=r"DINFILL_PDL=1 on .* \(sm_8\d\): .* needs sm_90"):
+            pdl("meta")
+    assert not pdl("cpu")  # the interpreter: nothing to overlap
+    monkeypatch.setenv("DINFILL_PDL", "yes")
+    with pytest.raises(ValueError, match="DINFILL_PDL must be 0 or 1, got 'yes'"):
+        pdl("cpu")
+
+
+def test_the_pdl_forward_is_evaluated_on_sm90_only():
+    w = S.Workload("open-dcoder-0.5b", "forward-pdl", 1, 276)
+    assert S.applies(w, TARGETS["h100"]) and S.applies(w, TARGETS["h200"])
+    assert not S.applies(w, TARGETS["l4"]) and not S.applies(w, TARGETS["a100"])
+    assert S.applies(S.Workload("open-dcoder-0.5b", "forward-decode", 1, 276), TARGETS["l4"])
 
 
 def test_command_line_choices_match_the_model():
@@ -368,7 +392,7 @@ def test_check_mode_prints_only_broken_rules(step_json):
     """``--check`` on the same launches (compiled already): nothing broken, exit 0, one summary line."""
     done = _static([*STEP_ARGS, "--check"], step_json["tmp"])
     assert done.returncode == 0, done.stdout + done.stderr[-2000:]
-    assert done.stdout.strip().splitlines() == ["static check: 0 broken rule(s) over 4 workloads x 2 targets"]
+    assert done.stdout.strip().splitlines() == ["static check: 0 broken rule(s) over 8 workload x target evaluations"]
 
 
 @needs_nvidia
@@ -414,3 +438,23 @@ def test_batch1_decode_attention_fills_the_gpu(tmp_path):
     assert programs[89, 276] == programs[90, 276] == 34
     done = _static([*args, "--check"], tmp_path)
     assert done.returncode == 0 and "0 broken rule(s)" in done.stdout, done.stdout + done.stderr[-2000:]
+
+
+@needs_nvidia
+def test_the_pdl_forward_launches_every_triton_kernel_with_pdl(tmp_path):
+    """``--mode forward-pdl`` (the 0.5B batch-1 decode forward, GEMV path, DINFILL_PDL=1): evaluated on sm_90
+    only; every Triton launch carries PDL, the embedding and the LM head (torch ops) do not; the tool says what a
+    PDL launch may cost for the target, with the other launches at the stated 1.3 us."""
+    args = ["--model", "open-dcoder-0.5b", "--mode", "forward-pdl", "--batch", "1", "--dtype", "bf16",
+            "--arch", "sm_89", "sm_90", "--json", str(tmp_path / "out.json")]  # fmt: skip
+    done = _static(args, tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    data = json.loads((tmp_path / "out.json").read_text())
+    (r,) = data["workloads"]
+    assert r["arch"] == 90 and r["error"] is None and data["violations"] == []
+    kinds = {(x["kind"], x["pdl"]) for x in r["launches"]}
+    assert kinds <= {("triton", True), ("gemm", False), ("aten", False)} and ("triton", True) in kinds, kinds
+    overlapped = sum(x["pdl"] for x in r["launches"])
+    assert overlapped >= 6 * 24  # at least the six Triton launches of each of the 24 layers
+    (line,) = data["pdl"]
+    assert f"{len(r['launches'])} kernels, {overlapped} launched with PDL" in line and "us (gpu_check" in line, line

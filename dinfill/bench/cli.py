@@ -49,7 +49,9 @@ def _add_common(p: argparse.ArgumentParser, *, axes: tuple[str, ...], exclude: t
 
 # the static GPU model's choices (dinfill.bench.static.MODES / STEP_PRESETS / TARGETS, which import torch: the
 # command line is parsed and checked before torch is; tests/test_static.py checks the lists agree)
-STATIC_MODES = ("full", "window", "prefill", "decode", "decode-gemv", "step", "forward", "forward-decode")
+STATIC_MODES = (
+    "full", "window", "prefill", "decode", "decode-gemv", "step", "forward", "forward-decode", "forward-pdl",
+)  # fmt: skip
 STATIC_STEP_PRESETS = ("greedy", "published", "fast", "maskgit", "origin", "entropy-topk", "margin-topk")
 
 

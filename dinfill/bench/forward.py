@@ -342,7 +342,10 @@ def forward_phase(
         ``fused_kernels`` / ``torch_kernels`` / ``compiled_kernels`` (profiler CUDA events of one call),
         ``compile_s`` or ``compile_skipped`` / ``compile_error``; for shapes of at most 16 tokens also
         ``fused_gemv_ms`` / ``fused_gemv_kernels`` / ``fused_gemv_ops`` (the experimental
-        ``DINFILL_GEMV=triton`` path) and ``gemv_vs_cublas`` (> 1: it is faster); ``floor_ms`` (``max(bytes / bandwidth,
+        ``DINFILL_GEMV=triton`` path) and ``gemv_vs_cublas`` (> 1: it is faster), and on sm_90+
+        ``fused_gemv_pdl_ms`` / ``_kernels`` / ``_ops`` (that path with ``DINFILL_PDL=1``), ``pdl_vs_gemv``
+        (> 1: PDL is faster) and ``pdl_equal`` (its logits equal the GEMV path's bit for bit; not ok otherwise);
+        ``floor_ms`` (``max(bytes / bandwidth,
         FLOPs / peak)`` on the measured H200-class ceilings), ``of_floor`` (floor / fused time),
         ``floor_bound`` (``"bytes"`` or ``"flops"``: which ceiling sets it), ``vs_compile`` (compiled / fused
         time), ``target_ms``, ``met`` (fused time within it), ``ok``;
@@ -366,6 +369,7 @@ def forward_phase(
         shapes = ((1, 1), (1, 24), (2, 24)) if tiny else FORWARD_SHAPES
     rows_n, cached = (4, 20) if tiny else (LOGITS_ROWS, DECODE_CACHE)
     fused_ok = on_gpu or triton_interpreted()  # the fused path needs CUDA or Triton's interpreter
+    pdl_ok = on_gpu and torch.cuda.get_device_capability(dev)[0] >= 9  # programmatic dependent launch: Hopper on
     peaks = roofline.device_peaks(roofline.device_name(dev)) if on_gpu else None
     budget_ops = 10 * model.config.num_layers + 6  # issue 10: <= 10 per layer; 6 per forward (key range, norm, head)
 
@@ -381,11 +385,15 @@ def forward_phase(
         )
         if fused_ok and batch * tokens <= 16:  # the experimental Triton GEMVs (DINFILL_GEMV=triton) apply
             variants.insert(1, ("fused_gemv", "triton", "triton"))
+            if pdl_ok:  # and on sm_90+, the same launched with programmatic dependent launch (DINFILL_PDL=1)
+                variants.insert(2, ("fused_gemv_pdl", "triton", "triton"))
+        outputs = {}
         with torch.no_grad():  # not inference_mode: torch.compile later reads these inputs
             for label, backend, gemv in variants:
                 try:
-                    with _backend(backend), _env("DINFILL_GEMV", gemv):
-                        fn()  # warm-up (compiles the kernels) outside the count
+                    pdl = "1" if label.endswith("_pdl") else "0"
+                    with _backend(backend), _env("DINFILL_GEMV", gemv), _env("DINFILL_PDL", pdl):
+                        outputs[label] = fn()  # warm-up (compiles the kernels) outside the count
                         with DeviceOpCounter() as counter:
                             fn()
                         row[f"{label}_ops"] = counter.total
@@ -397,6 +405,13 @@ def forward_phase(
                     row["ok"] = False
         if "fused_gemv_ms" in row and "fused_ms" in row:
             row["gemv_vs_cublas"] = round(row["fused_ms"] / row["fused_gemv_ms"], 3)  # > 1: the Triton GEMVs win
+        if "fused_gemv_pdl" in outputs and "fused_gemv" in outputs:
+            # PDL changes when kernels start, never what they compute: the logits must be equal bit for bit
+            row["pdl_equal"] = bool(torch.equal(outputs["fused_gemv_pdl"], outputs["fused_gemv"]))
+            if not row["pdl_equal"]:
+                row["ok"] = False
+            if "fused_gemv_pdl_ms" in row and "fused_gemv_ms" in row:
+                row["pdl_vs_gemv"] = round(row["fused_gemv_ms"] / row["fused_gemv_pdl_ms"], 3)  # > 1: PDL wins
         row["ops_per_layer_budget"] = budget_ops
         if on_gpu and "fused_ms" in row:
             floor = roofline.achieved(work, row["fused_ms"] * 1e-3, peaks)

@@ -99,12 +99,12 @@ STEP_PRESETS = {  # fused_step settings per name: every alg / preset a diffusion
     "entropy-topk": dict(select="topk", temperature=0.6, top_k=50, confidence="neg_entropy"),
     "margin-topk": dict(select="topk", temperature=0.6, top_k=50, confidence="margin"),
 }
-MODES = ("full", "window", "prefill", "decode", "decode-gemv", "step", "forward", "forward-decode")
+MODES = ("full", "window", "prefill", "decode", "decode-gemv", "step", "forward", "forward-decode", "forward-pdl")
 _LINE = re.compile(r"/\*([0-9a-f]{4,})\*/\s+(@!?U?P[0-7T]\s+)?([A-Z0-9_.]+)([^;]*);")
 _FILE_LINE = re.compile(r'File "([^"]+)", line (\d+)')
 _TAG = re.compile(r"#\s*static:\s*([\w-]+)")
 _ANALYSIS_VERSION = 6  # in the kernel-analysis cache key: bump when analyse() changes
-_RECORD_VERSION = 7  # in the recorded-workload cache key: bump when Recorder or WORK_MODELS change
+_RECORD_VERSION = 8  # in the recorded-workload cache key: bump when Recorder or WORK_MODELS change
 
 
 # --------------------------------------------------------------------------------------------------
@@ -488,6 +488,7 @@ class Launch:
     streams: dict[str, float] = field(default_factory=dict)  # loop tag -> elements streamed through it
     note: str = ""
     scalars: dict[str, int | float] = field(default_factory=dict)  # the launch's int / float arguments
+    pdl: bool = False  # launched with programmatic dependent launch (DINFILL_PDL=1)
 
     @property
     def programs(self) -> int:
@@ -675,7 +676,8 @@ class Recorder(TorchDispatchMode):
         info = analyse(kernel, self.target, item)
         bytes_, flops, streams = WORK_MODELS.get(name, _work_default)(bound, grid)
         scalars = {k: v for k, v in bound.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-        self.launches.append(Launch(name, "triton", grid, info, bytes_, flops, streams, scalars=scalars))
+        pdl = bool(kwargs.get("launch_pdl", False))
+        self.launches.append(Launch(name, "triton", grid, info, bytes_, flops, streams, scalars=scalars, pdl=pdl))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -719,8 +721,10 @@ class Workload:
     the middle window against cached keys), ``prefill`` / ``decode`` (AR), ``decode-gemv`` (AR decode with
     ``DINFILL_GEMV=triton``), ``step`` (``fused_step`` alone with ``preset``), and the forward alone as
     ``gpu_check``'s forward phase times it: ``forward`` (a bidirectional canvas, logits at ``middle`` rows) and
-    ``forward-decode`` (one causal token against ``length`` cached ones). ``length`` is the canvas / prompt /
-    cache length; a diffusion middle is ``middle`` tokens (default :func:`middle` of the length).
+    ``forward-decode`` (one causal token against ``length`` cached ones), ``forward-pdl`` (that forward on the
+    ``DINFILL_GEMV=triton`` path with ``DINFILL_PDL=1``; sm_90 and newer, see :func:`applies`). ``length`` is
+    the canvas / prompt / cache length; a diffusion middle is ``middle`` tokens (default :func:`middle` of the
+    length).
     """
 
     model: str
@@ -776,6 +780,7 @@ def workloads(models=SEED_MODELS, batches=BATCHES, lengths=LENGTHS, dtypes=("bf1
         if kind == "diffusion":
             for dtype in dtypes:  # gpu_check's forward phase: one decode step, canvases with 16 logits rows
                 out.append(Workload(model, "forward-decode", 1, 276, dtype))
+                out.append(Workload(model, "forward-pdl", 1, 276, dtype))
                 out += [Workload(model, "forward", B, 276, dtype, mid=16) for B in batches if B in (1, 32)]
             for dtype in dtypes:
                 for preset in STEP_PRESETS:
@@ -861,13 +866,13 @@ def _code_fingerprint() -> str:
 
 def _launch_row(x: Launch) -> dict:
     return dict(op=x.op, kind=x.kind, grid=list(x.grid), info=x.info.row() if x.info else None, bytes=x.bytes,
-                flops=x.flops, streams=x.streams, note=x.note, scalars=x.scalars)  # fmt: skip
+                flops=x.flops, streams=x.streams, note=x.note, scalars=x.scalars, pdl=x.pdl)  # fmt: skip
 
 
 def _launch_from_row(d: dict) -> Launch:
     info = KernelInfo.from_row(d["info"]) if d["info"] else None
     return Launch(d["op"], d["kind"], tuple(d["grid"]), info, d["bytes"], d["flops"], d["streams"], d["note"],
-                  d.get("scalars", {}))  # fmt: skip
+                  d.get("scalars", {}), d.get("pdl", False))  # fmt: skip
 
 
 def run_workload(w: Workload, target: Target | str) -> list[Launch]:
@@ -892,7 +897,9 @@ def run_workload(w: Workload, target: Target | str) -> list[Launch]:
 
 def _record_workload(w: Workload, target: Target) -> list[Launch]:
     model = _meta_model(w.model, w.dtype)
-    env = {"DINFILL_BACKEND": "auto", "DINFILL_GEMV": "triton" if w.mode == "decode-gemv" else "cublas"}
+    gemv = w.mode in ("decode-gemv", "forward-pdl")
+    env = {"DINFILL_BACKEND": "auto", "DINFILL_GEMV": "triton" if gemv else "cublas",
+           "DINFILL_PDL": "1" if w.mode == "forward-pdl" else "0"}  # fmt: skip
     old = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
@@ -905,7 +912,7 @@ def _record_workload(w: Workload, target: Target) -> list[Launch]:
                 elif w.mode.startswith("forward"):  # gpu_check's forward phase builds its inputs (and cache) so
                     from dinfill.bench.forward import _forward_inputs
 
-                    decode = w.mode == "forward-decode"
+                    decode = w.mode in ("forward-decode", "forward-pdl")
                     fn = _forward_inputs(model, w.batch, 1 if decode else w.length, w.middle, w.length)[0]
                 else:
                     fn = _ar_runner(w, model)
@@ -945,7 +952,7 @@ def _floor(w: Workload, target: Target) -> tuple[float, str]:
             work = forward_work(cfg, batch=B, queries=L, logits_rows=B, itemsize=item, causal=True)
         elif w.mode == "forward":
             work = forward_work(cfg, batch=B, queries=L, logits_rows=B * M, itemsize=item)
-        else:  # decode, decode-gemv, forward-decode
+        else:  # decode, decode-gemv, forward-decode, forward-pdl
             work = forward_work(cfg, batch=B, queries=1, keys=L, logits_rows=B, itemsize=item)
         work_bytes, flops = work.bytes, work.flops
         if w.mode in ("full", "window"):
@@ -988,10 +995,18 @@ class Result:
             "breakdown": self.breakdown(), "error": self.error,
             "launches": [
                 dict(op=x.op, kind=x.kind, grid=x.grid, kernel=x.info.key if x.info else None, bytes=x.bytes,
-                     flops=x.flops, streams=x.streams, **{k: v for k, v in p.items()})
+                     flops=x.flops, streams=x.streams, pdl=x.pdl, **{k: v for k, v in p.items()})
                 for x, p in zip(self.launches, self.predictions, strict=True)
             ],
         }  # fmt: skip
+
+
+def applies(w: Workload, target: Target) -> bool:
+    """Whether the matrix evaluates ``w`` on ``target``: ``forward-pdl`` only where programmatic dependent launch
+    exists (sm_90 and newer; below, ``DINFILL_PDL=1`` is refused before any launch)."""
+    from dinfill.target import PDL_MIN_ARCH
+
+    return w.mode != "forward-pdl" or target.arch >= PDL_MIN_ARCH
 
 
 def evaluate(w: Workload, target: Target | str) -> Result:
@@ -1141,6 +1156,33 @@ def targets(results: list[Result]) -> list[tuple[bool, str]]:
         if ratio > FLOOR_RATIO:
             line += "; " + _launch_room(r)
         out.append((ratio <= FLOOR_RATIO, line))
+    return out
+
+
+def pdl_lines(results: list[Result]) -> list[str]:
+    """What programmatic dependent launch would have to cost for the 0.5B batch-1 forward to meet the target.
+
+    The model charges every launch :data:`LAUNCH_S`, PDL or not: what PDL saves is a latency the compiled code
+    does not show, so it is left to gpu_check to measure (its forward phase times ``fused_gemv_pdl_ms``). This
+    says what it must save: the largest cost per PDL launch at which the ``forward-pdl`` forward is within
+    ``FLOOR_RATIO`` of its floor, with the other launches at :data:`LAUNCH_S`.
+    """
+    out = []
+    for r in results:
+        w, t = r.workload, r.target
+        if r.error or (w.model, w.mode, w.batch, w.dtype) != ("open-dcoder-0.5b", "forward-pdl", 1, "bf16"):
+            continue
+        overlapped = sum(x.pdl for x in r.launches)
+        work = r.total_s - LAUNCH_S * r.kernels
+        room = FLOOR_RATIO * r.floor_s - work - LAUNCH_S * (r.kernels - overlapped)
+        head = (f"{t.name}: {w.name}: {r.kernels} kernels, {overlapped} launched with PDL; {r.total_s * 1e3:.3f} ms "
+                f"at {LAUNCH_S * 1e6:.1f} us a launch ({r.total_s / r.floor_s:.2f}x the floor)")
+        if room <= 0 or not overlapped:
+            out.append(f"{head}; the target cannot hold whatever PDL saves (the kernels' work and the other launches "
+                       f"take {(work + LAUNCH_S * (r.kernels - overlapped)) * 1e6:.0f} us)")
+        else:
+            out.append(f"{head}; within {FLOOR_RATIO}x if a PDL launch costs <= {room / overlapped * 1e6:.2f} us "
+                       "(gpu_check measures it)")
     return out
 
 
@@ -1310,13 +1352,14 @@ def main(args) -> int:
     results = []
     for t in gpus:
         for w in items:
-            results.append(evaluate(w, t))
+            if applies(w, t):
+                results.append(evaluate(w, t))
     if args.kernel:
         for r in results:
             r.launches = [x for x in r.launches if any(k in x.op for k in args.kernel)]
     if args.json:
         rows = {"workloads": [r.row() for r in results], "kernels": [], "violations": check_rules(results),
-                "targets": [{"met": met, "line": line} for met, line in targets(results)]}
+                "targets": [{"met": met, "line": line} for met, line in targets(results)], "pdl": pdl_lines(results)}
         seen = set()
         for r in results:
             for x in r.launches:
@@ -1330,10 +1373,11 @@ def main(args) -> int:
             Path(args.json).write_text(text)
     bad = check_rules(results)
     goals = [f"target {'met' if met else 'missed'}: {line}" for met, line in targets(results)]
+    goals += [f"pdl: {line}" for line in pdl_lines(results)]
     if args.check:
         for line in bad + goals:
             print(line)
-        print(f"static check: {len(bad)} broken rule(s) over {len(items)} workloads x {len(gpus)} targets")
+        print(f"static check: {len(bad)} broken rule(s) over {len(results)} workload x target evaluations")
         return 1 if bad else 0
     print("\n".join(kernel_table(results)))
     print()

@@ -1,8 +1,8 @@
 """Small pieces shared by the Triton kernels (attention, add_norm, rope_cache, activation, skinny_linear).
 
-Not an op: device-side helpers (rounding, the SiLU / GELU-tanh formula), the host-side checks every
-launcher repeats (devices, dtypes, and outputs that would alias an input other programs read), and the
-interpreter's rows-per-program rule.
+Not an op: device-side helpers (rounding, the SiLU / GELU-tanh formula, the programmatic-dependent-launch
+prologue), the host-side checks every launcher repeats (devices, dtypes, and outputs that would alias an
+input other programs read), and the interpreter's rows-per-program rule.
 
 Why a rounding helper: the decoder's torch path rounds intermediate results to the model dtype at
 fixed points (the residual sum, the normalised activations before the weight multiply, SiLU before
@@ -44,6 +44,23 @@ def silu_or_gelu_tanh(x, GELU_TANH: tl.constexpr):
         z = x
     e = tl.exp(-tl.abs(z))
     return x * tl.where(z >= 0, 1.0 / (1.0 + e), e / (1.0 + e))
+
+
+@triton.jit
+def await_producer(USE_PDL: tl.constexpr):
+    """First thing in a kernel launched with programmatic dependent launch (see :func:`dinfill.target.pdl`): wait
+    until the previous kernel has finished and its writes are visible, then let the next kernel launch. Before
+    any load or store, so no program reads or overwrites what the previous kernel still uses. Nothing without."""
+    if USE_PDL:
+        tl.extra.cuda.gdc_wait()
+        tl.extra.cuda.gdc_launch_dependents()
+
+
+def pdl_args(device: torch.device) -> dict:
+    """The launch arguments of :func:`await_producer`'s kernels: ``USE_PDL`` and, when on, ``launch_pdl``."""
+    from dinfill.target import pdl
+
+    return {"USE_PDL": True, "launch_pdl": True} if pdl(device) else {"USE_PDL": False}
 
 
 def emulate_bf16(t: Tensor) -> bool:

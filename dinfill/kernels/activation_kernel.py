@@ -30,10 +30,12 @@ import triton.language as tl
 from torch import Tensor
 
 from dinfill.kernels._common import (
+    await_producer,
     check_device,
     check_float,
     device_context,
     emulate_bf16,
+    pdl_args,
     round_to_bf16,
     rows_per_program,
     silu_or_gelu_tanh,
@@ -59,8 +61,10 @@ def _activation_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Program (block of rows, block of columns): read gate (and up), write the activation."""
+    await_producer(USE_PDL)
     DTYPE = OUT.dtype.element_ty
     m = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,)
     cols = tl.program_id(1) * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,)
@@ -120,5 +124,6 @@ def activation(x: Tensor, kind: str) -> Tensor:
         _activation_kernel[(triton.cdiv(M, block_r), triton.cdiv(inner, block))](
             x, out, M, inner, x.stride(0), out.stride(0),
             SWIGLU=swiglu, BLOCK_R=block_r, BLOCK=block, EMULATE_BF16=emulate_bf16(x), num_warps=4,
+            **pdl_args(x.device),
         )  # fmt: skip
     return out

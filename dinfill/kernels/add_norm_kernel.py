@@ -43,12 +43,14 @@ import triton.language as tl
 from torch import Tensor
 
 from dinfill.kernels._common import (
+    await_producer,
     check_device,
     check_float,
     check_int,
     device_context,
     emulate_bf16,
     overlaps,
+    pdl_args,
     round_to_bf16,
     rows_per_program,
     same_view,
@@ -90,8 +92,10 @@ def _add_norm_kernel(
     BLOCK_R: tl.constexpr,
     BLOCK_H: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One program per BLOCK_R output rows: gather (optional), add, normalise, store residual and normed rows."""
+    await_producer(USE_PDL)
     DTYPE = Y.dtype.element_ty  # the model dtype, where the torch path rounds
     r = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) output rows
     r_ok = r < n_rows
@@ -233,6 +237,6 @@ def add_norm(
             residual_out.stride(0) if residual_out is not None else 0, y.stride(0),
             HAS_DELTA=delta is not None, HAS_IDX=index is not None, HAS_BIAS=bias is not None,
             STORE_RESIDUAL=residual_out is not None, LAYERNORM=bool(layernorm), BLOCK_R=rows, BLOCK_H=block,
-            EMULATE_BF16=emulate_bf16(x), num_warps=min(16, max(4, block // 512)),
+            EMULATE_BF16=emulate_bf16(x), num_warps=min(16, max(4, block // 512)), **pdl_args(x.device),
         )  # fmt: skip
     return residual_out, y

@@ -83,7 +83,7 @@ import triton.language as tl
 from torch import Tensor
 
 from dinfill.backend import compiled_target, triton_interpreted, use_triton
-from dinfill.kernels._common import device_context, emulate_bf16, round_to_bf16
+from dinfill.kernels._common import await_producer, device_context, emulate_bf16, pdl_args, round_to_bf16
 from dinfill.target import MIN_ARCH, Target, Unservable, target_for
 
 _MAX_HEAD_DIM = 256  # head dims are padded to a power of two >= 16 (tl.dot's minimum); 256 keeps tiles in registers
@@ -214,8 +214,10 @@ def _attention_kernel(
     BLOCK_D: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One program: BLOCK_M packed (group head, query) rows of one (batch, kv head), one key split."""
+    await_producer(USE_PDL)
     start_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     split = tl.program_id(2)
@@ -317,6 +319,7 @@ def _attention_merge_kernel(
     HEAD_DIM: tl.constexpr,
     BLOCK_D: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """Merge the split-K partial outputs of BLOCK_R packed rows, BLOCK_S splits per load (online, by log-sum-exp).
 
@@ -324,6 +327,7 @@ def _attention_merge_kernel(
     once: a merge over 100+ splits (flash-decoding at batch 1) is a few wide loads, not a chain of dependent ones.
     Rows that saw no key in any split get 0.
     """
+    await_producer(USE_PDL)
     pid_r = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = pid_bh // H_kv
@@ -697,6 +701,7 @@ def _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, window, con
     # the window matters only if some query sits at least `window` columns after column 0
     use_window = bool(causal) and window is not None and (offset_is_tensor or int(causal_offset) + Lq - 1 >= window)
     grid = (triton.cdiv(rows, cfg.block_m), B * Hkv, num_splits)
+    pdl = pdl_args(q.device)
     with device_context(q):
         _attention_kernel[grid](
             q, k, v, out, offset_t,
@@ -716,7 +721,7 @@ def _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, window, con
             HAS_KV_START=kv_start is not None, HAS_KV_END=kv_end is not None, SPLIT=num_splits > 1,
             BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n, HEAD_DIM=D, BLOCK_D=block_d,
             DOT_PRECISION="ieee" if q.dtype == torch.float32 or emulate else "tf32", EMULATE_BF16=emulate,
-            num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=_maxnreg(cfg.num_warps),
+            num_warps=cfg.num_warps, num_stages=cfg.num_stages, maxnreg=_maxnreg(cfg.num_warps), **pdl,
         )  # fmt: skip
         if num_splits > 1:
             # one row per program on a GPU (the merge is a few wide loads per row); in the interpreter, whose cost is
@@ -727,7 +732,7 @@ def _launch(q, k, v, causal, causal_offset, kv_start, kv_end, scale, window, con
                 Lq, Hkv, group, num_splits,
                 out.stride(0), out.stride(1), out.stride(2),
                 BLOCK_R=merge_rows, BLOCK_S=min(32, triton.next_power_of_2(num_splits)), HEAD_DIM=D, BLOCK_D=block_d,
-                EMULATE_BF16=emulate, num_warps=4,
+                EMULATE_BF16=emulate, num_warps=4, **pdl,
             )  # fmt: skip
     return out
 

@@ -42,11 +42,13 @@ import triton.language as tl
 from torch import Tensor
 
 from dinfill.kernels._common import (
+    await_producer,
     check_device,
     check_float,
     check_int,
     device_context,
     emulate_bf16,
+    pdl_args,
     round_to_bf16,
     rows_per_program,
 )
@@ -94,8 +96,10 @@ def _rope_cache_kernel(
     HAS_POS: tl.constexpr,
     HAS_CACHE_POS: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """BLOCK_R tokens per program: rotate their q and k heads, copy their v heads, store at their columns."""
+    await_producer(USE_PDL)
     DTYPE = Q_OUT.dtype.element_ty
     tok = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)  # (BLOCK_R,) flat token index
     tok_ok = tok < n_tokens
@@ -254,6 +258,7 @@ def rope_cache(
             HQ=num_heads, HKV=num_kv_heads, HALF=half, HQ_PAD=triton.next_power_of_2(num_heads),
             HKV_PAD=triton.next_power_of_2(num_kv_heads), HALF_PAD=triton.next_power_of_2(half), BLOCK_R=block_r,
             HAS_POS=positions is not None, HAS_CACHE_POS=cache_pos is not None, EMULATE_BF16=emulate_bf16(qkv),
+            **pdl_args(qkv.device),
             num_warps=4,
         )  # fmt: skip
     return q_buf.transpose(1, 2), k_out, v_out

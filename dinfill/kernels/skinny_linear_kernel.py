@@ -50,11 +50,13 @@ import triton.language as tl
 from torch import Tensor
 
 from dinfill.kernels._common import (
+    await_producer,
     check_device,
     check_float,
     device_context,
     emulate_bf16,
     overlaps,
+    pdl_args,
     round_to_bf16,
     silu_or_gelu_tanh,
 )
@@ -99,8 +101,10 @@ def _skinny_linear_kernel(
     BLOCK_K: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     EMULATE_BF16: tl.constexpr,
+    USE_PDL: tl.constexpr,
 ):
     """One program: BLOCK_N outputs (and their up-projection partners for SwiGLU) of all M rows."""
+    await_producer(USE_PDL)
     DTYPE = OUT.dtype.element_ty
     offs_m = tl.arange(0, BLOCK_M)
     m_ok = offs_m < M
@@ -331,6 +335,6 @@ def skinny_linear(
             HAS_BIAS=bias is not None, NORM=NORMS.index(norm), HAS_NORM_BIAS=norm_bias is not None,
             ACT=ACTIVATIONS.index(act), HAS_RES=residual is not None, BLOCK_M=MAX_ROWS, BLOCK_N=block_n,
             BLOCK_K=block_k, DOT_PRECISION="ieee" if x.dtype == torch.float32 or emulate else "tf32",
-            EMULATE_BF16=emulate, num_warps=4, num_stages=stages,
+            EMULATE_BF16=emulate, num_warps=4, num_stages=stages, **pdl_args(x.device),
         )  # fmt: skip
     return out

@@ -387,6 +387,7 @@ class Decoder(nn.Module):
         from dinfill.kernels.activation_kernel import activation
         from dinfill.kernels.add_norm_kernel import add_norm
         from dinfill.kernels.rope_cache_kernel import rope_cache
+        from dinfill.target import pdl
 
         cfg = self.config
         B, T = input_ids.shape
@@ -399,6 +400,7 @@ class Decoder(nn.Module):
             from dinfill.kernels.skinny_linear_kernel import check_target
 
             check_target(input_ids.device, self.model.embed_tokens.weight.dtype)
+        pdl(input_ids.device)  # DINFILL_PDL=1 below sm_90 too
         p = plan(key_mask, causal, cache_pos, Lk, cfg.sliding_window, B, T, input_ids.device)  # once per call
         layernorm = cfg.norm == "layernorm"
         table = self.rotary.table  # (P, D) fp32

@@ -116,13 +116,13 @@ def bucket_steps(n: int) -> int:
     return max(8, 1 << (n - 1).bit_length())
 
 
-def code_switches() -> tuple[str, str]:
+def code_switches() -> tuple[str, str, str]:
     """The environment switches the runtime reads at call time that change what a graph captures:
-    ``(DINFILL_BACKEND, DINFILL_GEMV)``. Part of every pool key, so flipping one between calls (a benchmark
-    comparing the paths in one process) captures the other path instead of replaying the first."""
+    ``(DINFILL_BACKEND, DINFILL_GEMV, DINFILL_PDL)``. Part of every pool key, so flipping one between calls (a
+    benchmark comparing the paths in one process) captures the other path instead of replaying the first."""
     from dinfill.backend import requested_backend
 
-    return requested_backend(), os.environ.get("DINFILL_GEMV", "cublas")
+    return requested_backend(), os.environ.get("DINFILL_GEMV", "cublas"), os.environ.get("DINFILL_PDL", "0")
 
 
 def model_key(model: torch.nn.Module) -> tuple:
