@@ -67,6 +67,13 @@ def test_forward_phase_gpu_bookkeeping(tiny, monkeypatch):
     assert out["ok"] is True and row["ok"] is True and row["met"] is False and "missed" in out["detail"]
     assert row["fused_ms"] == row["torch_ms"] == 0.9 and row["fused_kernels"] == 7 and row["floor_ms"] > 0
     assert row["compile_skipped"] == "compile=False" and row["gemv_vs_cublas"] == 1.0
+    assert "fused_gemv_pdl_ms" not in row  # no PDL below sm_90 (here: no CUDA at all)
+    # sm_90: the GEMV path again with DINFILL_PDL=1 (the interpreter launches no dependents, the math is the same)
+    monkeypatch.setattr(forward, "_pdl_capable", lambda dev: True)
+    (row,) = forward_phase(shapes=((1, 1),), device="cuda", model=tiny, compile=False)["rows"]
+    assert row["ok"] is True and row["fused_gemv_pdl_ms"] == 0.9 and row["pdl_vs_gemv"] == 1.0
+    assert row["pdl_equal"] is True and row["fused_gemv_pdl_ops"] == row["fused_gemv_ops"]
+    monkeypatch.setattr(forward, "_pdl_capable", lambda dev: False)
     monkeypatch.setenv("FAIL_FUSED", "1")  # the fused path's capture fails
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
     out = forward_phase(shapes=((1, 9),), device="cuda", model=tiny)

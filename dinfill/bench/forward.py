@@ -275,6 +275,14 @@ def _profiled_kernels(fn) -> int:
     return sum(1 for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
 
 
+def _pdl_capable(device: torch.device) -> bool:
+    """Programmatic dependent launch exists on ``device`` (sm_90 and newer: see :func:`dinfill.target.pdl`)."""
+    from dinfill.target import PDL_MIN_ARCH
+
+    major, minor = torch.cuda.get_device_capability(device) if torch.cuda.is_available() else (0, 0)
+    return 10 * major + minor >= PDL_MIN_ARCH
+
+
 @contextlib.contextmanager
 def _env(name: str, value: str):
     """Set an environment variable (read at call time by the runtime) for the duration of the block."""
@@ -369,7 +377,7 @@ def forward_phase(
         shapes = ((1, 1), (1, 24), (2, 24)) if tiny else FORWARD_SHAPES
     rows_n, cached = (4, 20) if tiny else (LOGITS_ROWS, DECODE_CACHE)
     fused_ok = on_gpu or triton_interpreted()  # the fused path needs CUDA or Triton's interpreter
-    pdl_ok = on_gpu and torch.cuda.get_device_capability(dev)[0] >= 9  # programmatic dependent launch: Hopper on
+    pdl_ok = on_gpu and _pdl_capable(dev)
     peaks = roofline.device_peaks(roofline.device_name(dev)) if on_gpu else None
     budget_ops = 10 * model.config.num_layers + 6  # issue 10: <= 10 per layer; 6 per forward (key range, norm, head)
 
