@@ -945,3 +945,33 @@ def test_ctrl_c_taken_by_a_worker_thread_still_stops_the_batch_at_once():
         # A fraction of a second on a quiet machine; the bound leaves room for a busy one (the programs sleep 20 s).
         assert time.monotonic() - sent[0] < 5.0, "the interrupt waited for a program to end"
         assert caught.value.done == [None, None]
+
+
+@pytest.mark.parametrize("children_files", [True, False])
+def test_the_servers_process_tree_with_and_without_proc_children_files(monkeypatch, children_files):
+    # The fork server finds leftovers and their CPU through /proc/PID/task/TID/children, and through every
+    # process's parent field on kernels without CONFIG_PROC_CHILDREN: both must find the same tree.
+    from dinfill.eval import _sandbox_server as server
+
+    if children_files and not server._PROC_CHILDREN:
+        pytest.skip("this kernel has no /proc/PID/task/TID/children (CONFIG_PROC_CHILDREN)")
+    monkeypatch.setattr(server, "_PROC_CHILDREN", children_files)
+    code = "import os, sys, time\nif os.fork() == 0:\n    time.sleep(30)\n    os._exit(0)\nsys.stdout.write('x\\n')\n" \
+           "sys.stdout.flush()\ntime.sleep(30)\n"  # fmt: skip
+    procs = [subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE) for _ in range(2)]
+    try:
+        for proc in procs:
+            assert proc.stdout.readline() == b"x\n"  # its own child is forked by now
+        mine = {proc.pid for proc in procs}
+        assert mine <= set(server._children_of(os.getpid()))
+        grandchildren = [server._children_of(proc.pid) for proc in procs]
+        assert all(len(found) == 1 for found in grandchildren), grandchildren
+        _, tree = server._tree(exclude=procs[0].pid)  # the excluded child's subtree is left out too
+        assert set(tree) >= {procs[1].pid, *grandchildren[1]}
+        assert not set(tree) & {procs[0].pid, *grandchildren[0]}
+    finally:
+        for proc in procs:
+            for pid in server._children_of(proc.pid):
+                os.kill(pid, signal.SIGKILL)
+            proc.kill()
+            proc.wait()

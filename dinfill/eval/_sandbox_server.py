@@ -982,25 +982,47 @@ def _own_proc() -> bool:
         return False
 
 
+# /proc/PID/task/TID/children exists where the kernel has CONFIG_PROC_CHILDREN (most distributions)
+_PROC_CHILDREN = os.path.exists(f"/proc/self/task/{os.getpid()}/children")
+
+
+def _children_of(pid: int) -> list[int]:
+    """Pids of ``pid``'s children (zombies included), from every thread's ``children`` file; on kernels without
+    CONFIG_PROC_CHILDREN, from every process's parent field instead. Numbered as the /proc we see."""
+    if not _PROC_CHILDREN:
+        return [child for child, parent in _parents() if parent == pid]
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return []
+    found: list[int] = []
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as handle:
+                found += [int(child) for child in handle.read().split()]
+        except (OSError, ValueError):  # a thread that ended meanwhile
+            continue
+    return found
+
+
+def _parents() -> list[tuple[int, int]]:
+    """(pid, parent pid) of every process in the /proc we see."""
+    pairs = []
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open(f"/proc/{name}/stat", encoding="ascii", errors="replace") as handle:
+                    pairs.append((int(name), int(handle.read().rsplit(")", 1)[1].split()[1])))
+            except (OSError, ValueError, IndexError):
+                continue
+    return pairs
+
+
 def _children(exclude: object = None) -> list[int]:
     """Pids of this process's children (zombies included), ``exclude`` left out."""
-    me = os.getpid()
     if not _own_proc():
         return []  # another namespace's numbering: no pid read there may be signalled from here
-    try:
-        with open(f"/proc/{me}/task/{me}/children") as handle:
-            found = [int(pid) for pid in handle.read().split()]
-    except OSError:  # kernels without CONFIG_PROC_CHILDREN: scan every process's parent
-        found = []
-        for name in os.listdir("/proc"):
-            if name.isdigit():
-                try:
-                    with open(f"/proc/{name}/stat") as handle:
-                        if int(handle.read().rsplit(")", 1)[1].split()[1]) == me:
-                            found.append(int(name))
-                except (OSError, ValueError, IndexError):
-                    continue
-    return [pid for pid in found if pid != exclude]
+    return [pid for pid in _children_of(os.getpid()) if pid != exclude]
 
 
 def _kill_orphans(exclude: object = None) -> int:
@@ -1043,28 +1065,18 @@ def _tree(exclude: object) -> tuple[float, list[int]]:
     me = os.getpid()
     total, queue, seen = 0.0, [me], {me}
     for pid in queue:
-        try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
-            continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/children", encoding="ascii") as handle:
-                    children = [int(child) for child in handle.read().split()]
-            except (OSError, ValueError):
+        for child in _children_of(pid):
+            if child in seen or child == exclude:
                 continue
-            for child in children:
-                if child in seen or child == exclude:
-                    continue
-                seen.add(child)
-                try:
-                    with open(f"/proc/{child}/stat", encoding="ascii", errors="replace") as handle:
-                        fields = handle.read().rsplit(")", 1)[1].split()
-                    # utime, stime, cutime, cstime: fields 14-17 of proc(5), 11-14 after the command name.
-                    total += sum(int(value) for value in fields[11:15]) / _CLOCK_TICKS
-                except (OSError, ValueError, IndexError):
-                    continue
-                queue.append(child)
+            seen.add(child)
+            try:
+                with open(f"/proc/{child}/stat", encoding="ascii", errors="replace") as handle:
+                    fields = handle.read().rsplit(")", 1)[1].split()
+                # utime, stime, cutime, cstime: fields 14-17 of proc(5), 11-14 after the command name.
+                total += sum(int(value) for value in fields[11:15]) / _CLOCK_TICKS
+            except (OSError, ValueError, IndexError):
+                continue
+            queue.append(child)
     return total, queue[1:]
 
 
