@@ -221,8 +221,10 @@ seen = []
 record = S.Recorder._record
 def keep(self, fn, kernel, grid, args, kwargs):
     ptx = kernel.asm["ptx"]
+    memory = [ptx.find(op) for op in ("ld.global", "st.global", "cp.async", "atom.", "red.") if op in ptx]
     seen.append({"op": fn.fn.__name__, "pdl": bool(kernel.metadata.launch_pdl), "wait": "griddepcontrol.wait" in ptx,
-                 "launch": "griddepcontrol.launch_dependents" in ptx})
+                 "launch": "griddepcontrol.launch_dependents" in ptx,
+                 "wait_first": ptx.find("griddepcontrol.wait") < min(memory)})
     return record(self, fn, kernel, grid, args, kwargs)
 S.Recorder._record = keep
 
@@ -256,7 +258,8 @@ print(json.dumps({"kernels": seen, "refused": refused, "after_refusal": len(seen
 def test_pdl_kernels_wait_for_their_producer_and_launch_the_next(pdl):
     """DINFILL_PDL=1 on sm_90: every forward kernel (add_norm, rope_cache, attention and its split merge,
     skinny_linear, activation) is launched with programmatic dependent launch and its PTX waits for the previous
-    kernel (griddepcontrol.wait) and lets the next one launch; without it, neither. On an L4 (sm_89) the switch is
+    kernel (griddepcontrol.wait, before its first global memory access) and lets the next one launch; without
+    it, neither. On an L4 (sm_89) the switch is
     refused before anything is launched, naming the GPU."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
@@ -270,5 +273,7 @@ def test_pdl_kernels_wait_for_their_producer_and_launch_the_next(pdl):
                    "_skinny_linear_kernel", "_activation_kernel"], ops  # fmt: skip
     on = pdl == "1"
     assert all(k["pdl"] == k["wait"] == k["launch"] == on for k in out["kernels"]), out["kernels"]
+    if on:  # the compiled code waits before its first global load, store or atomic: no read of unfinished data
+        assert all(k["wait_first"] for k in out["kernels"]), out["kernels"]
     assert out["refused"].startswith("DINFILL_PDL=1 on L4 (sm_89): programmatic dependent launch needs sm_90")
     assert out["after_refusal"] == len(ops)  # the L4 launched nothing
