@@ -233,9 +233,12 @@ def _shield_from_oom(cgroup_procs: list[str]) -> bool:
     always the program's; the reaper kills what the program left when it ends.
     """
     _set_oom_score(b"-1000")
-    with open("/proc/self/oom_score_adj", "rb") as handle:
-        if handle.read().strip() == b"-1000":
-            return True
+    try:
+        with open("/proc/self/oom_score_adj", "rb") as handle:
+            if handle.read().strip() == b"-1000":
+                return True
+    except OSError:  # no /proc to read: assume the worst
+        pass
     for procs in cgroup_procs:
         group = os.path.join(os.path.dirname(procs), "memory.oom.group")
         try:
