@@ -276,8 +276,10 @@ def pdl(device: torch.device | str) -> bool:
         raise ValueError(f"DINFILL_PDL must be 0 or 1, got {value!r}")
     if value == "0":
         return False
+    from dinfill.backend import triton_interpreted
+
     t = target_for(device)
-    if t is None:
+    if t is None or (torch.device(device).type == "cuda" and triton_interpreted()):  # no griddepcontrol there
         return False
     if t.arch < PDL_MIN_ARCH:
         raise Unservable(

@@ -382,7 +382,6 @@ SETUPS = {
 }
 
 
-@needs_unshare
 class _Stop(Exception):
     pass
 
@@ -436,6 +435,7 @@ def test_the_reaper_is_not_dumpable_before_the_program_exists(monkeypatch, side)
         assert events[4:] == [("prctl", server._PR_SET_DUMPABLE, 1), ("next", (1,))], events
 
 
+@needs_unshare
 @pytest.mark.parametrize("setup", list(SETUPS))
 def test_rootless_setups_never_crash(tmp_path, setup):
     # Each of these crashed with a traceback before issue 19 (a lock folder of another uid, fork: ENOMEM, EINVAL).

@@ -61,6 +61,7 @@ def test_forward_phase_gpu_bookkeeping(tiny, monkeypatch):
 
     monkeypatch.setattr(forward, "_graph_ms", graph_ms)
     monkeypatch.setattr(forward, "_profiled_kernels", lambda fn: 7)
+    monkeypatch.setattr(forward, "_graph_output", lambda fn: fn())
     monkeypatch.setattr(roofline, "device_name", lambda dev: "NVIDIA H200")
     out = forward_phase(shapes=((1, 1),), device="cuda", model=tiny, compile=False)
     (row,) = out["rows"]

@@ -267,6 +267,22 @@ def _graph_ms(fn, replays: int = 20, groups: int = 5) -> float:
     return statistics.median(times)
 
 
+def _graph_output(fn) -> torch.Tensor:
+    """A copy of ``fn``'s output as one CUDA-graph replay computes it: kernels back to back, as they are timed, so
+    launches that overlap (programmatic dependent launch) are compared where they do overlap."""
+    from dinfill.sampler.graphs import Graph, side_stream
+
+    with side_stream(emulate=False):
+        fn()
+    held: list = []
+    graph = Graph(lambda: held.append(fn()), emulate=False)
+    graph.replay()
+    torch.cuda.synchronize()
+    out = held[0].clone()
+    del graph
+    return out
+
+
 def _profiled_kernels(fn) -> int:
     """CUDA kernels (profiler device events, memsets included) of one eager call of ``fn``."""
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
@@ -383,7 +399,8 @@ def forward_phase(
 
     rows, thunks = [], []
     for batch, tokens in shapes:
-        fn, work, mode = _forward_inputs(model, batch, tokens, min(rows_n, tokens), cached)
+        with _env("DINFILL_PDL", "0"):  # the prefill of a decode row: a user's DINFILL_PDL is for the variants below
+            fn, work, mode = _forward_inputs(model, batch, tokens, min(rows_n, tokens), cached)
         row: dict[str, Any] = {"shape": f"B{batch} x {tokens}", "batch": batch, "tokens": tokens, "mode": mode}
         row["target_ms"] = FORWARD_TARGETS_MS.get((batch, tokens)) if not tiny else None
         variants = (
@@ -408,13 +425,16 @@ def forward_phase(
                         if on_gpu:
                             row[f"{label}_ms"] = round(_graph_ms(fn), 4)
                             row[f"{label}_kernels"] = _profiled_kernels(fn)
+                            if label.startswith("fused_gemv"):  # compared as replayed (below)
+                                outputs[label] = _graph_output(fn)
                 except Exception as err:  # a failed capture or kernel: say so in this row, measure the rest
                     row[f"{label}_error"] = f"{type(err).__name__}: {str(err)[:200]}"
                     row["ok"] = False
         if "fused_gemv_ms" in row and "fused_ms" in row:
             row["gemv_vs_cublas"] = round(row["fused_ms"] / row["fused_gemv_ms"], 3)  # > 1: the Triton GEMVs win
         if "fused_gemv_pdl" in outputs and "fused_gemv" in outputs:
-            # PDL changes when kernels start, never what they compute: the logits must be equal bit for bit
+            # PDL changes when kernels start, never what they compute: the logits of a graph replay (where launches
+            # overlap) must equal the GEMV path's bit for bit
             row["pdl_equal"] = bool(torch.equal(outputs["fused_gemv_pdl"], outputs["fused_gemv"]))
             if not row["pdl_equal"]:
                 row["ok"] = False

@@ -232,7 +232,7 @@ def _shield_from_oom(cgroup_procs: list[str]) -> bool:
     off instead, so the kernel picks one process, and programs run at +1000 (see _start), so that process is
     always the program's; the reaper kills what the program left when it ends.
     """
-    _set_oom_score(b"-1000")
+    _set_oom_score(b"-1000")  # inherited from the launcher where it could set it (see _enter_slot)
     try:
         with open("/proc/self/oom_score_adj", "rb") as handle:
             if handle.read().strip() == b"-1000":
@@ -576,6 +576,11 @@ def _enter_slot(sock: socket.socket, setup: dict, state: dict) -> None:
         state["claimed_uid"] = uid
         if uid is None:
             errors["drop_privileges"] = f"none of {len(setup['uid_candidates'])} candidate uids was free on this kernel"
+    if setup["cgroup_procs"]:
+        # Lowering the OOM score needs CAP_SYS_RESOURCE of the machine's namespace: before a user namespace of our
+        # own, where that capability no longer counts (the server inherits it; see _shield_from_oom). After the uid
+        # claim, whose holder process need not be immune.
+        _set_oom_score(b"-1000")
     if setup["user_namespace"]:
         uid, gid = os.geteuid(), os.getegid()
         try:
@@ -949,8 +954,8 @@ def _start(setup: dict, state: dict, job: dict, fds: list) -> tuple[int, bool]:
     gc.freeze()
     parent = 1 if in_namespace else server
     try:
-        if in_namespace:
-            _LIBC.prctl(_PR_SET_DUMPABLE, dumpable, 0, 0, 0)
+        if in_namespace and dumpable == 1:  # (2, "root only", cannot be set back; P stays at 0 then)
+            _LIBC.prctl(_PR_SET_DUMPABLE, 1, 0, 0, 0)
         _die_with_parent(parent)
         if not in_namespace:
             # A session (and process group) of its own, so the evaluator can kill the whole group.

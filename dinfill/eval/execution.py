@@ -77,8 +77,9 @@ Covered (full isolation)
   and the same cap for the program as a whole (all its processes, its tmpfs files and shared
   memory) through a memory cgroup per slot, wherever the evaluator can make one (root, or a cgroup
   delegated to the user): cgroup v2 (as root the OOM killer then stops the whole program), else cgroup v1
-  (it stops the largest process); programs run at ``oom_score_adj`` 1000, so the victim is always the
-  program's, never the slot's server; any OOM kill in it makes the row ``oom``. Without one the cap is
+  (it stops the largest process); programs run at ``oom_score_adj`` 1000, so the OOM killer takes the
+  program's processes first (as root the slot's server is immune; a user's is not, and it switches the
+  v2 group kill off); any OOM kill in it makes the row ``oom``. Without one the cap is
   per process, and the sandbox says so before the first program (:attr:`Sandbox.memory_scope`);
 - processes: ``RLIMIT_NPROC`` (default 16) counted per slot (a uid, or a user namespace, of its
   own): one slot's fork bomb cannot starve another. When the program ends, the reaper (pid 1 of its
@@ -582,7 +583,8 @@ class _SlotCgroups:
                 if controller == "memory":
                     _write(os.path.join(path, "memory.max"), str(limit))
                     _write(os.path.join(path, "memory.swap.max"), "0", optional=True)
-                    # Kill the whole program at the cap, not just one of its processes.
+                    # Kill the whole program at the cap, not just one of its processes (a server that cannot be made
+                    # immune to it, as a user's, switches it off again: see _sandbox_server._shield_from_oom).
                     _write(os.path.join(path, "memory.oom.group"), "1", optional=True)
                     self.memory = (path, "v2")
                 else:
