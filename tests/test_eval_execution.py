@@ -701,7 +701,8 @@ def test_without_an_immune_server_the_group_kill_is_switched_off(tmp_path):
         (folder / "cgroup.procs").write_text("")
     (v2 / "memory.oom.group").write_text("1")
     code = (
-        "import sys; from dinfill.eval._sandbox_server import _shield_from_oom;"
+        "import sys; from dinfill.eval._sandbox_server import _set_oom_score, _shield_from_oom;"
+        "_set_oom_score(b'-1000');"  # what the slot's launcher does first
         "print(_shield_from_oom(sys.argv[1:]), open('/proc/self/oom_score_adj').read().strip())"
     )
     done = subprocess.run([sys.executable, "-c", code, str(v2 / "cgroup.procs"), str(v1 / "cgroup.procs")],

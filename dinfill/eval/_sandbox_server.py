@@ -226,13 +226,13 @@ def _set_oom_score(value: bytes) -> None:
 def _shield_from_oom(cgroup_procs: list[str]) -> bool:
     """Keep the OOM killer of the slot's memory cgroup off the server (which lives in it); whether it is immune.
 
-    With CAP_SYS_RESOURCE (root) the server takes score -1000, which even a cgroup v2 group kill
+    With CAP_SYS_RESOURCE (root) the launcher took score -1000 for it (see _enter_slot: before the slot's user
+    namespace, the only place where that capability counts), which even a cgroup v2 group kill
     (``memory.oom.group``, which stops the whole program at the cap) spares. Without it (a user with a delegated
     cgroup) a group kill would take the server and the reaper along with the program: the group kill is switched
     off instead, so the kernel picks one process, and programs run at +1000 (see _start), so that process is
-    always the program's; the reaper kills what the program left when it ends.
+    the program's first; the reaper kills what the program left when it ends.
     """
-    _set_oom_score(b"-1000")  # inherited from the launcher where it could set it (see _enter_slot)
     try:
         with open("/proc/self/oom_score_adj", "rb") as handle:
             if handle.read().strip() == b"-1000":
